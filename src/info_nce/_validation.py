@@ -1,0 +1,137 @@
+"""Every input check of the public API, in one place and one message style.
+
+Messages name the argument, say what was expected and what was given. Where
+info-nce-pytorch had a message, its wording is kept (without the typo).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Literal, cast, get_args
+
+import torch
+from torch import Tensor
+
+Reduction = Literal["mean", "sum", "none"]
+NegativeMode = Literal["unpaired", "paired"]
+
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+NEGATIVE_MODES: tuple[str, ...] = get_args(NegativeMode)
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _choices(options: tuple[str, ...]) -> str:
+    return ", ".join(repr(option) for option in options)
+
+
+def check_reduction(reduction: object) -> Reduction:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_choices(REDUCTIONS)}, got {reduction!r}")
+    return cast(Reduction, reduction)
+
+
+def check_negative_mode(negative_mode: object) -> NegativeMode:
+    if not isinstance(negative_mode, str) or negative_mode not in NEGATIVE_MODES:
+        raise ValueError(
+            f"negative_mode must be one of {_choices(NEGATIVE_MODES)}, got {negative_mode!r}"
+        )
+    return cast(NegativeMode, negative_mode)
+
+
+def check_temperature(temperature: object) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(
+            f"temperature must be a real number, got {type(temperature).__name__} {temperature!r}"
+        )
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return value
+
+
+def check_chunk_size(chunk_size: object) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def _check_tensor(name: str, tensor: object) -> Tensor:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"<{name}> must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOATING_DTYPES:
+        raise TypeError(
+            f"<{name}> must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {tensor.dtype}"
+        )
+    return tensor
+
+
+def _check_dim(name: str, tensor: Tensor, dim: int, layout: str, condition: str = "") -> None:
+    if tensor.dim() != dim:
+        raise ValueError(
+            f"<{name}> must have {dim} dimensions{condition} {layout}, "
+            f"got {tensor.dim()} with shape {tuple(tensor.shape)}."
+        )
+
+
+def check_inputs(
+    query: object,
+    positive_key: object,
+    negative_keys: object,
+    negative_mode: NegativeMode,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Check the embeddings' types, shapes, dtypes and devices; return them typed."""
+    query = _check_tensor("query", query)
+    positive_key = _check_tensor("positive_key", positive_key)
+    named = [("query", query), ("positive_key", positive_key)]
+    _check_dim("query", query, 2, "(B, D)")
+    _check_dim("positive_key", positive_key, 2, "(B, D)")
+    if negative_keys is not None:
+        negative_keys = _check_tensor("negative_keys", negative_keys)
+        named.append(("negative_keys", negative_keys))
+        if negative_mode == "unpaired":
+            _check_dim(
+                "negative_keys", negative_keys, 2, "(M, D)", " if <negative_mode> == 'unpaired'"
+            )
+        else:
+            _check_dim(
+                "negative_keys", negative_keys, 3, "(B, M, D)", " if <negative_mode> == 'paired'"
+            )
+
+    for name, tensor in named[1:]:
+        if tensor.dtype != query.dtype:
+            raise TypeError(
+                f"<{name}> must have the same dtype as <query> ({query.dtype}), got {tensor.dtype}"
+            )
+        if tensor.device != query.device:
+            raise ValueError(
+                f"<{name}> must be on the same device as <query> ({query.device}), "
+                f"got {tensor.device}"
+            )
+
+    if len(query) == 0:
+        raise ValueError(f"<query> must hold at least one sample, got shape {tuple(query.shape)}")
+    if query.shape[-1] == 0:
+        raise ValueError(
+            f"<query> must have at least one component (D >= 1), got shape {tuple(query.shape)}"
+        )
+    if len(query) != len(positive_key):
+        raise ValueError(
+            "<query> and <positive_key> must have the same number of samples, "
+            f"got {len(query)} and {len(positive_key)}."
+        )
+    if negative_keys is not None and negative_mode == "paired" and len(negative_keys) != len(query):
+        raise ValueError(
+            "If negative_mode == 'paired', then <negative_keys> must have the same number of "
+            f"samples as <query>, got {len(negative_keys)} and {len(query)}."
+        )
+    for name, tensor in named[1:]:
+        if tensor.shape[-1] != query.shape[-1]:
+            raise ValueError(
+                f"Vectors of <query> and <{name}> should have the same number of components, "
+                f"got {query.shape[-1]} and {tensor.shape[-1]}."
+            )
+    return query, positive_key, negative_keys
