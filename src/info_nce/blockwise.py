@@ -36,14 +36,21 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from info_nce._validation import Reduction
 
-# Aim for logits blocks of about this many elements (4 MiB in float32): big
-# enough for efficient matrix products, small enough to stay near the cache.
-TARGET_BLOCK_ELEMENTS = 1 << 20
+# Rows per logits block, chosen by measurement (docs/benchmarks.md): about 256
+# query rows keep the matrix products efficient; fewer candidates allow more
+# rows up to ~4M logits per block; the block never exceeds ~16M logits (64 MiB
+# in float32) however many candidates there are.
+MIN_BLOCK_ROWS = 256
+TARGET_BLOCK_ELEMENTS = 1 << 22
+MAX_BLOCK_ELEMENTS = 1 << 24
 
 
 def default_block_rows(num_queries: int, num_candidates: int) -> int:
-    """Rows per block so that a (rows, num_candidates) block is about TARGET_BLOCK_ELEMENTS."""
-    return max(1, min(num_queries, TARGET_BLOCK_ELEMENTS // max(1, num_candidates)))
+    """Queries per logits block for `num_candidates` candidates per query."""
+    candidates = max(1, num_candidates)
+    rows = max(MIN_BLOCK_ROWS, TARGET_BLOCK_ELEMENTS // candidates)
+    rows = min(rows, MAX_BLOCK_ELEMENTS // candidates)
+    return max(1, min(num_queries, rows))
 
 
 @dataclass(frozen=True)

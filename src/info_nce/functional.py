@@ -20,7 +20,7 @@ from info_nce.dense import dense_info_nce
 
 # Below this many logits (B * candidates) the dense loss is as fast as the
 # blockwise engine and `chunk_size=None` picks it; see docs/benchmarks.md.
-DENSE_MAX_LOGITS = 1 << 16
+DENSE_MAX_LOGITS = 3 << 16
 
 
 def info_nce(

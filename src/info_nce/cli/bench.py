@@ -1,0 +1,326 @@
+"""`info-nce bench`: time and measure the loss against the dense reference and the floor.
+
+Every (configuration, implementation) pair runs in a fresh Python process, so
+peak memory is that process's own and no allocator state carries over. The
+parent collects the results of one invocation and reports ratios from that
+single run:
+
+* ``reference``: info-nce-pytorch 0.1.4 loaded from its wheel when available
+  (``--reference-wheel``), else this package's dense path;
+* ``ours``: ``info_nce.info_nce`` with its defaults (automatic dispatch);
+* ``floor``: only the matrix products any exact implementation must do
+  (logits, and the two gradient products), timed alone.
+
+Time is the median over ``--repeats`` forward+backward passes after a warm-up
+pass. Peak extra memory is the rise of the process's peak resident set size
+over its size once the inputs exist (Linux ``ru_maxrss``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from info_nce import info_nce
+from info_nce._normalize import normalize
+from info_nce.dense import dense_info_nce
+
+IMPLEMENTATIONS = ("reference", "ours", "floor")
+DEFAULT_REFERENCE_WHEEL = Path(".venv/reference/info_nce_pytorch-0.1.4-py3-none-any.whl")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark problem (fp32, CPU)."""
+
+    name: str
+    mode: str  # "in-batch", "unpaired" or "paired"
+    batch: int  # B
+    negatives: int  # M (the in-batch candidates are the B positive keys)
+    dim: int  # D
+    repeats: int
+    reference_fits: bool = True  # the dense loss fits in memory
+
+    def describe(self) -> str:
+        shape = f"B={self.batch}"
+        if self.mode != "in-batch":
+            shape += f", M={self.negatives}"
+        return f"{self.mode} {shape}, D={self.dim}"
+
+
+CONFIGS = {
+    config.name: config
+    for config in (
+        Config("C0", "in-batch", 256, 0, 128, repeats=50),
+        Config("C1", "in-batch", 4096, 0, 256, repeats=7),
+        Config("C2", "in-batch", 16384, 0, 128, repeats=5),
+        Config("C3", "unpaired", 1024, 65536, 128, repeats=5),
+        Config("C4", "paired", 4096, 16, 768, repeats=7),
+        Config("C5", "in-batch", 65536, 0, 128, repeats=3, reference_fits=False),
+    )
+}
+
+
+def load_reference(wheel: Path) -> Callable[..., Tensor]:
+    """info-nce-pytorch's `info_nce`, read from its wheel (its import name clashes with ours)."""
+    with zipfile.ZipFile(wheel) as archive:
+        source = archive.read("info_nce/__init__.py")
+    module = types.ModuleType("info_nce_pytorch_reference")
+    exec(compile(source, f"{wheel}/info_nce/__init__.py", "exec"), module.__dict__)
+    function: Callable[..., Tensor] = module.info_nce
+    return function
+
+
+def _inputs(config: Config, seed: int = 0) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(config.batch, config.dim), (config.batch, config.dim)]
+    if config.mode == "unpaired":
+        shapes.append((config.negatives, config.dim))
+    elif config.mode == "paired":
+        shapes.append((config.batch, config.negatives, config.dim))
+    return [torch.randn(shape, generator=generator).requires_grad_() for shape in shapes]
+
+
+def _negative_mode(config: Config) -> str:
+    return "paired" if config.mode == "paired" else "unpaired"
+
+
+def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Callable[[], None]:
+    """A closure running one forward+backward pass of `implementation`."""
+    inputs = _inputs(config)
+    mode = _negative_mode(config)
+    if implementation == "ours":
+
+        def loss() -> Tensor:
+            return info_nce(*inputs, negative_mode=mode)  # type: ignore[arg-type]
+
+    elif implementation == "reference" and wheel is not None:
+        reference = load_reference(wheel)
+
+        def loss() -> Tensor:
+            return reference(*inputs, negative_mode=mode)
+
+    elif implementation == "reference":
+
+        def loss() -> Tensor:
+            normalized = [normalize(x) for x in inputs]
+            negatives = normalized[2] if len(normalized) > 2 else None
+            return dense_info_nce(
+                normalized[0],
+                normalized[1],
+                negatives,
+                0.1,
+                "mean",
+                mode,  # type: ignore[arg-type]
+            )
+
+    else:
+        return _floor_step(config, inputs)
+
+    def step() -> None:
+        loss().backward()
+        for x in inputs:
+            x.grad = None
+
+    return step
+
+
+def _floor_step(config: Config, inputs: list[Tensor]) -> Callable[[], None]:
+    """The three matrix products of forward+backward, alone, on plain tensors."""
+    query, positive = (x.detach() for x in inputs[:2])
+    if config.mode == "paired":
+        negatives = inputs[2].detach()
+
+        def paired_step() -> None:
+            logits = torch.bmm(negatives, query.unsqueeze(2))  # (B, M, 1)
+            torch.bmm(logits.transpose(1, 2), negatives)  # (B, 1, D): d query
+            torch.bmm(logits, query.unsqueeze(1))  # (B, M, D): d negatives
+
+        return paired_step
+
+    keys = positive if config.mode == "in-batch" else inputs[2].detach()
+    # Full-size products where the (B, N) matrix fits; in row blocks of equal
+    # total work otherwise.
+    block = config.batch if config.reference_fits else 4096
+
+    def matrix_step() -> None:
+        grad_keys = torch.zeros_like(keys)
+        for start in range(0, len(query), block):
+            rows = query[start : start + block]
+            logits = rows @ keys.T  # (rows, N)
+            logits @ keys  # noqa: B018  (rows, D): d query
+            grad_keys.addmm_(logits.T, rows)  # (N, D): d keys
+
+    return matrix_step
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(config: Config, implementation: str, wheel: Path | None) -> dict[str, object]:
+    """Time and measure one implementation on one configuration, in this process."""
+    step = _loss_step(config, implementation, wheel)
+    baseline = _current_rss_bytes()
+    step()  # warm-up
+    times = []
+    for _ in range(config.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_extra_bytes": max(0, peak - baseline),
+    }
+
+
+def _run_worker(config: Config, implementation: str, wheel: Path | None) -> dict[str, object]:
+    command = [sys.executable, "-m", "info_nce.cli.bench", "--worker", config.name, implementation]
+    if wheel is not None:
+        command += ["--reference-wheel", str(wheel)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        return {"error": completed.stderr.strip().splitlines()[-1:]}
+    result: dict[str, object] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _format_time(seconds: object) -> str:
+    return f"{seconds:.4f}" if isinstance(seconds, float) and seconds < 0.1 else f"{seconds:.3f}"
+
+
+def _mib(value: object) -> str:
+    return f"{value / 2**20:.0f}" if isinstance(value, int) else "-"
+
+
+def run_benchmarks(names: list[str], wheel: Path | None) -> list[dict[str, object]]:
+    rows = []
+    for name in names:
+        config = CONFIGS[name]
+        results = {
+            implementation: _run_worker(config, implementation, wheel)
+            if implementation != "reference" or config.reference_fits
+            else {}
+            for implementation in IMPLEMENTATIONS
+        }
+        row: dict[str, object] = {"config": name, "problem": config.describe()}
+        for implementation, result in results.items():
+            row[f"{implementation}_s"] = result.get("median_s")
+            row[f"{implementation}_peak_bytes"] = result.get("peak_extra_bytes")
+            if "error" in result:
+                row[f"{implementation}_error"] = result["error"]
+        ours, reference, floor = (row[f"{i}_s"] for i in ("ours", "reference", "floor"))
+        if isinstance(ours, float) and isinstance(reference, float):
+            row["speedup_vs_reference"] = reference / ours
+        if isinstance(ours, float) and isinstance(floor, float):
+            row["ratio_to_floor"] = ours / floor
+        ours_mem, reference_mem = row["ours_peak_bytes"], row["reference_peak_bytes"]
+        if isinstance(ours_mem, int) and isinstance(reference_mem, int) and ours_mem > 0:
+            row["memory_ratio"] = reference_mem / ours_mem
+        rows.append(row)
+        print(_markdown_row(row), flush=True)
+    return rows
+
+
+MARKDOWN_HEADER = (
+    "| config | problem | reference s | ours s | floor s | speed-up vs reference "
+    "| ours / floor | reference peak MiB | ours peak MiB |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _markdown_row(row: dict[str, object]) -> str:
+    def ratio(key: str) -> str:
+        value = row.get(key)
+        return f"{value:.2f}x" if isinstance(value, float) else "-"
+
+    def seconds(key: str) -> str:
+        value = row.get(key)
+        return _format_time(value) if isinstance(value, float) else "-"
+
+    return (
+        f"| {row['config']} | {row['problem']} | {seconds('reference_s')} | {seconds('ours_s')} "
+        f"| {seconds('floor_s')} | {ratio('speedup_vs_reference')} | {ratio('ratio_to_floor')} "
+        f"| {_mib(row.get('reference_peak_bytes'))} | {_mib(row.get('ours_peak_bytes'))} |"
+    )
+
+
+def machine_description() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "configs",
+        nargs="*",
+        default=list(CONFIGS),
+        metavar="CONFIG",
+        help=f"configurations to run (default: all of {', '.join(CONFIGS)})",
+    )
+    parser.add_argument(
+        "--reference-wheel",
+        type=Path,
+        default=DEFAULT_REFERENCE_WHEEL if DEFAULT_REFERENCE_WHEEL.exists() else None,
+        help="wheel of info-nce-pytorch 0.1.4 to use as the dense reference "
+        "(default: the one `make setup` downloads, else this package's dense path)",
+    )
+    parser.add_argument("--csv", type=Path, help="also write the results as CSV here")
+    parser.add_argument("--json", type=Path, help="also write the raw results as JSON here")
+    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        name, implementation = args.worker
+        print(json.dumps(measure(CONFIGS[name], implementation, args.reference_wheel)))
+        return 0
+    unknown = [name for name in args.configs if name not in CONFIGS]
+    if unknown:
+        print(f"info-nce bench: unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+        return 2
+    reference = args.reference_wheel or "this package's dense path"
+    print(f"machine: {machine_description()}\nreference: {reference}\n")
+    print(MARKDOWN_HEADER, flush=True)
+    rows = run_benchmarks(args.configs, args.reference_wheel)
+    if args.csv:
+        with args.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.json:
+        configs = [asdict(CONFIGS[name]) for name in args.configs]
+        args.json.write_text(json.dumps({"configs": configs, "rows": rows}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="info-nce bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
