@@ -28,7 +28,7 @@ The math lives in the plain functions; the Functions only save, call and scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -91,6 +91,7 @@ def matrix_pass(
     positive_in_keys: bool,
     block_rows: int,
     compute_grads: bool,
+    key_grads: bool = True,
     row_weight: Tensor | None = None,
 ) -> MatrixPass:
     """Loss rows and (optionally) gradients of InfoNCE, one block of queries at a time.
@@ -107,6 +108,8 @@ def matrix_pass(
         positive_in_keys: key i is query i's positive (requires N == B).
         block_rows: queries per block.
         compute_grads: also return the gradients.
+        key_grads: with ``compute_grads``, also the keys' gradient (False skips
+            one of the three matrix products, e.g. for a frozen queue of negatives).
         row_weight: (B,) weight of each row's loss in the gradients.
 
     Returns:
@@ -120,7 +123,7 @@ def matrix_pass(
     buffer = scaled_query.new_empty(min(block_rows, num_queries), extra + num_keys)
     if compute_grads:
         grad_query = torch.empty_like(scaled_query)  # (B, D)
-        grad_keys = torch.zeros_like(keys)  # (N, D)
+        grad_keys = torch.zeros_like(keys) if key_grads else None  # (N, D)
         positive_weight = torch.empty_like(positive_logit)  # (B,) weight * P(positive)
 
     for start in range(0, num_queries, block_rows):
@@ -138,15 +141,16 @@ def matrix_pass(
             if row_weight is not None:
                 block.mul_(row_weight[rows].unsqueeze(1))
             torch.mm(key_block, keys, out=grad_query[rows])
-            grad_keys.addmm_(key_block.T, scaled_query[rows])
+            if grad_keys is not None:
+                grad_keys.addmm_(key_block.T, scaled_query[rows])
             if extra:
                 positive_weight[rows] = block[:, 0]
 
     result = MatrixPass(row_loss=lse - positive_logit)
     if compute_grads:
-        weight = (
-            torch.ones_like(positive_logit) if row_weight is None else row_weight
-        ).unsqueeze(1)  # (B, 1)
+        weight = (torch.ones_like(positive_logit) if row_weight is None else row_weight).unsqueeze(
+            1
+        )  # (B, 1)
         if extra:
             # d loss_i / d positive logit = P(positive) - 1
             positive_coef = positive_weight.unsqueeze(1) - weight  # (B, 1)
@@ -187,6 +191,7 @@ class MatrixInfoNCE(torch.autograd.Function):
         keys: Tensor,
         options: MatrixOptions,
     ) -> Tensor:
+        key_grads = ctx.needs_input_grad[2]  # type: ignore[attr-defined]
         result = matrix_pass(
             scaled_query,
             positive_key,
@@ -194,13 +199,12 @@ class MatrixInfoNCE(torch.autograd.Function):
             positive_in_keys=options.positive_in_keys,
             block_rows=options.block_rows,
             compute_grads=options.grads_in_forward,
+            key_grads=key_grads,
         )
         ctx.options = options  # type: ignore[attr-defined]
         if options.grads_in_forward:
-            assert result.grad_query is not None
-            assert result.grad_positive is not None
-            assert result.grad_keys is not None
-            ctx.save_for_backward(result.grad_query, result.grad_positive, result.grad_keys)
+            grads = (result.grad_query, result.grad_positive, result.grad_keys)
+            ctx.save_for_backward(*grads)  # type: ignore[arg-type]  # grad_keys may be None
         else:
             ctx.save_for_backward(scaled_query, positive_key, keys)
         return _reduce(result.row_loss, options.reduction)
@@ -210,9 +214,9 @@ class MatrixInfoNCE(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         options: MatrixOptions = ctx.options
         if options.grads_in_forward:
-            grad_query, grad_positive, grad_keys = ctx.saved_tensors
-            scale = grad_output / len(grad_query) if options.reduction == "mean" else grad_output
-            return grad_query * scale, grad_positive * scale, grad_keys * scale, None
+            grads = ctx.saved_tensors  # query, positive, keys (None if not needed)
+            scale = grad_output / len(grads[0]) if options.reduction == "mean" else grad_output
+            return *(None if grad is None else grad * scale for grad in grads), None
         scaled_query, positive_key, keys = ctx.saved_tensors
         result = matrix_pass(
             scaled_query,
@@ -221,6 +225,7 @@ class MatrixInfoNCE(torch.autograd.Function):
             positive_in_keys=options.positive_in_keys,
             block_rows=options.block_rows,
             compute_grads=True,
+            key_grads=ctx.needs_input_grad[2],
             row_weight=_row_weight(grad_output, options.reduction, len(scaled_query)),
         )
         return result.grad_query, result.grad_positive, result.grad_keys, None
@@ -326,3 +331,30 @@ class PairedInfoNCE(torch.autograd.Function):
                 grad_negatives = torch.zeros_like(negatives)
             grad_negatives.baddbmm_(grad_dots.unsqueeze(2), query.unsqueeze(1))
         return grad_query, grad_positive, grad_negatives, None
+
+
+def matrix_info_nce(
+    scaled_query: Tensor, positive_key: Tensor, keys: Tensor, options: MatrixOptions
+) -> Tensor:
+    """InfoNCE with in-batch or unpaired negatives through `MatrixInfoNCE`.
+
+    Same as ``F.cross_entropy(logits, targets, reduction=options.reduction)``
+    with ``logits = scaled_query @ keys.T`` (in-batch, targets ``arange(B)``) or
+    ``cat([(scaled_query * positive_key).sum(1, keepdim=True),
+    scaled_query @ keys.T], 1)`` (unpaired, targets 0), without the logits.
+    """
+    loss = MatrixInfoNCE.apply(scaled_query, positive_key, keys, options)  # type: ignore[no-untyped-call]
+    return cast(Tensor, loss)
+
+
+def paired_info_nce(
+    scaled_query: Tensor, positive_key: Tensor, negative_keys: Tensor, options: PairedOptions
+) -> Tensor:
+    """InfoNCE with paired negatives through `PairedInfoNCE`.
+
+    Same as ``F.cross_entropy(cat([q.p, q_i.n_ij / |n_ij|]), 0)`` on the
+    (B, 1 + M) logits (without the division when ``normalize_negatives`` is
+    False), where q is ``scaled_query``.
+    """
+    loss = PairedInfoNCE.apply(scaled_query, positive_key, negative_keys, options)  # type: ignore[no-untyped-call]
+    return cast(Tensor, loss)

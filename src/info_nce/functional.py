@@ -123,10 +123,9 @@ def info_nce(
             normalize_negatives=True,
             eps=normalization_eps(negative_keys.dtype),
         )
-        loss: Tensor = blockwise.PairedInfoNCE.apply(
+        return blockwise.paired_info_nce(
             scaled_query, positive_key, negative_keys.to(compute_dtype), options
         )
-        return loss
 
     keys = positive_key if negative_keys is None else normalize(negative_keys).to(compute_dtype)
     needs_grad = torch.is_grad_enabled() and any(
@@ -138,5 +137,4 @@ def info_nce(
         positive_in_keys=negative_keys is None,
         grads_in_forward=needs_grad and reduction != "none",
     )
-    loss = blockwise.MatrixInfoNCE.apply(scaled_query, positive_key, keys, matrix_options)
-    return loss
+    return blockwise.matrix_info_nce(scaled_query, positive_key, keys, matrix_options)

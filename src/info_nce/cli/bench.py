@@ -89,7 +89,7 @@ def load_reference(wheel: Path) -> Callable[..., Tensor]:
 
 def _inputs(config: Config, seed: int = 0) -> list[Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    shapes = [(config.batch, config.dim), (config.batch, config.dim)]
+    shapes: list[tuple[int, ...]] = [(config.batch, config.dim), (config.batch, config.dim)]
     if config.mode == "unpaired":
         shapes.append((config.negatives, config.dim))
     elif config.mode == "paired":
@@ -104,27 +104,27 @@ def _negative_mode(config: Config) -> str:
 def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Callable[[], None]:
     """A closure running one forward+backward pass of `implementation`."""
     inputs = _inputs(config)
+    query, positive = inputs[:2]
+    negatives = inputs[2] if len(inputs) > 2 else None
     mode = _negative_mode(config)
     if implementation == "ours":
 
         def loss() -> Tensor:
-            return info_nce(*inputs, negative_mode=mode)  # type: ignore[arg-type]
+            return info_nce(query, positive, negatives, negative_mode=mode)  # type: ignore[arg-type]
 
     elif implementation == "reference" and wheel is not None:
         reference = load_reference(wheel)
 
         def loss() -> Tensor:
-            return reference(*inputs, negative_mode=mode)
+            return reference(query, positive, negatives, negative_mode=mode)
 
     elif implementation == "reference":
 
         def loss() -> Tensor:
-            normalized = [normalize(x) for x in inputs]
-            negatives = normalized[2] if len(normalized) > 2 else None
             return dense_info_nce(
-                normalized[0],
-                normalized[1],
-                negatives,
+                normalize(query),
+                normalize(positive),
+                None if negatives is None else normalize(negatives),
                 0.1,
                 "mean",
                 mode,  # type: ignore[arg-type]
@@ -134,7 +134,7 @@ def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Calla
         return _floor_step(config, inputs)
 
     def step() -> None:
-        loss().backward()
+        loss().backward()  # type: ignore[no-untyped-call]
         for x in inputs:
             x.grad = None
 
@@ -164,7 +164,7 @@ def _floor_step(config: Config, inputs: list[Tensor]) -> Callable[[], None]:
         for start in range(0, len(query), block):
             rows = query[start : start + block]
             logits = rows @ keys.T  # (rows, N)
-            logits @ keys  # noqa: B018  (rows, D): d query
+            logits @ keys  # (rows, D): d query
             grad_keys.addmm_(logits.T, rows)  # (N, D): d keys
 
     return matrix_step
