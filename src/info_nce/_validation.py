@@ -39,15 +39,58 @@ def check_negative_mode(negative_mode: object) -> NegativeMode:
     return cast(NegativeMode, negative_mode)
 
 
-def check_temperature(temperature: object) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(
-            f"temperature must be a real number, got {type(temperature).__name__} {temperature!r}"
-        )
-    value = float(temperature)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+def check_temperature(temperature: object) -> float | Tensor:
+    """A finite number > 0, or a floating-point tensor of one such element."""
+    if isinstance(temperature, Tensor):
+        if not temperature.is_floating_point() or temperature.numel() != 1:
+            raise TypeError(
+                "temperature must be a number or a floating-point tensor with one element, "
+                f"got a tensor of dtype {temperature.dtype} and shape {tuple(temperature.shape)}"
+            )
+        # One host sync: a silent NaN from a bad temperature would cost far more.
+        if not bool(torch.isfinite(temperature).all() & (temperature > 0).all()):
+            raise ValueError(
+                f"temperature must be finite and > 0, got {temperature.detach().cpu().item()!r}"
+            )
+        return temperature.reshape(())
+    return check_positive_number("temperature", temperature)
+
+
+def check_positive_number(name: str, value: object) -> float:
+    """A finite real number > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
+
+
+def check_in_batch_negatives(
+    in_batch_negatives: object, negative_keys: Tensor | None, labels: Tensor | None
+) -> bool:
+    """Resolve ``in_batch_negatives``: None means the seed's behaviour, or True with labels."""
+    if in_batch_negatives is not None:
+        check_bool("in_batch_negatives", in_batch_negatives)
+    if in_batch_negatives is None:
+        return negative_keys is None or labels is not None
+    if not in_batch_negatives and negative_keys is None:
+        raise ValueError(
+            "in_batch_negatives=False needs explicit <negative_keys>, got negative_keys=None: "
+            "a query would have no negatives"
+        )
+    if not in_batch_negatives and labels is not None:
+        raise ValueError(
+            "labels need in-batch candidates (positives come from the batch), "
+            "got in_batch_negatives=False"
+        )
+    return bool(in_batch_negatives)
 
 
 def check_chunk_size(chunk_size: object) -> int | None:
@@ -135,3 +178,54 @@ def check_inputs(
                 f"got {query.shape[-1]} and {tensor.shape[-1]}."
             )
     return query, positive_key, negative_keys
+
+
+def check_labels(labels: object, query: Tensor) -> Tensor | None:
+    if labels is None:
+        return None
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if tuple(labels.shape) != (len(query),):
+        raise ValueError(
+            f"labels must have shape (B,) = ({len(query)},), got shape {tuple(labels.shape)}"
+        )
+    if labels.device != query.device:
+        raise ValueError(
+            f"labels must be on the same device as <query> ({query.device}), got {labels.device}"
+        )
+    return labels
+
+
+def check_negative_mask(
+    negative_mask: object,
+    negative_keys: Tensor | None,
+    negative_mode: NegativeMode,
+) -> Tensor | None:
+    if negative_mask is None:
+        return None
+    if negative_keys is None or negative_mode != "paired":
+        raise ValueError(
+            "negative_mask is only for paired negatives (negative_mode='paired' with "
+            f"<negative_keys> (B, M, D)), got negative_mode={negative_mode!r} and "
+            f"negative_keys={'None' if negative_keys is None else tuple(negative_keys.shape)}"
+        )
+    if not isinstance(negative_mask, Tensor):
+        raise TypeError(
+            f"negative_mask must be a bool torch.Tensor, got {type(negative_mask).__name__}"
+        )
+    if negative_mask.dtype != torch.bool:
+        raise TypeError(f"negative_mask must be a bool tensor, got dtype {negative_mask.dtype}")
+    expected = tuple(negative_keys.shape[:2])
+    if tuple(negative_mask.shape) != expected:
+        raise ValueError(
+            f"negative_mask must have shape (B, M) = {expected}, "
+            f"got shape {tuple(negative_mask.shape)}"
+        )
+    if negative_mask.device != negative_keys.device:
+        raise ValueError(
+            f"negative_mask must be on the same device as <negative_keys> "
+            f"({negative_keys.device}), got {negative_mask.device}"
+        )
+    return negative_mask

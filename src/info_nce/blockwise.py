@@ -1,28 +1,41 @@
 """The exact blockwise engine: InfoNCE without the (B, N) logits matrix.
 
-Two problem shapes, one custom autograd Function each:
+The engine splits the loss the way its cost splits. The positive logits (what
+each query must pick) cost O(B * D) and are plain autograd ops in
+`info_nce.functional`; what costs O(B * N * D) is the log-sum-exp of every
+query over its candidates, and that is what the Functions here compute:
 
-* **Matrix** (in-batch or unpaired negatives): every query is scored against the
-  same N candidate keys. The queries are walked in blocks of ``block_rows``
-  rows; each block's logits ``(block_rows, N)`` live in one reused buffer, are
-  turned into probabilities in place, and feed the two gradient products before
-  the next block overwrites them. Peak extra memory is
-  ``block_rows * N + O((B + N) * D)`` instead of several ``B * N`` matrices.
-  For ``'mean'``/``'sum'`` the gradients are built during the forward pass (the
-  upstream gradient is a scalar, so backward only rescales them): the matrix
-  products are exactly the three any implementation needs. For ``'none'`` the
-  forward keeps per-row log-sum-exp statistics and backward recomputes each
-  block weighted by the upstream gradient of its rows.
-* **Paired** negatives (B, M, D): the logits are only (B, M); the engine avoids
-  every (B, M, D) temporary it can. The normalisation of the negatives is folded
-  into the Function (scaling the (B, M) dot products by inverse norms) instead of
-  writing a normalised copy of the negatives.
+* `LogSumExp` (in-batch and unpaired candidates): query i's candidates are
+  ``extra[i]`` (E logits computed by the caller, e.g. its positive logit or its
+  paired negatives) followed by its scores against the N shared ``keys``. The
+  queries are walked in blocks of ``block_rows`` rows against all keys; each
+  block's logits ``(block_rows, E + N)`` live in one reused buffer and are
+  turned into probabilities in place, which feed the two gradient products
+  before the next block overwrites them. Peak extra memory is
+  ``block_rows * (E + N) + O((B + N) * D)`` instead of several B * N matrices.
+
+  - Scalar reductions, one direction: the gradients are built during the
+    forward pass (the upstream gradient is a scalar, so backward only rescales
+    them), so forward+backward costs exactly the three matrix products any
+    implementation needs.
+  - ``reduction='none'``: forward keeps the row statistics only; backward
+    recomputes each block weighted by its rows' upstream gradients.
+  - Symmetric (CLIP) loss: the first ``column_keys`` keys also get the
+    log-sum-exp over all queries (the key-to-query direction). Forward makes one
+    pass collecting row and column statistics together; backward makes one
+    recomputing pass that combines both directions' probabilities before the
+    two gradient products (four matrix products in all: the column statistics
+    need every row before any column probability is known).
+* `PairedLogits` (paired negatives (B, M, D)): the logits are only (B, M); the
+  negatives' normalisation is folded in (dot products scaled by inverse norms)
+  instead of writing a normalised copy of the negatives, and backward writes
+  the negatives' gradient with one (B, M, D) pass.
 
 The temperature is folded into the queries by the caller: the Functions see
 ``query / temperature`` and unit keys, and ordinary autograd carries the
-gradient through the normalisation and the temperature.
+gradients through the normalisation and into a tensor temperature.
 
-The math lives in the plain functions; the Functions only save, call and scale.
+The math lives in plain functions; the Functions only save, call and scale.
 """
 
 from __future__ import annotations
@@ -53,123 +66,145 @@ def default_block_rows(num_queries: int, num_candidates: int) -> int:
     return max(1, min(num_queries, rows))
 
 
+@dataclass
+class BlockPass:
+    """What one pass over the logits blocks produces."""
+
+    row_lse: Tensor  # (B,)
+    column_lse: Tensor | None = None  # (C,), in a statistics pass with columns
+    grad_query: Tensor | None = None  # (B, D)
+    grad_keys: Tensor | None = None  # (N, D)
+    grad_extra: Tensor | None = None  # (B, E)
+
+
+def block_pass(
+    query: Tensor,
+    keys: Tensor,
+    extra: Tensor | None,
+    *,
+    block_rows: int,
+    column_keys: int = 0,
+    compute_grads: bool = False,
+    key_grads: bool = True,
+    row_weight: Tensor | None = None,
+    column_weight: Tensor | None = None,
+    column_lse: Tensor | None = None,
+) -> BlockPass:
+    """Row (and column) log-sum-exp of the logits ``[extra, query @ keys.T]``, block by block.
+
+    Row i's logits are ``extra[i]`` (E values) followed by ``query[i] @ keys.T``
+    (N values). Column j < ``column_keys`` is key j's scores against all B
+    queries.
+
+    Without ``column_lse`` this is a statistics pass: it returns the row
+    log-sum-exp and, if ``column_keys``, the column log-sum-exp. If
+    ``compute_grads``, it also returns the gradients of
+    ``sum_i row_weight[i] * row_lse[i]`` (weights 1 when None); only valid
+    without columns.
+
+    With ``column_lse`` (the result of a statistics pass) it is a gradient pass
+    for ``sum_i row_weight[i] * row_lse[i] + sum_j column_weight[j] * column_lse[j]``.
+
+    Args:
+        query: (B, D) queries, already divided by the temperature.
+        keys: (N, D) keys shared by all queries.
+        extra: (B, E) logits of per-query candidates, or None (E = 0).
+        block_rows: queries per block.
+        column_keys: number C of leading keys that get column statistics.
+        compute_grads: return the gradients.
+        key_grads: with ``compute_grads``, also the keys' gradient (False skips
+            one of the three matrix products, e.g. for a frozen queue of keys).
+        row_weight: (B,) weights of the row terms.
+        column_weight: (C,) weights of the column terms (gradient pass).
+        column_lse: (C,) column statistics (gradient pass).
+
+    Returns:
+        A BlockPass.
+    """
+    num_queries, num_keys = len(query), len(keys)
+    width = 0 if extra is None else extra.shape[1]
+    compute_grads = compute_grads or column_lse is not None
+    statistics_columns = column_keys if column_lse is None else 0
+    row_lse = query.new_empty(num_queries)  # (B,)
+    column_stats = query.new_full((statistics_columns,), float("-inf"))  # (C,)
+    buffer = query.new_empty(min(block_rows, num_queries), width + num_keys)
+    column_buffer = query.new_empty(0)
+    if column_lse is not None and column_keys:
+        column_buffer = query.new_empty(len(buffer), column_keys)
+    if compute_grads:
+        grad_query = torch.empty_like(query)  # (B, D)
+        grad_keys = torch.zeros_like(keys) if key_grads else None  # (N, D)
+        grad_extra = None if extra is None else query.new_empty(num_queries, width)  # (B, E)
+
+    for start in range(0, num_queries, block_rows):
+        rows = slice(start, min(start + block_rows, num_queries))
+        block = buffer[: rows.stop - start]  # (R, E + N)
+        key_block = block[:, width:]  # (R, N) view
+        column_block = key_block[:, :column_keys]  # (R, C) view
+        if extra is not None:
+            block[:, :width] = extra[rows]
+        torch.mm(query[rows], keys.T, out=key_block)
+        if statistics_columns:
+            column_stats = torch.logaddexp(column_stats, torch.logsumexp(column_block, dim=0))
+        if column_lse is not None and column_keys:
+            assert column_weight is not None
+            # Key-to-query probabilities, weighted: (R, C)
+            column_probs = torch.sub(column_block, column_lse, out=column_buffer[: len(block)])
+            column_probs.exp_().mul_(column_weight)
+        row_max, argmax = block.max(dim=1)  # (R,), (R,)
+        torch.ops.aten._softmax.out(block, 1, False, out=block)  # probabilities, in place
+        # P at the row maximum is 1 / sum(exp(logit - max)) >= 1 / (E + N): no underflow.
+        row_lse[rows] = row_max - block.gather(1, argmax.unsqueeze(1)).squeeze(1).log()
+        if compute_grads:
+            if row_weight is not None:
+                block.mul_(row_weight[rows].unsqueeze(1))
+            if column_lse is not None and column_keys:
+                column_block.add_(column_probs)
+            torch.mm(key_block, keys, out=grad_query[rows])
+            if grad_keys is not None:
+                grad_keys.addmm_(key_block.T, query[rows])
+            if grad_extra is not None:
+                grad_extra[rows] = block[:, :width]
+
+    result = BlockPass(row_lse=row_lse)
+    if statistics_columns:
+        result.column_lse = column_stats
+    if compute_grads:
+        result.grad_query, result.grad_keys, result.grad_extra = grad_query, grad_keys, grad_extra
+    return result
+
+
 @dataclass(frozen=True)
-class MatrixOptions:
-    """Settings of the matrix Function.
+class LogSumExpOptions:
+    """Settings of `LogSumExp`.
+
+    The output is ``reduce(row_scale * row_lse + column_scale * column_lse)``
+    over the B rows; column j pairs with row j, so ``column_keys`` is 0 or B.
 
     Attributes:
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         block_rows: queries per logits block.
-        positive_in_keys: True when key i is query i's positive (in-batch
-            negatives); False when the positive logit is an extra candidate in
-            front of the keys (unpaired negatives).
-        grads_in_forward: build the gradients during forward (scalar reductions
-            with an input that needs a gradient).
+        column_keys: leading keys that get column statistics (0: one direction).
+        row_scale: weight of the row log-sum-exp (1, or 1/2 in the symmetric loss).
+        column_scale: weight of the column log-sum-exp.
+        grads_in_forward: build the gradients during forward (scalar reduction,
+            no columns, an input needs a gradient).
     """
 
     reduction: Reduction
     block_rows: int
-    positive_in_keys: bool
-    grads_in_forward: bool
+    column_keys: int = 0
+    row_scale: float = 1.0
+    column_scale: float = 0.0
+    grads_in_forward: bool = False
 
 
-@dataclass
-class MatrixPass:
-    """What one pass over the logits blocks produces."""
-
-    row_loss: Tensor  # (B,) lse - positive logit
-    grad_query: Tensor | None = None  # (B, D)
-    grad_positive: Tensor | None = None  # (B, D)
-    grad_keys: Tensor | None = None  # (N, D)
-
-
-def matrix_pass(
-    scaled_query: Tensor,
-    positive_key: Tensor,
-    keys: Tensor,
-    *,
-    positive_in_keys: bool,
-    block_rows: int,
-    compute_grads: bool,
-    key_grads: bool = True,
-    row_weight: Tensor | None = None,
-) -> MatrixPass:
-    """Loss rows and (optionally) gradients of InfoNCE, one block of queries at a time.
-
-    Query i's candidates are ``keys`` (N, D), plus its positive key in front when
-    ``positive_in_keys`` is False; its loss is ``logsumexp(candidates) - q_i . p_i``.
-    The gradients are those of ``sum_i row_weight[i] * loss_i`` (weight 1 when
-    ``row_weight`` is None).
-
-    Args:
-        scaled_query: (B, D) queries already divided by the temperature.
-        positive_key: (B, D) positive keys.
-        keys: (N, D) candidate keys.
-        positive_in_keys: key i is query i's positive (requires N == B).
-        block_rows: queries per block.
-        compute_grads: also return the gradients.
-        key_grads: with ``compute_grads``, also the keys' gradient (False skips
-            one of the three matrix products, e.g. for a frozen queue of negatives).
-        row_weight: (B,) weight of each row's loss in the gradients.
-
-    Returns:
-        A MatrixPass with the (B,) row losses and, if asked, the gradients.
-    """
-    num_queries = scaled_query.shape[0]
-    num_keys = keys.shape[0]
-    extra = 0 if positive_in_keys else 1  # leading column for a separate positive logit
-    positive_logit = torch.sum(scaled_query * positive_key, dim=1)  # (B,)
-    lse = torch.empty_like(positive_logit)  # (B,)
-    buffer = scaled_query.new_empty(min(block_rows, num_queries), extra + num_keys)
-    if compute_grads:
-        grad_query = torch.empty_like(scaled_query)  # (B, D)
-        grad_keys = torch.zeros_like(keys) if key_grads else None  # (N, D)
-        positive_weight = torch.empty_like(positive_logit)  # (B,) weight * P(positive)
-
-    for start in range(0, num_queries, block_rows):
-        rows = slice(start, min(start + block_rows, num_queries))
-        block = buffer[: rows.stop - start]  # (R, extra + N)
-        key_block = block[:, extra:]  # (R, N) view
-        if extra:
-            block[:, 0] = positive_logit[rows]
-        torch.mm(scaled_query[rows], keys.T, out=key_block)
-        row_max, argmax = block.max(dim=1)  # (R,), (R,)
-        torch.ops.aten._softmax.out(block, 1, False, out=block)  # probabilities, in place
-        # P at the row maximum is 1 / sum(exp(logit - max)) >= 1 / (N + 1): no underflow.
-        lse[rows] = row_max - block.gather(1, argmax.unsqueeze(1)).squeeze(1).log()
-        if compute_grads:
-            if row_weight is not None:
-                block.mul_(row_weight[rows].unsqueeze(1))
-            torch.mm(key_block, keys, out=grad_query[rows])
-            if grad_keys is not None:
-                grad_keys.addmm_(key_block.T, scaled_query[rows])
-            if extra:
-                positive_weight[rows] = block[:, 0]
-
-    result = MatrixPass(row_loss=lse - positive_logit)
-    if compute_grads:
-        weight = (torch.ones_like(positive_logit) if row_weight is None else row_weight).unsqueeze(
-            1
-        )  # (B, 1)
-        if extra:
-            # d loss_i / d positive logit = P(positive) - 1
-            positive_coef = positive_weight.unsqueeze(1) - weight  # (B, 1)
-            result.grad_query = grad_query.add_(positive_key * positive_coef)
-            result.grad_positive = scaled_query * positive_coef
-        else:
-            # The target's -1 on the diagonal: key i pulls query i and vice versa.
-            result.grad_query = grad_query.sub_(positive_key * weight)
-            result.grad_positive = scaled_query * -weight
-        result.grad_keys = grad_keys
-    return result
-
-
-def _reduce(row_loss: Tensor, reduction: Reduction) -> Tensor:
+def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
     if reduction == "mean":
-        return row_loss.mean()
+        return values.mean()
     if reduction == "sum":
-        return row_loss.sum()
-    return row_loss
+        return values.sum()
+    return values
 
 
 def _row_weight(grad_output: Tensor, reduction: Reduction, num_rows: int) -> Tensor:
@@ -180,181 +215,138 @@ def _row_weight(grad_output: Tensor, reduction: Reduction, num_rows: int) -> Ten
     return scale.expand(num_rows)
 
 
-class MatrixInfoNCE(torch.autograd.Function):
-    """Autograd Function for in-batch and unpaired negatives; see `matrix_pass`."""
+class LogSumExp(torch.autograd.Function):
+    """Autograd Function: reduced row (and column) log-sum-exp; see `block_pass`."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
-        scaled_query: Tensor,
-        positive_key: Tensor,
+        query: Tensor,
         keys: Tensor,
-        options: MatrixOptions,
+        extra: Tensor | None,
+        options: LogSumExpOptions,
     ) -> Tensor:
-        key_grads = ctx.needs_input_grad[2]  # type: ignore[attr-defined]
-        result = matrix_pass(
-            scaled_query,
-            positive_key,
+        needs_grad = ctx.needs_input_grad  # type: ignore[attr-defined]
+        result = block_pass(
+            query,
             keys,
-            positive_in_keys=options.positive_in_keys,
+            extra,
             block_rows=options.block_rows,
+            column_keys=options.column_keys,
             compute_grads=options.grads_in_forward,
-            key_grads=key_grads,
+            key_grads=needs_grad[1],
         )
         ctx.options = options  # type: ignore[attr-defined]
         if options.grads_in_forward:
-            grads = (result.grad_query, result.grad_positive, result.grad_keys)
-            ctx.save_for_backward(*grads)  # type: ignore[arg-type]  # grad_keys may be None
+            grads = (result.grad_query, result.grad_keys, result.grad_extra)
+            ctx.save_for_backward(*grads)  # type: ignore[arg-type]  # keys', extra's may be None
         else:
-            ctx.save_for_backward(scaled_query, positive_key, keys)
-        return _reduce(result.row_loss, options.reduction)
+            ctx.save_for_backward(query, keys, extra, result.column_lse)  # type: ignore[arg-type]
+        output = options.row_scale * result.row_lse  # (B,)
+        if result.column_lse is not None:
+            output = output + options.column_scale * result.column_lse
+        return _reduce(output, options.reduction)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        options: MatrixOptions = ctx.options
+        options: LogSumExpOptions = ctx.options
         if options.grads_in_forward:
-            grads = ctx.saved_tensors  # query, positive, keys (None if not needed)
-            scale = grad_output / len(grads[0]) if options.reduction == "mean" else grad_output
+            grads = ctx.saved_tensors  # query, keys, extra (None where not needed)
+            scale = grad_output * options.row_scale
+            if options.reduction == "mean":
+                scale = scale / len(grads[0])
             return *(None if grad is None else grad * scale for grad in grads), None
-        scaled_query, positive_key, keys = ctx.saved_tensors
-        result = matrix_pass(
-            scaled_query,
-            positive_key,
+        query, keys, extra, column_lse = ctx.saved_tensors
+        weight = _row_weight(grad_output, options.reduction, len(query))  # (B,)
+        column_weight = None if column_lse is None else options.column_scale * weight
+        result = block_pass(
+            query,
             keys,
-            positive_in_keys=options.positive_in_keys,
+            extra,
             block_rows=options.block_rows,
+            column_keys=options.column_keys,
             compute_grads=True,
-            key_grads=ctx.needs_input_grad[2],
-            row_weight=_row_weight(grad_output, options.reduction, len(scaled_query)),
+            key_grads=ctx.needs_input_grad[1],
+            row_weight=options.row_scale * weight,
+            column_weight=column_weight,
+            column_lse=column_lse,
         )
-        return result.grad_query, result.grad_positive, result.grad_keys, None
+        return result.grad_query, result.grad_keys, result.grad_extra, None
+
+
+def log_sum_exp(
+    query: Tensor, keys: Tensor, extra: Tensor | None, options: LogSumExpOptions
+) -> Tensor:
+    """``reduce(row_scale * row_lse + column_scale * column_lse)`` through `LogSumExp`.
+
+    Same as, with ``logits = cat([extra, query @ keys.T], 1)`` (B, E + N):
+    ``row_scale * logits.logsumexp(1) + column_scale * logits[:, E:E + C].logsumexp(0)``,
+    reduced, without the logits matrix.
+    """
+    output = LogSumExp.apply(query, keys, extra, options)  # type: ignore[no-untyped-call]
+    return cast(Tensor, output)
 
 
 @dataclass(frozen=True)
 class PairedOptions:
-    """Settings of the paired Function.
+    """Settings of `PairedLogits`.
 
     Attributes:
-        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         normalize_negatives: divide each negative's logit by its norm (the
             negatives arrive unnormalised).
         eps: smallest norm divided by, as in `F.normalize`.
     """
 
-    reduction: Reduction
     normalize_negatives: bool
     eps: float
 
 
-def paired_logits(
-    scaled_query: Tensor, negative_keys: Tensor, normalize_negatives: bool, eps: float
-) -> tuple[Tensor, Tensor]:
-    """Logits of each query against its own negatives, and the negatives' norms.
+class PairedLogits(torch.autograd.Function):
+    """Autograd Function: logits (B, M) of each query against its own negatives (B, M, D).
 
-    Returns:
-        logits (B, M) and norms (B, M) (ones when not normalising).
-    """
-    dots = torch.bmm(negative_keys, scaled_query.unsqueeze(2)).squeeze(2)  # (B, M)
-    if not normalize_negatives:
-        return dots, torch.ones_like(dots)
-    norms = torch.linalg.vector_norm(negative_keys, dim=2)  # (B, M)
-    return dots.div_(norms.clamp_min(eps)), norms
-
-
-def paired_lse(positive_logit: Tensor, negative_logits: Tensor) -> Tensor:
-    """logsumexp over [positive_logit, negative_logits] per row, without concatenating."""
-    row_max = positive_logit
-    if negative_logits.shape[1]:
-        row_max = torch.maximum(positive_logit, negative_logits.amax(dim=1))  # (B,)
-    total = torch.exp(positive_logit - row_max)
-    total += torch.exp(negative_logits - row_max.unsqueeze(1)).sum(dim=1)
-    return row_max + total.log()
-
-
-class PairedInfoNCE(torch.autograd.Function):
-    """Autograd Function for paired negatives (B, M, D).
-
-    Saves the inputs and the (B, M) logits and norms; backward needs no product
-    of the forward to be recomputed, so it is exact for any upstream gradient.
+    ``query[i] . negative_keys[i, j] / max(|negative_keys[i, j]|, eps)`` (no
+    division without normalisation), with no (B, M, D) temporary in forward.
     """
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
-        scaled_query: Tensor,
-        positive_key: Tensor,
-        negative_keys: Tensor,
-        options: PairedOptions,
+        ctx: FunctionCtx, query: Tensor, negative_keys: Tensor, options: PairedOptions
     ) -> Tensor:
-        positive_logit = torch.sum(scaled_query * positive_key, dim=1)  # (B,)
-        negative_logits, norms = paired_logits(
-            scaled_query, negative_keys, options.normalize_negatives, options.eps
-        )  # (B, M), (B, M)
-        lse = paired_lse(positive_logit, negative_logits)  # (B,)
+        logits = torch.bmm(negative_keys, query.unsqueeze(2)).squeeze(2)  # (B, M) dot products
+        norms = None
+        if options.normalize_negatives:
+            norms = torch.linalg.vector_norm(negative_keys, dim=2)  # (B, M)
+            logits.div_(norms.clamp_min(options.eps))
         ctx.options = options  # type: ignore[attr-defined]
-        ctx.save_for_backward(
-            scaled_query, positive_key, negative_keys, positive_logit, negative_logits, norms, lse
-        )
-        return _reduce(lse - positive_logit, options.reduction)
+        ctx.save_for_backward(query, negative_keys, logits, norms)  # type: ignore[arg-type]
+        return logits
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_logits: Tensor) -> tuple[Tensor | None, ...]:
         options: PairedOptions = ctx.options
-        query, positive, negatives, positive_logit, logits, norms, lse = ctx.saved_tensors
-        weight = _row_weight(grad_output, options.reduction, len(query))  # (B,)
-        grad_positive_logit = weight * (torch.exp(positive_logit - lse) - 1)  # (B,)
-        grad_logits = weight.unsqueeze(1) * torch.exp(logits - lse.unsqueeze(1))  # (B, M)
-        if options.normalize_negatives:
+        query, negatives, logits, norms = ctx.saved_tensors
+        grad_dots = grad_logits  # (B, M) gradient of the raw dot products
+        if norms is not None:
             inverse_norms = norms.clamp_min(options.eps).reciprocal()  # (B, M)
-            grad_dots = grad_logits * inverse_norms  # (B, M)
-        else:
-            grad_dots = grad_logits
-
-        needs_query, needs_positive, needs_negatives, _ = ctx.needs_input_grad
-        grad_query = grad_positive = grad_negatives = None
+            grad_dots = grad_logits * inverse_norms
+        needs_query, needs_negatives, _ = ctx.needs_input_grad
+        grad_query = grad_negatives = None
         if needs_query:
-            grad_query = torch.baddbmm(
-                (grad_positive_logit.unsqueeze(1) * positive).unsqueeze(1),
-                grad_dots.unsqueeze(1),
-                negatives,
-            ).squeeze(1)  # (B, D)
-        if needs_positive:
-            grad_positive = grad_positive_logit.unsqueeze(1) * query
+            grad_query = torch.bmm(grad_dots.unsqueeze(1), negatives).squeeze(1)  # (B, D)
         if needs_negatives:
-            if options.normalize_negatives:
-                # d(x / |x|) / dx = (I - x x^T / |x|^2) / |x|; no second term where |x| < eps.
+            if norms is not None:
+                # d(x / |x|) / dx = (I - x x^T / |x|^2) / |x|; no radial term where |x| < eps.
                 radial = -(grad_dots * logits * inverse_norms) * (norms > options.eps)  # (B, M)
                 grad_negatives = negatives * radial.unsqueeze(2)  # (B, M, D)
             else:
                 grad_negatives = torch.zeros_like(negatives)
             grad_negatives.baddbmm_(grad_dots.unsqueeze(2), query.unsqueeze(1))
-        return grad_query, grad_positive, grad_negatives, None
+        return grad_query, grad_negatives, None
 
 
-def matrix_info_nce(
-    scaled_query: Tensor, positive_key: Tensor, keys: Tensor, options: MatrixOptions
-) -> Tensor:
-    """InfoNCE with in-batch or unpaired negatives through `MatrixInfoNCE`.
-
-    Same as ``F.cross_entropy(logits, targets, reduction=options.reduction)``
-    with ``logits = scaled_query @ keys.T`` (in-batch, targets ``arange(B)``) or
-    ``cat([(scaled_query * positive_key).sum(1, keepdim=True),
-    scaled_query @ keys.T], 1)`` (unpaired, targets 0), without the logits.
-    """
-    loss = MatrixInfoNCE.apply(scaled_query, positive_key, keys, options)  # type: ignore[no-untyped-call]
-    return cast(Tensor, loss)
-
-
-def paired_info_nce(
-    scaled_query: Tensor, positive_key: Tensor, negative_keys: Tensor, options: PairedOptions
-) -> Tensor:
-    """InfoNCE with paired negatives through `PairedInfoNCE`.
-
-    Same as ``F.cross_entropy(cat([q.p, q_i.n_ij / |n_ij|]), 0)`` on the
-    (B, 1 + M) logits (without the division when ``normalize_negatives`` is
-    False), where q is ``scaled_query``.
-    """
-    loss = PairedInfoNCE.apply(scaled_query, positive_key, negative_keys, options)  # type: ignore[no-untyped-call]
-    return cast(Tensor, loss)
+def paired_logits(query: Tensor, negative_keys: Tensor, options: PairedOptions) -> Tensor:
+    """(B, M) logits of each query against its own negatives through `PairedLogits`."""
+    logits = PairedLogits.apply(query, negative_keys, options)  # type: ignore[no-untyped-call]
+    return cast(Tensor, logits)

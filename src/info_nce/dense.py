@@ -1,8 +1,8 @@
 """The dense reference: the InfoNCE formula written out with a logits matrix.
 
 This is the readable definition of the loss and the implementation the fast
-paths are tested against. It materialises the (B, N) logits, so its memory
-grows with B * N.
+paths are tested against. It materialises the (B, candidates) logits (and, for
+labels, a (B, B) mask), so its memory grows with B * N.
 """
 
 from __future__ import annotations
@@ -14,29 +14,108 @@ from torch import Tensor
 from info_nce._validation import NegativeMode, Reduction
 
 
+def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    return values
+
+
+def _float32_at_least(logits: Tensor) -> Tensor:
+    # Softmax statistics in float32: at temperature 0.01 half-precision exp overflows.
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def dense_info_nce(
     query: Tensor,
     positive_key: Tensor,
     negative_keys: Tensor | None,
-    temperature: float,
+    temperature: float | Tensor,
     reduction: Reduction,
     negative_mode: NegativeMode,
+    *,
+    symmetric: bool = False,
+    in_batch: bool | None = None,
+    labels: Tensor | None = None,
+    negative_mask: Tensor | None = None,
 ) -> Tensor:
-    """InfoNCE on unit-normalised embeddings, exactly as info-nce-pytorch computes it.
+    """InfoNCE on (already normalised) embeddings, with a logits matrix.
+
+    With only the seed's arguments this computes exactly what info-nce-pytorch
+    computes, op for op. The options follow `info_nce.info_nce`.
 
     Args:
-        query: (B, D) unit-normalised queries.
-        positive_key: (B, D) unit-normalised positive keys.
-        negative_keys: None, (M, D) for ``'unpaired'`` or (B, M, D) for ``'paired'``,
-            unit-normalised.
-        temperature: logits are divided by it before the cross-entropy.
+        query: (B, D) queries.
+        positive_key: (B, D) positive keys.
+        negative_keys: None, (M, D) for ``'unpaired'`` or (B, M, D) for ``'paired'``.
+        temperature: logits are divided by it.
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         negative_mode: ``'unpaired'`` or ``'paired'``.
+        symmetric: average with the key-to-query loss over all B queries.
+        in_batch: the B positive keys are candidates of every query (default:
+            only when there are no negative keys).
+        labels: (B,) ints; keys with a query's label are its positives.
+        negative_mask: (B, M) bool, paired only: False marks padding.
 
     Returns:
         The loss: a scalar, or (B,) for ``reduction='none'``; float32 for
         float16/bfloat16 inputs, else the input dtype.
     """
+    if in_batch is None:
+        in_batch = negative_keys is None
+    if not symmetric and labels is None and negative_mask is None:
+        if negative_keys is None:
+            return _seed_loss(query, positive_key, None, temperature, reduction, negative_mode)
+        if not in_batch:
+            return _seed_loss(
+                query, positive_key, negative_keys, temperature, reduction, negative_mode
+            )
+
+    similarity = query @ positive_key.T  # (B, B) all queries against all positive keys
+    pieces = []
+    if in_batch:
+        pieces.append(similarity)
+    else:
+        pieces.append(torch.sum(query * positive_key, dim=1, keepdim=True))  # (B, 1)
+    if negative_keys is not None:
+        if negative_mode == "unpaired":
+            pieces.append(query @ negative_keys.T)  # (B, M)
+        else:
+            paired = (query.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)  # (B, M)
+            if negative_mask is not None:
+                paired = paired.masked_fill(~negative_mask, float("-inf"))
+            pieces.append(paired)
+    logits = _float32_at_least(torch.cat(pieces, dim=1)) / temperature  # (B, candidates)
+
+    batch = len(query)
+    if labels is None:
+        positives = torch.eye(batch, dtype=logits.dtype, device=logits.device)  # (B, B)
+    else:
+        positives = (labels.unsqueeze(0) == labels.unsqueeze(1)).to(logits.dtype)  # (B, B)
+    positives = positives / positives.sum(dim=1, keepdim=True)  # each row sums to 1
+
+    # In-batch: the mean logit of the positives; else the positive's own column.
+    positive_logit = (
+        torch.sum(positives * logits[:, :batch], dim=1) if in_batch else logits[:, 0]
+    )  # (B,)
+    loss = torch.logsumexp(logits, dim=1) - positive_logit  # (B,)
+    if symmetric:
+        key_logits = _float32_at_least(similarity).T / temperature  # (B keys, B queries)
+        key_loss = torch.logsumexp(key_logits, dim=1) - torch.sum(positives * key_logits, dim=1)
+        loss = (loss + key_loss) / 2
+    return _reduce(loss, reduction)
+
+
+def _seed_loss(
+    query: Tensor,
+    positive_key: Tensor,
+    negative_keys: Tensor | None,
+    temperature: float | Tensor,
+    reduction: Reduction,
+    negative_mode: NegativeMode,
+) -> Tensor:
+    """info-nce-pytorch's formula: logits and `F.cross_entropy`."""
     if negative_keys is None:
         # Other rows' positive keys are the negatives; query i's positive is key i.
         logits = query @ positive_key.T  # (B, B)
@@ -49,7 +128,4 @@ def dense_info_nce(
             negative_logits = (query.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)
         logits = torch.cat([positive_logit, negative_logits], dim=1)  # (B, 1 + M)
         targets = torch.zeros(len(query), dtype=torch.long, device=query.device)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        # Softmax statistics in float32: at temperature 0.01 half-precision exp overflows.
-        logits = logits.float()
-    return F.cross_entropy(logits / temperature, targets, reduction=reduction)
+    return F.cross_entropy(_float32_at_least(logits) / temperature, targets, reduction=reduction)

@@ -10,16 +10,20 @@ from info_nce._normalize import normalization_eps, normalize
 from info_nce._validation import (
     NegativeMode,
     Reduction,
+    check_bool,
     check_chunk_size,
+    check_in_batch_negatives,
     check_inputs,
+    check_labels,
+    check_negative_mask,
     check_negative_mode,
     check_reduction,
     check_temperature,
 )
 from info_nce.dense import dense_info_nce
 
-# Below this many logits (B * candidates) the dense loss is as fast as the
-# blockwise engine and `chunk_size=None` picks it; see docs/benchmarks.md.
+# Up to this many logits (B * candidates) the dense loss is as fast as the
+# blockwise engine, and `chunk_size=None` picks it; see docs/benchmarks.md.
 DENSE_MAX_LOGITS = 3 << 16
 
 
@@ -27,10 +31,15 @@ def info_nce(
     query: Tensor,
     positive_key: Tensor,
     negative_keys: Tensor | None = None,
-    temperature: float = 0.1,
+    temperature: float | Tensor = 0.1,
     reduction: Reduction = "mean",
     negative_mode: NegativeMode = "unpaired",
     *,
+    symmetric: bool = False,
+    in_batch_negatives: bool | None = None,
+    labels: Tensor | None = None,
+    negative_mask: Tensor | None = None,
+    normalize: bool = True,
     chunk_size: int | None = None,
 ) -> Tensor:
     """InfoNCE loss of queries against their positive keys and negative keys.
@@ -43,29 +52,54 @@ def info_nce(
       rows' positives are the negatives); same as
       ``F.cross_entropy(q @ p.T / t, arange(B))``.
     * ``negative_mode='unpaired'``, negatives (M, D): the candidates are p_i and
-      all M negatives; same as ``F.cross_entropy(cat([q.p, q @ n.T]) / t, 0)``.
+      all M negatives; same as
+      ``F.cross_entropy(cat([(q * p).sum(1, keepdim=True), q @ n.T], 1) / t, zeros(B))``.
     * ``negative_mode='paired'``, negatives (B, M, D): the candidates are p_i and
       query i's own M negatives.
+
+    The arguments after ``negative_mode`` are keyword-only additions to
+    info-nce-pytorch's API; their defaults keep its results.
 
     Args:
         query: queries, e.g. embeddings of the inputs.
         positive_key: positive keys, e.g. embeddings of augmented inputs.
         negative_keys: optional negative keys; see ``negative_mode``.
-        temperature: logits are divided by it; a finite number > 0.
+        temperature: logits are divided by it: a finite number > 0, or a
+            one-element floating-point tensor (gradients flow into it).
         reduction: ``'mean'``, ``'sum'`` or ``'none'`` (one loss per query).
         negative_mode: ``'unpaired'`` (default) or ``'paired'``; how
             ``negative_keys`` relate to the queries.
-        chunk_size: keyword-only. ``None`` (default) picks the faster exact
-            implementation: the dense loss for small problems, the blockwise
-            engine (no (B, N) logits matrix) for large ones. A positive int
-            forces the blockwise engine with that many queries per block (in
-            paired mode, where no large matrix exists, it forces the engine's
-            lean path). Results agree to floating-point rounding.
+        symmetric: the average of the query-to-key loss and the key-to-query
+            loss (CLIP): key j ranks all B queries, query j (or, with labels,
+            every query with its label) being its positive. Explicit negatives
+            only enter the query-to-key direction. With ``reduction='none'``
+            each sample's loss is the average of its two directions.
+        in_batch_negatives: ``None`` keeps info-nce-pytorch's behaviour (the B
+            positive keys are the candidates only when ``negative_keys`` is
+            None; with labels, always). ``True`` with explicit negatives: query
+            i's candidates are all B positive keys (target i) plus its explicit
+            negatives. ``False`` needs explicit negatives.
+        labels: (B,) integer tensor. Samples with equal labels are positives of
+            one another: query i's loss is the mean over its positives j of
+            ``logsumexp(candidates) - s_ij`` (supervised contrastive loss,
+            Khosla et al. 2020, L_out). Needs in-batch candidates. With all
+            labels distinct it equals the plain loss.
+        negative_mask: (B, M) bool, paired mode only: False marks a padding
+            negative, ignored as if absent. A row may have no valid negative.
+        normalize: L2-normalise the embeddings (default). False uses raw dot
+            products.
+        chunk_size: ``None`` (default) picks the faster exact implementation:
+            the dense loss for small problems, the blockwise engine (no (B, N)
+            logits matrix) for large ones. A positive int forces the blockwise
+            engine with that many queries per block (in paired mode without
+            in-batch candidates, where no large matrix exists, it forces the
+            engine's lean path). Results agree to floating-point rounding.
 
     Shape:
         - query: (B, D), B queries of D features.
         - positive_key: (B, D).
         - negative_keys: (M, D) if unpaired, (B, M, D) if paired, M negatives.
+        - labels: (B,). negative_mask: (B, M).
         - output: scalar, or (B,) if ``reduction='none'``.
 
     Returns:
@@ -74,10 +108,12 @@ def info_nce(
 
     Raises:
         TypeError: an input is not a floating-point tensor, the inputs' dtypes
-            differ, or the temperature is not a number.
-        ValueError: wrong shapes, empty inputs, different devices, or an
-            unknown ``reduction``/``negative_mode``, a temperature that is not
-            finite and > 0, or a ``chunk_size`` that is not a positive int.
+            differ, labels are not integers, the mask is not bool, a flag is not
+            a bool, or the temperature is not a number.
+        ValueError: wrong shapes, empty inputs, different devices, an unknown
+            ``reduction``/``negative_mode``, a temperature that is not finite
+            and > 0, a ``chunk_size`` that is not a positive int, or options
+            that do not fit together.
 
     Examples:
         >>> import torch
@@ -89,52 +125,173 @@ def info_nce(
         >>> negatives = torch.randn(32, 6, 128)
         >>> info_nce(query, positive_key, negatives, negative_mode="paired").shape
         torch.Size([])
+        >>> labels = torch.randint(0, 4, (32,))
+        >>> info_nce(query, positive_key, labels=labels, symmetric=True, reduction="none").shape
+        torch.Size([32])
     """
     reduction = check_reduction(reduction)
     negative_mode = check_negative_mode(negative_mode)
     temperature = check_temperature(temperature)
     chunk_size = check_chunk_size(chunk_size)
+    symmetric = check_bool("symmetric", symmetric)
+    normalize = check_bool("normalize", normalize)
     query, positive_key, negative_keys = check_inputs(
         query, positive_key, negative_keys, negative_mode
     )
+    labels = check_labels(labels, query)
+    negative_mask = check_negative_mask(negative_mask, negative_keys, negative_mode)
+    in_batch = check_in_batch_negatives(in_batch_negatives, negative_keys, labels)
 
+    # Losses of float16/bfloat16 inputs are computed in float32.
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    if isinstance(temperature, Tensor):
+        temperature = temperature.to(compute_dtype)
     paired = negative_keys is not None and negative_mode == "paired"
-    num_candidates = (
-        len(query) if negative_keys is None else 1 + negative_keys.shape[-2]
-    )  # per query
-    if chunk_size is None and not paired and len(query) * num_candidates <= DENSE_MAX_LOGITS:
+    matrix_candidates = (len(query) if in_batch else 0) + (
+        negative_keys.shape[-2] if negative_keys is not None else 0
+    )
+    if chunk_size is None and (in_batch or not paired):
+        use_dense = len(query) * matrix_candidates <= DENSE_MAX_LOGITS
+    else:
+        use_dense = False
+
+    unit = _unit if normalize else _identity
+    if use_dense:
         return dense_info_nce(
-            normalize(query),
-            normalize(positive_key),
-            None if negative_keys is None else normalize(negative_keys),
+            unit(query),
+            unit(positive_key),
+            None if negative_keys is None else unit(negative_keys),
             temperature,
             reduction,
             negative_mode,
+            symmetric=symmetric,
+            in_batch=in_batch,
+            labels=labels,
+            negative_mask=negative_mask,
         )
 
-    # The engine computes in float32 at least (half-precision softmax overflows).
-    compute_dtype = torch.promote_types(query.dtype, torch.float32)
-    scaled_query = normalize(query).to(compute_dtype) / temperature  # (B, D)
-    positive_key = normalize(positive_key).to(compute_dtype)  # (B, D)
-    if paired:
-        assert negative_keys is not None
+    scaled_query = unit(query).to(compute_dtype) / temperature  # (B, D)
+    positive_key = unit(positive_key).to(compute_dtype)  # (B, D)
+    row_scale = 0.5 if symmetric else 1.0
+    positive_logit = _positive_logits(scaled_query, positive_key, labels, symmetric, row_scale)
+
+    extra: list[Tensor] = []  # per-query candidates, (B, E_k) each
+    keys: list[Tensor] = []  # candidates shared by all queries, (N_k, D) each
+    if in_batch:
+        keys.append(positive_key)
+    else:
+        extra.append(torch.sum(scaled_query * positive_key, dim=1, keepdim=True))  # (B, 1)
+    if negative_keys is not None and paired:
         options = blockwise.PairedOptions(
-            reduction=reduction,
-            normalize_negatives=True,
-            eps=normalization_eps(negative_keys.dtype),
+            normalize_negatives=normalize, eps=normalization_eps(negative_keys.dtype)
         )
-        return blockwise.paired_info_nce(
-            scaled_query, positive_key, negative_keys.to(compute_dtype), options
-        )
+        negative_logits = blockwise.paired_logits(
+            scaled_query, negative_keys.to(compute_dtype), options
+        )  # (B, M)
+        if negative_mask is not None:
+            negative_logits = negative_logits.masked_fill(~negative_mask, float("-inf"))
+        extra.append(negative_logits)
+    elif negative_keys is not None:
+        keys.append(unit(negative_keys).to(compute_dtype))
 
-    keys = positive_key if negative_keys is None else normalize(negative_keys).to(compute_dtype)
+    block_rows = chunk_size or blockwise.default_block_rows(
+        len(query), matrix_candidates + (0 if in_batch else 1)
+    )
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (scaled_query, positive_key, keys)
+        t.requires_grad for t in (scaled_query, positive_key, *keys, *extra)
     )
-    matrix_options = blockwise.MatrixOptions(
-        reduction=reduction,
-        block_rows=chunk_size or blockwise.default_block_rows(len(query), num_candidates),
-        positive_in_keys=negative_keys is None,
-        grads_in_forward=needs_grad and reduction != "none",
-    )
-    return blockwise.matrix_info_nce(scaled_query, positive_key, keys, matrix_options)
+    columns_in_pass = symmetric and in_batch
+    if keys:
+        lse = blockwise.log_sum_exp(
+            scaled_query,
+            keys[0] if len(keys) == 1 else torch.cat(keys),
+            _cat_columns(extra),
+            blockwise.LogSumExpOptions(
+                reduction=reduction,
+                block_rows=block_rows,
+                column_keys=len(query) if columns_in_pass else 0,
+                row_scale=row_scale,
+                column_scale=0.5 if columns_in_pass else 0.0,
+                grads_in_forward=needs_grad and reduction != "none" and not columns_in_pass,
+            ),
+        )
+    else:
+        # Paired negatives only: the logits are (B, 1 + M), no large matrix.
+        lse = _reduce(row_scale * _small_lse(extra), reduction)
+    if symmetric and not in_batch:
+        # The key-to-query direction on its own: each key against all queries.
+        lse = lse + blockwise.log_sum_exp(
+            positive_key,
+            scaled_query,
+            None,
+            blockwise.LogSumExpOptions(
+                reduction=reduction,
+                block_rows=chunk_size or blockwise.default_block_rows(len(query), len(query)),
+                row_scale=0.5,
+                grads_in_forward=needs_grad and reduction != "none",
+            ),
+        )
+    return lse - _reduce(positive_logit, reduction)
+
+
+def _unit(x: Tensor) -> Tensor:
+    unit: Tensor = normalize(x)
+    return unit
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    return values
+
+
+def _cat_columns(pieces: list[Tensor]) -> Tensor | None:
+    if not pieces:
+        return None
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def _small_lse(pieces: list[Tensor]) -> Tensor:
+    """logsumexp over the columns of several (B, k) pieces without concatenating them."""
+    row_max = torch.stack([piece.amax(dim=1) for piece in pieces if piece.shape[1]]).amax(0)
+    row_max = row_max.detach()  # the result does not depend on the shift
+    total = sum(torch.exp(piece - row_max.unsqueeze(1)).sum(dim=1) for piece in pieces)
+    assert isinstance(total, Tensor)
+    return row_max + total.log()
+
+
+def _positive_logits(
+    scaled_query: Tensor,
+    positive_key: Tensor,
+    labels: Tensor | None,
+    symmetric: bool,
+    row_scale: float,
+) -> Tensor:
+    """Per sample: the (weighted) mean logit of its positives, both directions. (B,)
+
+    With labels, query i's positives are the keys with its label: the mean of
+    their logits is ``q_i . mean(keys of its class)``, computed from per-class
+    sums in O((B + classes) * D), without a (B, B) mask.
+    """
+    if labels is None:
+        return (row_scale + (0.5 if symmetric else 0.0)) * torch.sum(
+            scaled_query * positive_key, dim=1
+        )
+    _, label_index, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    sizes = counts[label_index].to(scaled_query.dtype)  # (B,) size of each sample's class
+
+    def class_mean(values: Tensor) -> Tensor:  # (B, D): mean of the rows with each row's label
+        sums = values.new_zeros(len(counts), values.shape[1]).index_add(0, label_index, values)
+        mean: Tensor = sums[label_index] / sizes.unsqueeze(1)
+        return mean
+
+    logit = row_scale * torch.sum(scaled_query * class_mean(positive_key), dim=1)
+    if symmetric:
+        logit = logit + 0.5 * torch.sum(positive_key * class_mean(scaled_query), dim=1)
+    return logit
