@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from info_nce import blockwise
+from info_nce import blockwise, distributed
 from info_nce._normalize import normalization_eps, normalize
 from info_nce._validation import (
     NegativeMode,
@@ -41,6 +41,7 @@ def info_nce(
     negative_mask: Tensor | None = None,
     normalize: bool = True,
     chunk_size: int | None = None,
+    gather_distributed: bool = False,
 ) -> Tensor:
     """InfoNCE loss of queries against their positive keys and negative keys.
 
@@ -94,6 +95,21 @@ def info_nce(
             engine with that many queries per block (in paired mode without
             in-batch candidates, where no large matrix exists, it forces the
             engine's lean path). Results agree to floating-point rounding.
+        gather_distributed: with an initialised default process group of W > 1
+            processes, gather the candidates that other ranks hold (positive
+            keys, unpaired negatives, labels, and for the symmetric loss the
+            queries) with gradient: each rank's loss covers its own queries
+            (and, symmetric, its own keys) against all ranks' candidates, and
+            each embedding's gradient reaches the rank that owns it. With
+            ``reduction='mean'`` each rank returns the mean over its own
+            queries: with equal local batch sizes and gradients averaged across
+            ranks (as DistributedDataParallel does), every parameter gradient,
+            a learnable temperature's included, equals the single-process
+            gradient on the concatenated batch, and the mean of the ranks'
+            losses equals the single-process loss. ``'sum'`` and ``'none'``
+            return this rank's sum and rows, so unequal local batch sizes are
+            handled exactly by scaling a sum. Without a process group, or with
+            W = 1, it changes nothing.
 
     Shape:
         - query: (B, D), B queries of D features.
@@ -134,6 +150,7 @@ def info_nce(
     temperature = check_temperature(temperature)
     chunk_size = check_chunk_size(chunk_size)
     symmetric = check_bool("symmetric", symmetric)
+    gather_distributed = check_bool("gather_distributed", gather_distributed)
     normalize = check_bool("normalize", normalize)
     query, positive_key, negative_keys = check_inputs(
         query, positive_key, negative_keys, negative_mode
@@ -150,7 +167,9 @@ def info_nce(
     matrix_candidates = (len(query) if in_batch else 0) + (
         negative_keys.shape[-2] if negative_keys is not None else 0
     )
-    if chunk_size is None and (in_batch or not paired):
+    if gather_distributed and distributed.world_size() > 1:
+        use_dense = False  # the engine takes queries and keys of different lengths
+    elif chunk_size is None and (in_batch or not paired):
         use_dense = len(query) * matrix_candidates <= DENSE_MAX_LOGITS
     else:
         use_dense = False
@@ -170,15 +189,40 @@ def info_nce(
             negative_mask=negative_mask,
         )
 
-    scaled_query = unit(query).to(compute_dtype) / temperature  # (B, D)
+    query = unit(query).to(compute_dtype)  # (B, D)
     positive_key = unit(positive_key).to(compute_dtype)  # (B, D)
+    scaled_query = query / temperature  # (B, D)
+
+    # Candidates held by every rank: gathered with gradient (all ranks' rows,
+    # this rank's from `offset`); without a process group, the local tensors.
+    gather = gather_distributed and distributed.world_size() > 1
+    gather_rows = _Gatherer(len(query), query.device) if gather else None
+    offset = 0 if gather_rows is None else gather_rows.offset
+    all_positive_keys = positive_key if gather_rows is None else gather_rows(positive_key)
+    all_labels = labels if labels is None or gather_rows is None else gather_rows(labels)
+
     row_scale = 0.5 if symmetric else 1.0
-    positive_logit = _positive_logits(scaled_query, positive_key, labels, symmetric, row_scale)
+    # The symmetric key-to-query direction in the same pass as the rows needs
+    # the same queries on both sides: not so once keys come from other ranks.
+    columns_in_pass = symmetric and in_batch and not gather
+    column_queries = None  # (B_all, D) all queries, for a separate key-to-query pass
+    if symmetric and not columns_in_pass:
+        column_queries = scaled_query if gather_rows is None else gather_rows(query) / temperature
+    positive_logit = _positive_logits(
+        scaled_query,
+        positive_key,
+        all_positive_keys,
+        column_queries if column_queries is not None else scaled_query,
+        all_labels,
+        offset,
+        symmetric,
+        row_scale,
+    )  # (B,)
 
     extra: list[Tensor] = []  # per-query candidates, (B, E_k) each
     keys: list[Tensor] = []  # candidates shared by all queries, (N_k, D) each
     if in_batch:
-        keys.append(positive_key)
+        keys.append(all_positive_keys)
     else:
         extra.append(torch.sum(scaled_query * positive_key, dim=1, keepdim=True))  # (B, 1)
     if negative_keys is not None and paired:
@@ -192,15 +236,16 @@ def info_nce(
             negative_logits = negative_logits.masked_fill(~negative_mask, float("-inf"))
         extra.append(negative_logits)
     elif negative_keys is not None:
-        keys.append(unit(negative_keys).to(compute_dtype))
+        negatives = unit(negative_keys).to(compute_dtype)  # (M, D)
+        if gather:
+            negatives = _Gatherer(len(negatives), negatives.device)(negatives)
+        keys.append(negatives)
 
-    block_rows = chunk_size or blockwise.default_block_rows(
-        len(query), matrix_candidates + (0 if in_batch else 1)
-    )
+    key_count = sum(len(k) for k in keys)
+    block_rows = chunk_size or blockwise.default_block_rows(len(query), key_count + len(extra))
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (scaled_query, positive_key, *keys, *extra)
     )
-    columns_in_pass = symmetric and in_batch
     if keys:
         lse = blockwise.log_sum_exp(
             scaled_query,
@@ -218,20 +263,32 @@ def info_nce(
     else:
         # Paired negatives only: the logits are (B, 1 + M), no large matrix.
         lse = _reduce(row_scale * _small_lse(extra), reduction)
-    if symmetric and not in_batch:
+    if column_queries is not None:
         # The key-to-query direction on its own: each key against all queries.
         lse = lse + blockwise.log_sum_exp(
             positive_key,
-            scaled_query,
+            column_queries,
             None,
             blockwise.LogSumExpOptions(
                 reduction=reduction,
-                block_rows=chunk_size or blockwise.default_block_rows(len(query), len(query)),
+                block_rows=chunk_size
+                or blockwise.default_block_rows(len(query), len(column_queries)),
                 row_scale=0.5,
                 grads_in_forward=needs_grad and reduction != "none",
             ),
         )
     return lse - _reduce(positive_logit, reduction)
+
+
+class _Gatherer:
+    """Gathers tensors of this rank's row count from all ranks (rows differ between ranks)."""
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.sizes = distributed.gather_sizes(rows, device)
+        self.offset = sum(self.sizes[: distributed.rank()])
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        return distributed.all_gather(tensor, self.sizes)
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -269,29 +326,34 @@ def _small_lse(pieces: list[Tensor]) -> Tensor:
 def _positive_logits(
     scaled_query: Tensor,
     positive_key: Tensor,
-    labels: Tensor | None,
+    all_positive_keys: Tensor,
+    all_scaled_queries: Tensor,
+    all_labels: Tensor | None,
+    offset: int,
     symmetric: bool,
     row_scale: float,
 ) -> Tensor:
-    """Per sample: the (weighted) mean logit of its positives, both directions. (B,)
+    """Per local sample: the (weighted) mean logit of its positives, both directions. (B,)
 
-    With labels, query i's positives are the keys with its label: the mean of
-    their logits is ``q_i . mean(keys of its class)``, computed from per-class
-    sums in O((B + classes) * D), without a (B, B) mask.
+    Without labels a sample's positive is its own pair. With labels, query i's
+    positives are all keys with its label (on every rank): the mean of their
+    logits is ``q_i . mean(keys of its class)``, computed from per-class sums in
+    O((B + classes) * D), without a (B, B) mask. Local row i is row
+    ``offset + i`` of the ``all_*`` tensors.
     """
-    if labels is None:
-        return (row_scale + (0.5 if symmetric else 0.0)) * torch.sum(
-            scaled_query * positive_key, dim=1
-        )
-    _, label_index, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    sizes = counts[label_index].to(scaled_query.dtype)  # (B,) size of each sample's class
+    if all_labels is None:
+        scale = row_scale + (0.5 if symmetric else 0.0)
+        return scale * torch.sum(scaled_query * positive_key, dim=1)
+    _, label_index, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
+    local = slice(offset, offset + len(scaled_query))
+    sizes = counts[label_index[local]].to(scaled_query.dtype).unsqueeze(1)  # (B, 1)
 
-    def class_mean(values: Tensor) -> Tensor:  # (B, D): mean of the rows with each row's label
+    def class_mean(values: Tensor) -> Tensor:  # (B, D): mean of all rows with each local label
         sums = values.new_zeros(len(counts), values.shape[1]).index_add(0, label_index, values)
-        mean: Tensor = sums[label_index] / sizes.unsqueeze(1)
+        mean: Tensor = sums[label_index[local]] / sizes
         return mean
 
-    logit = row_scale * torch.sum(scaled_query * class_mean(positive_key), dim=1)
+    logit = row_scale * torch.sum(scaled_query * class_mean(all_positive_keys), dim=1)
     if symmetric:
-        logit = logit + 0.5 * torch.sum(positive_key * class_mean(scaled_query), dim=1)
+        logit = logit + 0.5 * torch.sum(positive_key * class_mean(all_scaled_queries), dim=1)
     return logit

@@ -46,6 +46,10 @@ class InfoNCE(nn.Module):
         chunk_size: keyword-only; ``None`` picks the faster exact
             implementation, a positive int forces the blockwise engine with
             that many queries per block.
+        gather_distributed: keyword-only; with a torch.distributed process
+            group, score each rank's queries against all ranks' candidates, with
+            gradients that reach the owning rank (see `info_nce.info_nce` for the
+            contract).
 
     Shape:
         - query: (B, D), B queries of D features.
@@ -90,6 +94,7 @@ class InfoNCE(nn.Module):
         learn_temperature: bool = False,
         max_logit_scale: float = 100.0,
         chunk_size: int | None = None,
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         initial_temperature = check_temperature(temperature)
@@ -105,6 +110,7 @@ class InfoNCE(nn.Module):
         self.learn_temperature = check_bool("learn_temperature", learn_temperature)
         self.max_logit_scale = check_positive_number("max_logit_scale", max_logit_scale)
         self.chunk_size = check_chunk_size(chunk_size)
+        self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         self.logit_scale: nn.Parameter | None = None
         self._temperature: float = initial_temperature
         if learn_temperature:
@@ -155,6 +161,7 @@ class InfoNCE(nn.Module):
             negative_mask=negative_mask,
             normalize=self.normalize,
             chunk_size=self.chunk_size,
+            gather_distributed=self.gather_distributed,
         )
 
     def extra_repr(self) -> str:

@@ -6,7 +6,9 @@ parent collects the results of one invocation and reports ratios from that
 single run:
 
 * ``reference``: info-nce-pytorch 0.1.4 loaded from its wheel when available
-  (``--reference-wheel``), else this package's dense path;
+  (``--reference-wheel``), else this package's dense path; for the symmetric
+  configuration a dense CLIP loss, for labels a dense supervised contrastive
+  loss with a (B, B) mask;
 * ``ours``: ``info_nce.info_nce`` with its defaults (automatic dispatch);
 * ``floor``: only the matrix products any exact implementation must do
   (logits, and the two gradient products), timed alone.
@@ -35,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from info_nce import info_nce
@@ -56,12 +59,17 @@ class Config:
     dim: int  # D
     repeats: int
     reference_fits: bool = True  # the dense loss fits in memory
+    symmetric: bool = False  # reference: a dense CLIP loss
+    classes: int = 0  # labels with this many classes; reference: dense SupCon with a (B, B) mask
 
     def describe(self) -> str:
         shape = f"B={self.batch}"
         if self.mode != "in-batch":
             shape += f", M={self.negatives}"
-        return f"{self.mode} {shape}, D={self.dim}"
+        kind = "symmetric" if self.symmetric else self.mode
+        if self.classes:
+            kind += f", labels ({self.classes} classes)"
+        return f"{kind} {shape}, D={self.dim}"
 
 
 CONFIGS = {
@@ -73,6 +81,8 @@ CONFIGS = {
         Config("C3", "unpaired", 1024, 65536, 128, repeats=5),
         Config("C4", "paired", 4096, 16, 768, repeats=7),
         Config("C5", "in-batch", 65536, 0, 128, repeats=3, reference_fits=False),
+        Config("C6", "in-batch", 8192, 0, 768, repeats=5, symmetric=True),
+        Config("C7", "in-batch", 8192, 0, 128, repeats=5, classes=10),
     )
 }
 
@@ -107,10 +117,28 @@ def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Calla
     query, positive = inputs[:2]
     negatives = inputs[2] if len(inputs) > 2 else None
     mode = _negative_mode(config)
+    labels = torch.arange(config.batch) % config.classes if config.classes else None
     if implementation == "ours":
 
         def loss() -> Tensor:
-            return info_nce(query, positive, negatives, negative_mode=mode)  # type: ignore[arg-type]
+            return info_nce(
+                query,
+                positive,
+                negatives,
+                negative_mode=mode,  # type: ignore[arg-type]
+                symmetric=config.symmetric,
+                labels=labels,
+            )
+
+    elif implementation == "reference" and config.symmetric:
+
+        def loss() -> Tensor:
+            return _dense_clip_loss(query, positive)
+
+    elif implementation == "reference" and labels is not None:
+
+        def loss() -> Tensor:
+            return _dense_supervised_contrastive_loss(query, positive, labels)
 
     elif implementation == "reference" and wheel is not None:
         reference = load_reference(wheel)
@@ -139,6 +167,23 @@ def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Calla
             x.grad = None
 
     return step
+
+
+def _dense_clip_loss(query: Tensor, positive: Tensor, temperature: float = 0.1) -> Tensor:
+    """CLIP's loss as usually written: one logits matrix, two cross-entropies."""
+    logits = normalize(query) @ normalize(positive).T / temperature  # (B, B)
+    targets = torch.arange(len(query))
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def _dense_supervised_contrastive_loss(
+    query: Tensor, positive: Tensor, labels: Tensor, temperature: float = 0.1
+) -> Tensor:
+    """Supervised contrastive loss (L_out) as usually written, with a (B, B) positives mask."""
+    logits = normalize(query) @ normalize(positive).T / temperature  # (B, B)
+    mask = (labels.unsqueeze(0) == labels.unsqueeze(1)).float()  # (B, B)
+    log_probs = logits.log_softmax(dim=1)
+    return (-(mask * log_probs).sum(dim=1) / mask.sum(dim=1)).mean()
 
 
 def _floor_step(config: Config, inputs: list[Tensor]) -> Callable[[], None]:
