@@ -25,6 +25,9 @@ from info_nce.dense import dense_info_nce
 # Up to this many logits (B * candidates) the dense loss is as fast as the
 # blockwise engine, and `chunk_size=None` picks it; see docs/benchmarks.md.
 DENSE_MAX_LOGITS = 3 << 16
+# Paired negatives without in-batch candidates: up to this many negative
+# elements (B * M * D) the dense loss's fewer Python-level ops win.
+DENSE_MAX_PAIRED_ELEMENTS = 1 << 16
 
 
 def info_nce(
@@ -169,10 +172,13 @@ def info_nce(
     )
     if gather_distributed and distributed.world_size() > 1:
         use_dense = False  # the engine takes queries and keys of different lengths
-    elif chunk_size is None and (in_batch or not paired):
-        use_dense = len(query) * matrix_candidates <= DENSE_MAX_LOGITS
-    else:
+    elif chunk_size is not None:
         use_dense = False
+    elif paired and not in_batch:
+        assert negative_keys is not None
+        use_dense = negative_keys.numel() <= DENSE_MAX_PAIRED_ELEMENTS
+    else:
+        use_dense = len(query) * matrix_candidates <= DENSE_MAX_LOGITS
 
     unit = _unit if normalize else _identity
     if use_dense:
