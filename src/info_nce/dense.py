@@ -83,10 +83,15 @@ def dense_info_nce(
             pieces.append(query @ negative_keys.T)  # (B, M)
         else:
             paired = (query.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)  # (B, M)
-            if negative_mask is not None:
-                paired = paired.masked_fill(~negative_mask, float("-inf"))
             pieces.append(paired)
     logits = _float32_at_least(torch.cat(pieces, dim=1)) / temperature  # (B, candidates)
+    if negative_mask is not None:
+        # After the division: -inf / t would give the temperature a NaN gradient.
+        other_columns = logits.shape[1] - negative_mask.shape[1]  # the paired negatives come last
+        padding = torch.cat(
+            [negative_mask.new_zeros(len(logits), other_columns), ~negative_mask], 1
+        )
+        logits = logits.masked_fill(padding, float("-inf"))
 
     batch = len(query)
     if labels is None:
