@@ -204,7 +204,9 @@ def info_nce(
     gather = gather_distributed and distributed.world_size() > 1
     gather_rows = _Gatherer(len(query), query.device) if gather else None
     offset = 0 if gather_rows is None else gather_rows.offset
-    all_positive_keys = positive_key if gather_rows is None else gather_rows(positive_key)
+    all_positive_keys = positive_key  # (B_all, D) where in-batch candidates or labels need them
+    if gather_rows is not None and (in_batch or labels is not None):
+        all_positive_keys = gather_rows(positive_key)
     all_labels = labels if labels is None or gather_rows is None else gather_rows(labels)
 
     row_scale = 0.5 if symmetric else 1.0

@@ -1,0 +1,577 @@
+"""Tests of `gather_distributed` (src/info_nce/distributed.py and its use in functional.py).
+
+The contract: W processes, each taking its slice of a global batch, with gradients
+averaged across ranks as DistributedDataParallel does, get the parameter gradients
+and (as the mean of the ranks' losses) the loss of one process on the concatenated
+batch; with ``reduction='sum'``/``'none'`` the sums/rows add up exactly for unequal
+local batch sizes. Every check runs real gloo process groups on 127.0.0.1: no mocks
+of the collectives.
+
+Starting processes costs seconds (each imports torch, and DDP imports more), so all
+cases run in ONE spawned run per world size, W = 2 and 3 side by side (a module-scoped
+fixture; each rank writes its results to a file); the tests then compare each case,
+in the parent, with one process (no process group) on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.multiprocessing.spawn import start_processes
+from torch.nn.parallel import DistributedDataParallel
+
+from info_nce import InfoNCE, info_nce
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-10  # float64, relative and absolute
+TEMPERATURE = 0.2
+IN_FEATURES, HIDDEN, EMBEDDING = 5, 7, 6
+PAIRED_NEGATIVES = 3  # negatives per query in paired mode
+CLASSES = 3  # labels are arange(B) % CLASSES: repeated, and spread over the ranks
+WORLD_SIZES = (2, 3)
+GLOO_TIMEOUT = timedelta(seconds=60)  # a collective that hangs fails instead
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_intra_op_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only cost time here, a lot of it on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration of the loss, run on W ranks and on one process."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)  # keywords of InfoNCE / info_nce
+    negatives: Literal["unpaired", "paired"] | None = None
+    labels: bool = False
+    mask: bool = False  # negative_mask (paired): some padding negatives, one row all padding
+    reduction: Literal["mean", "sum", "none"] = "mean"
+    unequal: bool = False  # local batch sizes 5, 3, 4 instead of 4 each
+    unequal_negatives: bool = False  # shares of unpaired negatives 2, 5, 1 instead of 3 each
+    learn_temperature: bool = True  # InfoNCE(learn_temperature=True); else info_nce, a float
+    ddp: bool = False  # DistributedDataParallel averages (slow to build); else all_reduce / W
+    upstream: float = 1.0  # backward of upstream * loss
+    backward_twice: bool = False  # backward(retain_graph=True) twice: the gradients double
+    frozen_query: bool = False  # the queries carry no gradient (a frozen query encoder)
+    no_grad: bool = False  # forward under torch.no_grad() (evaluation): the loss only
+
+
+CASES = [
+    Case("plain-ddp", ddp=True),
+    Case("plain-fixed-temperature", learn_temperature=False),
+    Case("symmetric", {"symmetric": True}),
+    Case("labels", labels=True),
+    Case("symmetric-labels-ddp", {"symmetric": True}, labels=True, ddp=True),
+    Case("unpaired", negatives="unpaired"),
+    Case("unpaired-unequal-shares", negatives="unpaired", unequal_negatives=True),
+    Case("unpaired-symmetric", {"symmetric": True}, negatives="unpaired"),
+    Case("unpaired-in-batch", {"in_batch_negatives": True}, negatives="unpaired"),
+    Case(
+        "unpaired-in-batch-symmetric-labels-ddp",
+        {"in_batch_negatives": True, "symmetric": True},
+        negatives="unpaired",
+        labels=True,
+        ddp=True,
+    ),
+    Case("paired", negatives="paired"),
+    Case("paired-mask", negatives="paired", mask=True),
+    Case("paired-in-batch", {"in_batch_negatives": True}, negatives="paired"),
+    Case("paired-in-batch-mask", {"in_batch_negatives": True}, negatives="paired", mask=True),
+    Case("paired-symmetric", {"symmetric": True}, negatives="paired"),
+    Case(
+        "paired-in-batch-symmetric-labels-mask-ddp",
+        {"in_batch_negatives": True, "symmetric": True},
+        negatives="paired",
+        labels=True,
+        mask=True,
+        ddp=True,
+    ),
+    Case("no-normalize", {"normalize": False}),
+    Case(
+        "no-normalize-unpaired-in-batch-symmetric",
+        {"normalize": False, "in_batch_negatives": True, "symmetric": True},
+        negatives="unpaired",
+    ),
+    Case("no-normalize-paired-mask", {"normalize": False}, negatives="paired", mask=True),
+    Case("blockwise", {"chunk_size": 2}),
+    Case("blockwise-fixed-temperature", {"chunk_size": 2}, learn_temperature=False),
+    Case(
+        "blockwise-symmetric-labels-unpaired-ddp",
+        {"chunk_size": 2, "symmetric": True},
+        negatives="unpaired",
+        labels=True,
+        ddp=True,
+    ),
+    Case(
+        "blockwise-paired-in-batch-mask",
+        {"chunk_size": 2, "in_batch_negatives": True},
+        negatives="paired",
+        mask=True,
+    ),
+    Case("blockwise-paired", {"chunk_size": 2}, negatives="paired"),
+    # The engine builds gradients in the forward pass: they must scale with the upstream one.
+    Case("upstream-gradient-symmetric", {"symmetric": True}, upstream=2.5),
+    Case(
+        "upstream-gradient-blockwise-unpaired",
+        {"chunk_size": 2},
+        negatives="unpaired",
+        upstream=-0.7,
+    ),
+    Case(
+        "backward-twice-unpaired-in-batch-symmetric",
+        {"in_batch_negatives": True, "symmetric": True},
+        negatives="unpaired",
+        backward_twice=True,
+    ),
+    Case("frozen-query-symmetric", {"symmetric": True}, frozen_query=True),
+    Case("no-grad-symmetric-labels", {"symmetric": True}, labels=True, no_grad=True),
+    # Unequal local batch sizes: the sums add up, and so do the summed gradients.
+    Case("sum-unequal", reduction="sum", unequal=True),
+    Case(
+        "sum-unequal-symmetric-labels-ddp",
+        {"symmetric": True},
+        labels=True,
+        reduction="sum",
+        unequal=True,
+        ddp=True,
+    ),
+    Case(
+        "sum-unequal-unpaired-in-batch-unequal-shares",
+        {"in_batch_negatives": True},
+        negatives="unpaired",
+        reduction="sum",
+        unequal=True,
+        unequal_negatives=True,
+    ),
+    Case("sum-unequal-paired-mask", negatives="paired", mask=True, reduction="sum", unequal=True),
+    Case(
+        "sum-unequal-blockwise-symmetric-unpaired",
+        {"chunk_size": 2, "symmetric": True},
+        negatives="unpaired",
+        reduction="sum",
+        unequal=True,
+        unequal_negatives=True,
+    ),
+    Case("sum-fixed-temperature", reduction="sum", learn_temperature=False),
+    # reduction='none': each rank's rows are the single process's rows.
+    Case("none", reduction="none"),
+    Case(
+        "none-unequal-symmetric-labels",
+        {"symmetric": True},
+        labels=True,
+        reduction="none",
+        unequal=True,
+    ),
+    Case(
+        "none-unequal-unpaired-unequal-shares",
+        negatives="unpaired",
+        reduction="none",
+        unequal=True,
+        unequal_negatives=True,
+    ),
+    Case(
+        "none-unequal-blockwise-paired-in-batch-mask-ddp",
+        {"chunk_size": 2, "in_batch_negatives": True},
+        negatives="paired",
+        mask=True,
+        reduction="none",
+        unequal=True,
+        ddp=True,
+    ),
+]
+CASE_IDS = [case.name for case in CASES]
+assert len(set(CASE_IDS)) == len(CASE_IDS), "case names must be unique"
+
+
+def local_sizes(case: Case, world: int) -> list[int]:
+    return [5, 3, 4][:world] if case.unequal else [4] * world
+
+
+def negative_shares(case: Case, world: int) -> list[int]:
+    return [2, 5, 1][:world] if case.unequal_negatives else [3] * world
+
+
+def rows_of(sizes: list[int], rank: int) -> slice:
+    return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+
+
+class TwoTower(nn.Module):
+    """A 2-layer query encoder, a linear key encoder and the loss (with its temperature)."""
+
+    def __init__(self, case: Case, gather: bool) -> None:
+        super().__init__()
+        self.query_net = nn.Sequential(
+            nn.Linear(IN_FEATURES, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, EMBEDDING)
+        )
+        self.key_net = nn.Linear(IN_FEATURES, EMBEDDING)
+        self.frozen_query = case.frozen_query
+        negative_mode: Literal["unpaired", "paired"] = (
+            "paired" if case.negatives == "paired" else "unpaired"
+        )
+        self.criterion: InfoNCE | None = None
+        self.functional_options: dict[str, Any] = {}
+        if case.learn_temperature:
+            self.criterion = InfoNCE(
+                TEMPERATURE,
+                case.reduction,
+                negative_mode,
+                learn_temperature=True,
+                gather_distributed=gather,
+                **case.options,
+            )
+        else:
+            self.functional_options = dict(
+                temperature=TEMPERATURE,
+                reduction=case.reduction,
+                negative_mode=negative_mode,
+                gather_distributed=gather,
+                **case.options,
+            )
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        negatives: Tensor | None,
+        labels: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        query, positive_key = self.query_net(x), self.key_net(y)  # (B, EMBEDDING)
+        if self.frozen_query:
+            query = query.detach()
+        negative_keys = None if negatives is None else self.key_net(negatives)
+        if self.criterion is not None:
+            loss: Tensor = self.criterion(
+                query, positive_key, negative_keys, labels=labels, negative_mask=mask
+            )
+            return loss
+        return info_nce(
+            query,
+            positive_key,
+            negative_keys,
+            labels=labels,
+            negative_mask=mask,
+            **self.functional_options,
+        )
+
+
+def inputs_for(case: Case, world: int, rank: int | None) -> dict[str, Tensor | None]:
+    """Rank ``rank``'s share of the global batch of W ranks; all of it when rank is None."""
+    sizes, shares = local_sizes(case, world), negative_shares(case, world)
+    batch = sum(sizes)
+    generator = torch.Generator().manual_seed(1234)
+    x = torch.randn(batch, IN_FEATURES, dtype=torch.float64, generator=generator)
+    y = x + 0.5 * torch.randn(batch, IN_FEATURES, dtype=torch.float64, generator=generator)
+    unpaired = torch.randn(sum(shares), IN_FEATURES, dtype=torch.float64, generator=generator)
+    paired = torch.randn(
+        batch, PAIRED_NEGATIVES, IN_FEATURES, dtype=torch.float64, generator=generator
+    )
+    mask = torch.rand(batch, PAIRED_NEGATIVES, generator=generator) > 0.4
+    mask[1] = False  # a query with no valid negative
+    mask[-1] = True
+    weights = torch.randn(batch, dtype=torch.float64, generator=generator)
+    rows = slice(None) if rank is None else rows_of(sizes, rank)
+    negative_rows = slice(None) if rank is None else rows_of(shares, rank)
+    negatives = None
+    if case.negatives == "unpaired":
+        negatives = unpaired[negative_rows]
+    elif case.negatives == "paired":
+        negatives = paired[rows]
+    return {
+        "x": x[rows],
+        "y": y[rows],
+        "negatives": negatives,
+        "labels": (torch.arange(batch) % CLASSES)[rows] if case.labels else None,
+        "mask": mask[rows] if case.mask else None,
+        "weights": weights[rows],  # the upstream gradient of reduction='none'
+    }
+
+
+def run_case(case: Case, world: int, rank: int | None, gather: bool) -> dict[str, Any]:
+    """Loss and parameter gradients of one case on this process's share of the batch.
+
+    In a process group of W > 1 ranks the gradients come back reduced across ranks:
+    averaged for ``'mean'`` (by DDP, or all_reduce / W), summed for ``'sum'`` and
+    ``'none'``, i.e. what must equal one process's gradient on the whole batch.
+    """
+    inputs = inputs_for(case, world, rank)
+    weights = inputs.pop("weights")
+    assert weights is not None
+    with torch.random.fork_rng(devices=[]):  # leaves the global generator as it was
+        torch.manual_seed(0)  # the same initial parameters everywhere
+        model = TwoTower(case, gather).double()
+    in_group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    # DDP only where it averages something: its first construction costs seconds of imports.
+    network: nn.Module = DistributedDataParallel(model) if case.ddp and in_group else model
+    if case.no_grad:
+        with torch.no_grad():
+            return {"loss": network(**inputs), "grads": {}}
+    loss = network(**inputs)
+    objective = (weights * loss).sum() if case.reduction == "none" else loss
+    for _ in range(2 if case.backward_twice else 1):
+        (case.upstream * objective).backward(retain_graph=case.backward_twice)
+    grads = {
+        name: param.grad.detach().clone()
+        for name, param in model.named_parameters()
+        if param.grad is not None
+    }
+    if in_group and grads:
+        world_size = dist.get_world_size()
+        if case.ddp:  # DDP averaged; the contract for 'sum'/'none' is the sum
+            scale = 1.0 if case.reduction == "mean" else float(world_size)
+        else:  # the sum over ranks, in one all_reduce; averaged as DDP does for 'mean'
+            flat = torch.cat([grad.flatten() for grad in grads.values()])
+            dist.all_reduce(flat)
+            start = 0
+            for grad in grads.values():
+                grad.copy_(flat[start : start + grad.numel()].view_as(grad))
+                start += grad.numel()
+            scale = 1.0 / world_size if case.reduction == "mean" else 1.0
+        for grad in grads.values():
+            grad *= scale
+    return {"loss": loss.detach().clone(), "grads": grads}
+
+
+def run_all(world: int, rank: int | None, gather: bool) -> dict[str, dict[str, Any]]:
+    """Every case; a case that raises records its traceback instead of stopping the run."""
+    results: dict[str, dict[str, Any]] = {}
+    for case in CASES:
+        try:
+            results[case.name] = run_case(case, world, rank, gather)
+        except Exception:
+            results[case.name] = {"error": traceback.format_exc()}
+    return results
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=GLOO_TIMEOUT,
+    )
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of a spawned run: every case with gather_distributed=True, saved to a file."""
+    torch.set_num_threads(1)
+    os.makedirs(out_dir, exist_ok=True)
+    init_gloo(rank, world, port)
+    try:
+        results = run_all(world, rank, gather=True)
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports that are free on 127.0.0.1 now (held together, so they differ)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
+    """One spawned run per world size over all cases, both at once: each rank's results."""
+    out_dir = tmp_path_factory.mktemp("ranks")
+    runs = {
+        world: start_processes(  # type: ignore[no-untyped-call]
+            _worker,
+            args=(world, port, str(out_dir / f"world{world}")),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        for world, port in zip(WORLD_SIZES, free_ports(len(WORLD_SIZES)), strict=True)
+    }
+    try:
+        for run in runs.values():
+            while not run.join():  # raises, with the rank's traceback, if a rank failed
+                pass
+    finally:
+        for run in runs.values():
+            for process in run.processes:
+                if process.is_alive():
+                    process.terminate()
+    return {
+        world: [torch.load(out_dir / f"world{world}" / f"rank{rank}.pt") for rank in range(world)]
+        for world in WORLD_SIZES
+    }
+
+
+def assert_close(actual: Tensor, expected: Tensor, what: str) -> None:
+    """Elementwise |actual - expected| <= TOLERANCE * (1 + |expected|); names the worst element."""
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    )
+    error = (actual - expected).abs()
+    excess = torch.nan_to_num(error - TOLERANCE * (1 + expected.abs()), nan=float("inf"))
+    if bool((excess > 0).any()):
+        worst = int(excess.argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), actual.shape))
+        note = ""
+        if not bool(torch.isfinite(expected).all()):
+            note = "; the expected value (one process, no process group) is itself not finite"
+        raise AssertionError(
+            f"{what}: worst element {index}: got {actual.flatten()[worst].item()!r}, "
+            f"expected {expected.flatten()[worst].item()!r} "
+            f"(|difference| {error.flatten()[worst].item():.3g}, tolerance {TOLERANCE:g} relative"
+            f" and absolute; max |difference| {error.max().item():.3g}{note})"
+        )
+
+
+def identical(actual: Tensor, expected: Tensor) -> bool:
+    """The same shape and values, NaN where the other has NaN."""
+    return actual.shape == expected.shape and bool(
+        ((actual == expected) | (actual.isnan() & expected.isnan())).all()
+    )
+
+
+def assert_equal(actual: dict[str, Any], expected: dict[str, Any], what: str) -> None:
+    """The same loss and gradients, bit for bit."""
+    assert identical(actual["loss"], expected["loss"]), (
+        f"{what}: loss {actual['loss']} != {expected['loss']}"
+    )
+    assert actual["grads"].keys() == expected["grads"].keys()
+    for name, grad in expected["grads"].items():
+        assert identical(actual["grads"][name], grad), (
+            f"{what}: gradient of {name}: {actual['grads'][name]} != {grad}"
+        )
+
+
+def no_error(result: dict[str, Any], what: str) -> dict[str, Any]:
+    if "error" in result:
+        pytest.fail(f"{what} raised:\n{result['error']}")
+    return result
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda world: f"W{world}")
+def test_ranks_match_one_process(
+    spawned: dict[int, list[dict[str, Any]]], world: int, case: Case
+) -> None:
+    per_rank = spawned[world]
+    results = [
+        no_error(ranks[case.name], f"W={world} rank {r}") for r, ranks in enumerate(per_rank)
+    ]
+    reference = run_case(case, world, rank=None, gather=False)
+    what = f"W={world}, case {case.name!r}"
+
+    losses = [result["loss"] for result in results]
+    if case.reduction == "none":
+        sizes = local_sizes(case, world)
+        for rank, loss in enumerate(losses):
+            rows = reference["loss"][rows_of(sizes, rank)]
+            assert_close(loss, rows, f"{what}: rank {rank}'s rows of reduction='none'")
+    elif case.reduction == "sum":
+        assert_close(torch.stack(losses).sum(), reference["loss"], f"{what}: sum of ranks' losses")
+    else:
+        assert_close(
+            torch.stack(losses).mean(), reference["loss"], f"{what}: mean of ranks' losses"
+        )
+
+    averaged = "summed" if case.reduction != "mean" else "averaged"
+    for rank, result in enumerate(results):
+        assert result["grads"].keys() == reference["grads"].keys()
+        for name, grad in reference["grads"].items():
+            assert_close(
+                result["grads"][name],
+                grad,
+                f"{what}: rank {rank}'s {averaged} gradient of {name}",
+            )
+
+
+@pytest.fixture(scope="module")
+def one_rank_group() -> dict[bool, dict[str, dict[str, Any]]]:
+    """All cases in a gloo process group of one rank (this process), gather on and off."""
+    assert not dist.is_initialized()
+    init_gloo(0, 1, free_ports(1)[0])
+    try:
+        return {gather: run_all(1, 0, gather) for gather in (True, False)}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_one_rank_group_is_unchanged(
+    one_rank_group: dict[bool, dict[str, dict[str, Any]]], case: Case
+) -> None:
+    what = f"W=1 process group, case {case.name!r}"
+    assert_equal(
+        no_error(one_rank_group[True][case.name], what + ", gather_distributed=True"),
+        no_error(one_rank_group[False][case.name], what + ", gather_distributed=False"),
+        what,
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_no_process_group_is_unchanged(case: Case) -> None:
+    assert not dist.is_initialized()
+    assert_equal(
+        run_case(case, 1, None, gather=True),
+        run_case(case, 1, None, gather=False),
+        f"no process group, case {case.name!r}",
+    )
+
+
+def test_import_and_rank_without_process_group_in_fresh_process() -> None:
+    code = (
+        "import torch.distributed as dist\n"
+        "import info_nce\n"
+        "from info_nce import distributed\n"
+        "assert not dist.is_initialized()\n"
+        "print(distributed.world_size(), distributed.rank(), distributed.is_distributed())\n"
+        # A torch built without distributed support: is_available() is False.
+        "dist.is_available = lambda: False\n"
+        "print(distributed.world_size(), distributed.rank(), distributed.is_distributed())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["1 0 False", "1 0 False"], result.stdout
+
+
+def test_torchrun_example_runs() -> None:
+    """The README's command, with fewer steps."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "examples/torchrun_example.py",
+        "--steps",
+        "3",
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step")]
+    assert len(steps) == 3, result.stdout
