@@ -45,7 +45,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from info_nce._validation import Reduction
 
@@ -215,6 +215,22 @@ def _row_weight(grad_output: Tensor, reduction: Reduction, num_rows: int) -> Ten
     return scale.expand(num_rows)
 
 
+def refuse_double_backward(function: str) -> None:
+    """Raise if a backward is being differentiated (``create_graph=True``).
+
+    The engine's backward passes are not built from differentiable ops, and
+    ``once_differentiable`` only raises when the incoming gradient itself needs
+    a gradient, which is not the case for a loss's first derivative: without
+    this check a second derivative would silently be wrong.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{function}: the blockwise engine does not support differentiating the loss "
+            "twice (create_graph=True / double backward); the dense path does, and is "
+            "taken for small problems with chunk_size=None"
+        )
+
+
 class LogSumExp(torch.autograd.Function):
     """Autograd Function: reduced row (and column) log-sum-exp; see `block_pass`."""
 
@@ -248,8 +264,8 @@ class LogSumExp(torch.autograd.Function):
         return _reduce(output, options.reduction)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_double_backward("LogSumExp")
         options: LogSumExpOptions = ctx.options
         if options.grads_in_forward:
             grads = ctx.saved_tensors  # query, keys, extra (None where not needed)
@@ -323,8 +339,8 @@ class PairedLogits(torch.autograd.Function):
         return logits
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_logits: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_double_backward("PairedLogits")
         options: PairedOptions = ctx.options
         query, negatives, logits, norms = ctx.saved_tensors
         grad_dots = grad_logits  # (B, M) gradient of the raw dot products

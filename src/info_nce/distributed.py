@@ -11,7 +11,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 
 def is_distributed() -> bool:
@@ -62,8 +62,12 @@ class AllGather(torch.autograd.Function):
         return _all_gather_padded(tensor, sizes)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "AllGather: gather_distributed does not support differentiating the loss "
+                "twice (create_graph=True / double backward)"
+            )
         sizes: list[int] = ctx.sizes
         grad = grad_output.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)

@@ -1,0 +1,62 @@
+"""Shared fixtures: info-nce-pytorch 0.1.4 loaded under another name, one thread."""
+
+from __future__ import annotations
+
+import os
+import types
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SEED_WHEEL_ENV = "INFO_NCE_SEED_WHEEL"
+DEFAULT_SEED_WHEEL = REPO_ROOT / ".venv" / "reference" / "info_nce_pytorch-0.1.4-py3-none-any.whl"
+SEED_MODULE_NAME = "info_nce_pytorch_0_1_4"
+
+
+def seed_wheel_path() -> Path:
+    """The info-nce-pytorch 0.1.4 wheel: $INFO_NCE_SEED_WHEEL, else .venv/reference/."""
+    override = os.environ.get(SEED_WHEEL_ENV)
+    return Path(override) if override else DEFAULT_SEED_WHEEL
+
+
+def load_seed_module(wheel: Path) -> types.ModuleType:
+    """info-nce-pytorch's ``info_nce/__init__.py``, executed as module `SEED_MODULE_NAME`.
+
+    Its import name is also ``info_nce``: installing it would replace ours, so
+    its single source file is read out of the wheel and run in a fresh module.
+    """
+    with zipfile.ZipFile(wheel) as archive:
+        source = archive.read("info_nce/__init__.py").decode("utf-8")
+    module = types.ModuleType(SEED_MODULE_NAME)
+    module.__file__ = f"{wheel}/info_nce/__init__.py"
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture(scope="session")
+def info_nce_pytorch() -> types.ModuleType:
+    """info-nce-pytorch 0.1.4 (its ``info_nce`` and ``InfoNCE``); never downloaded here."""
+    wheel = seed_wheel_path()
+    if not wheel.is_file():
+        pytest.fail(
+            f"info-nce-pytorch 0.1.4 wheel not found at {wheel}. Run `make test`, which "
+            "downloads it (pip download --no-deps info-nce-pytorch==0.1.4 -d .venv/reference), "
+            f"or point ${SEED_WHEEL_ENV} at the wheel.",
+            pytrace=False,
+        )
+    module = load_seed_module(wheel)
+    assert callable(module.info_nce), f"{wheel} has no info_nce function"
+    return module
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: thread hand-offs only cost time, a lot of it on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

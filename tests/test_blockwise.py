@@ -1,0 +1,540 @@
+"""The exact blockwise engine (issue 3) against the float64 formula.
+
+`chunk_size` forces the engine (a spy on the dense loss proves it did not run);
+loss and the gradient of every input are compared with `reference.py` across
+modes, reductions, odd sizes, block sizes, duplicates, zero vectors and extreme
+temperatures. The custom autograd Functions are gradchecked on their own, and
+the automatic dispatch is checked by what it calls, never by timing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+from reference import (
+    HALF_TOLERANCES,
+    INPUT_NAMES,
+    MODES,
+    REDUCTIONS,
+    TOLERANCES,
+    Mode,
+    assert_close,
+    assert_matches,
+    make_inputs,
+    negative_mode_of,
+    reference_loss_and_grads,
+    upstream_gradient,
+)
+from torch import Tensor
+
+import info_nce.functional as functional
+from info_nce import blockwise, info_nce
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FLOAT_DTYPES = (torch.float64, torch.float32)
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dense_must_not_run(*args: Any, **kwargs: Any) -> Tensor:
+    raise AssertionError("chunk_size was given, yet the dense loss ran")
+
+
+def engine_info_nce(*inputs: Tensor, **options: Any) -> Tensor:
+    """`info_nce` with a forced `chunk_size`, failing if the dense loss runs instead."""
+    assert options.get("chunk_size") is not None
+    with mock.patch.object(functional, "dense_info_nce", _dense_must_not_run):
+        return info_nce(*inputs, **options)
+
+
+def check_engine(
+    inputs: list[Tensor],
+    mode: Mode,
+    reduction: str,
+    *,
+    chunk_size: int,
+    temperature: float = 0.1,
+) -> Tensor:
+    """Engine loss and gradients (random upstream gradient) against the reference."""
+    negative_mode = negative_mode_of(mode)
+    upstream = upstream_gradient(torch.Size([len(inputs[0])] if reduction == "none" else []))
+    loss = engine_info_nce(
+        *inputs,
+        temperature=temperature,
+        reduction=reduction,
+        negative_mode=negative_mode,
+        chunk_size=chunk_size,
+    )
+    assert loss.dtype == inputs[0].dtype
+    assert loss.shape == ((len(inputs[0]),) if reduction == "none" else ())
+    expected = reference_loss_and_grads(
+        inputs, upstream, temperature=temperature, reduction=reduction, negative_mode=negative_mode
+    )
+    wanted = [x for x in inputs if x.requires_grad]
+    grads = iter(torch.autograd.grad(loss, wanted, grad_outputs=upstream.to(loss.dtype)))
+    actual_grads = [next(grads) if x.requires_grad else None for x in inputs]
+    assert_matches(loss, actual_grads, expected, TOLERANCES[inputs[0].dtype])
+    return loss
+
+
+# --- Against the float64 formula ----------------------------------------------
+
+
+def chunk_sizes(batch: int) -> list[int]:
+    """1, 7, B - 1, B and B + 5 queries per block (those that are positive)."""
+    return sorted({1, 7, batch - 1, batch, batch + 5} - {0})
+
+
+ENGINE_SHAPES = [(1, 1, 1), (1, 123, 1), (37, 1, 1), (37, 123, 1), (37, 123, 5)]
+ENGINE_CASES = [
+    pytest.param(
+        mode,
+        batch,
+        dim,
+        num_negatives,
+        chunk,
+        id=f"{mode}-B{batch}-D{dim}-M{num_negatives}-c{chunk}",
+    )
+    for mode in MODES
+    for batch, dim, num_negatives in ENGINE_SHAPES
+    if mode != "in-batch" or num_negatives == 1
+    # Paired negatives have no large matrix: chunk_size only selects the engine.
+    for chunk in (chunk_sizes(batch) if mode != "paired" else [1])
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(("mode", "batch", "dim", "num_negatives", "chunk_size"), ENGINE_CASES)
+def test_engine_matches_float64_reference(
+    mode: Mode,
+    batch: int,
+    dim: int,
+    num_negatives: int,
+    chunk_size: int,
+    reduction: str,
+    dtype: torch.dtype,
+) -> None:
+    inputs = make_inputs(mode, batch, dim, num_negatives, dtype=dtype, seed=batch + dim)
+    check_engine(inputs, mode, reduction, chunk_size=chunk_size, temperature=0.07)
+
+
+def with_duplicates(inputs: list[Tensor]) -> list[Tensor]:
+    """Leaf copies of `inputs` in which rows repeat exactly."""
+    query, positive_key, *negatives = (x.detach().clone() for x in inputs)
+    query[1], positive_key[1] = query[0], positive_key[0]  # a repeated (query, key) pair
+    positive_key[3] = positive_key[2]  # in-batch: two equal candidates
+    query[5] = query[4]
+    if negatives and negatives[0].dim() == 2:
+        negatives[0][1] = negatives[0][0]
+        negatives[0][2] = positive_key[6]  # a negative equal to a positive
+    elif negatives:
+        negatives[0][:, 1] = negatives[0][:, 0]
+        negatives[0][7, 2] = positive_key[7]  # a negative equal to its own positive
+    return [x.requires_grad_(True) for x in (query, positive_key, *negatives)]
+
+
+def with_zero_vectors(inputs: list[Tensor]) -> list[Tensor]:
+    """Leaf copies of `inputs` with all-zero query, positive key and negative key rows."""
+    query, positive_key, *negatives = (x.detach().clone() for x in inputs)
+    query[0] = 0
+    positive_key[1] = 0
+    query[2] = positive_key[2] = 0
+    if negatives:
+        negatives[0][1] = 0  # paired: all of query 1's negatives
+    return [x.requires_grad_(True) for x in (query, positive_key, *negatives)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("chunk_size", [1, 4])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("special", [with_duplicates, with_zero_vectors], ids=lambda f: f.__name__)
+def test_engine_on_duplicate_rows_and_zero_vectors(
+    special: Callable[[list[Tensor]], list[Tensor]],
+    mode: Mode,
+    reduction: str,
+    chunk_size: int,
+    dtype: torch.dtype,
+) -> None:
+    inputs = special(make_inputs(mode, 9, 6, 4, dtype=dtype, seed=9))
+    loss = check_engine(inputs, mode, reduction, chunk_size=chunk_size)
+    assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("temperature", [0.01, 10.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_at_extreme_temperatures(
+    mode: Mode, reduction: str, temperature: float, dtype: torch.dtype
+) -> None:
+    inputs = make_inputs(mode, 37, 16, 5, dtype=dtype, seed=37)
+    check_engine(inputs, mode, reduction, chunk_size=7, temperature=temperature)
+
+
+@pytest.mark.parametrize("frozen", ["keys", "all-but-query"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_with_inputs_that_need_no_gradient(mode: Mode, reduction: str, frozen: str) -> None:
+    # Frozen keys (e.g. a queue of negatives) skip the keys' gradient product.
+    inputs = make_inputs(mode, 11, 5, 4, seed=4)
+    inputs[-1].requires_grad_(False)  # the negatives, or in-batch the positive keys
+    if frozen == "all-but-query":
+        for x in inputs[1:]:
+            x.requires_grad_(False)
+    check_engine(inputs, mode, reduction, chunk_size=3)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3], ids=["auto", "chunk3"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", ["unpaired", "paired"])
+def test_no_negatives_at_all_gives_zero_loss(
+    info_nce_pytorch: Any, mode: Mode, reduction: str, chunk_size: int | None
+) -> None:
+    # M = 0: the positive is a query's only candidate; its loss is log(1) = 0.
+    query, positive_key = make_inputs("in-batch", 6, 4, seed=2)
+    negatives = torch.zeros((0, 4) if mode == "unpaired" else (6, 0, 4), dtype=torch.float64)
+    inputs = [query, positive_key, negatives.requires_grad_(True)]
+    options = {"temperature": 0.1, "reduction": reduction, "negative_mode": mode}
+    upstream = upstream_gradient(torch.Size([6] if reduction == "none" else []))
+    loss = info_nce(*inputs, **options, chunk_size=chunk_size)
+    grads = torch.autograd.grad(loss, inputs, grad_outputs=upstream)
+    expected = reference_loss_and_grads(inputs, upstream, **options)
+    assert torch.equal(expected.loss, torch.zeros_like(expected.loss))
+    assert_matches(loss, grads, expected, TOLERANCES[torch.float64])
+    seed_loss = info_nce_pytorch.info_nce(*inputs, **options)
+    assert_close(loss, seed_loss, rtol=0, atol=1e-15, name="loss against info-nce-pytorch")
+
+
+# --- The autograd Functions on their own ----------------------------------------
+
+
+def explicit_log_sum_exp(
+    query: Tensor, keys: Tensor, extra: Tensor | None, options: blockwise.LogSumExpOptions
+) -> Tensor:
+    """What `LogSumExp` computes, with the logits matrix written out."""
+    key_logits = query @ keys.T  # (B, N)
+    logits = key_logits if extra is None else torch.cat([extra, key_logits], dim=1)
+    value = options.row_scale * logits.logsumexp(dim=1)  # (B,)
+    if options.column_keys:
+        value = value + options.column_scale * key_logits[:, : options.column_keys].logsumexp(0)
+    if options.reduction == "mean":
+        return value.mean()
+    if options.reduction == "sum":
+        return value.sum()
+    return value
+
+
+def log_sum_exp_options(reduction: str, columns: bool, grads_in_forward: bool, batch: int) -> Any:
+    if columns:  # the symmetric loss: half the rows' and half the columns' log-sum-exp
+        return blockwise.LogSumExpOptions(
+            reduction=reduction,  # type: ignore[arg-type]
+            block_rows=2,
+            column_keys=batch,
+            row_scale=0.5,
+            column_scale=0.5,
+        )
+    return blockwise.LogSumExpOptions(
+        reduction=reduction,  # type: ignore[arg-type]
+        block_rows=2,
+        grads_in_forward=grads_in_forward,
+    )
+
+
+def log_sum_exp_case_id(width: int, reduction: str, columns: bool, in_forward: bool) -> str:
+    direction = "columns" if columns else "rows"
+    return f"extra{width}-{reduction}-{direction}-{'forward' if in_forward else 'backward'}"
+
+
+LOG_SUM_EXP_CASES = [
+    pytest.param(*case, id=log_sum_exp_case_id(*case))
+    for case in itertools.product((0, 1, 3), REDUCTIONS, (False, True), (False, True))
+    # Gradients in forward: scalar reductions, one direction only.
+    if not (case[3] and (case[1] == "none" or case[2]))
+]
+
+
+@pytest.mark.parametrize(("width", "reduction", "columns", "grads_in_forward"), LOG_SUM_EXP_CASES)
+def test_log_sum_exp_function_value_and_gradcheck(
+    width: int, reduction: str, columns: bool, grads_in_forward: bool
+) -> None:
+    batch, num_keys, dim = 5, 6, 3
+    generator = torch.Generator().manual_seed(width)
+    query = torch.randn(batch, dim, generator=generator, dtype=torch.float64).requires_grad_()
+    keys = torch.randn(num_keys, dim, generator=generator, dtype=torch.float64).requires_grad_()
+    extra = (
+        torch.randn(batch, width, generator=generator, dtype=torch.float64).requires_grad_()
+        if width
+        else None
+    )
+    options = log_sum_exp_options(reduction, columns, grads_in_forward, batch)
+    inputs = (query, keys) if extra is None else (query, keys, extra)
+
+    def function(query: Tensor, keys: Tensor, extra: Tensor | None = None) -> Tensor:
+        return blockwise.LogSumExp.apply(query, keys, extra, options)  # type: ignore[no-any-return]
+
+    assert_close(
+        function(*inputs),
+        explicit_log_sum_exp(query, keys, extra, options),
+        rtol=1e-12,
+        atol=1e-12,
+        name="LogSumExp",
+    )
+    assert torch.autograd.gradcheck(function, inputs)
+
+
+@pytest.mark.parametrize(
+    ("columns", "grads_in_forward", "reduction"),
+    [(False, False, "none"), (False, True, "mean"), (False, True, "sum"), (True, False, "mean")],
+)
+def test_log_sum_exp_function_with_the_same_tensor_as_queries_and_keys(
+    columns: bool, grads_in_forward: bool, reduction: str
+) -> None:
+    # In-batch and symmetric losses pass one tensor in two roles: gradients add up.
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x.requires_grad_()
+    options = log_sum_exp_options(reduction, columns, grads_in_forward, len(x))
+
+    def function(x: Tensor) -> Tensor:
+        return blockwise.LogSumExp.apply(x, x, None, options)  # type: ignore[no-any-return]
+
+    assert_close(
+        function(x), explicit_log_sum_exp(x, x, None, options), rtol=1e-12, atol=1e-12, name="lse"
+    )
+    assert torch.autograd.gradcheck(function, (x,))
+
+
+@pytest.mark.parametrize("normalize_negatives", [False, True])
+def test_paired_logits_function_value_and_gradcheck(normalize_negatives: bool) -> None:
+    generator = torch.Generator().manual_seed(2)
+    query = torch.randn(4, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    negatives = torch.randn(4, 5, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    options = blockwise.PairedOptions(normalize_negatives=normalize_negatives, eps=1e-12)
+
+    def function(query: Tensor, negatives: Tensor) -> Tensor:
+        return blockwise.PairedLogits.apply(query, negatives, options)  # type: ignore[no-any-return]
+
+    unit = negatives / negatives.norm(dim=-1, keepdim=True) if normalize_negatives else negatives
+    expected = torch.einsum("bd,bmd->bm", query, unit)  # (B, M)
+    assert_close(function(query, negatives), expected, rtol=1e-12, atol=1e-12, name="logits")
+    assert torch.autograd.gradcheck(function, (query, negatives))
+
+
+def test_block_pass_statistics_match_logsumexp() -> None:
+    # The pure function behind LogSumExp: row and column statistics of one pass.
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(7, 4, generator=generator, dtype=torch.float64) * 5
+    keys = torch.randn(9, 4, generator=generator, dtype=torch.float64)
+    extra = torch.randn(7, 2, generator=generator, dtype=torch.float64) * 5
+    result = blockwise.block_pass(query, keys, extra, block_rows=3, column_keys=7)
+    logits = torch.cat([extra, query @ keys.T], dim=1)  # (7, 11)
+    assert_close(result.row_lse, logits.logsumexp(1), rtol=1e-13, atol=1e-13, name="row_lse")
+    assert result.column_lse is not None
+    expected_columns = (query @ keys[:7].T).logsumexp(0)
+    assert_close(result.column_lse, expected_columns, rtol=1e-13, atol=1e-13, name="column_lse")
+
+
+@pytest.mark.parametrize(
+    ("num_queries", "num_candidates"), [(1, 1), (5, 0), (300, 10), (4096, 4097), (10**6, 10**6)]
+)
+def test_default_block_rows_is_a_valid_block(num_queries: int, num_candidates: int) -> None:
+    rows = blockwise.default_block_rows(num_queries, num_candidates)
+    assert 1 <= rows <= num_queries
+    assert rows * max(1, num_candidates) <= max(blockwise.MAX_BLOCK_ELEMENTS, num_candidates)
+
+
+# --- Repeated and higher-order backward ---------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_twice_with_retain_graph_gives_the_same_gradients(
+    mode: Mode, reduction: str
+) -> None:
+    inputs = make_inputs(mode, 9, 5, 4, seed=7)
+    loss = engine_info_nce(
+        *inputs, reduction=reduction, negative_mode=negative_mode_of(mode), chunk_size=4
+    )
+    upstream = upstream_gradient(loss.shape)
+    first = torch.autograd.grad(loss, inputs, grad_outputs=upstream, retain_graph=True)
+    second = torch.autograd.grad(loss, inputs, grad_outputs=upstream, retain_graph=True)
+    for name, a, b in zip(INPUT_NAMES, first, second, strict=False):
+        assert torch.equal(a, b), f"gradient of {name} changed on the second backward"
+    # And through .backward(): accumulated gradients are exactly twice one backward.
+    loss.backward(upstream, retain_graph=True)
+    loss.backward(upstream)
+    for name, x, g in zip(INPUT_NAMES, inputs, first, strict=False):
+        assert x.grad is not None
+        assert_close(x.grad, 2 * g, rtol=1e-15, atol=0, name=f"accumulated gradient of {name}")
+
+
+def hessian_vector_products(loss_fn: Callable[..., Tensor], inputs: list[Tensor]) -> list[Tensor]:
+    """Gradient of |gradient|^2 (a weighted upstream for 'none'), by double backward."""
+    loss = loss_fn(*inputs)
+    weighted = (loss * upstream_gradient(loss.shape)).sum()
+    grads = torch.autograd.grad(weighted, inputs, create_graph=True)
+    return list(torch.autograd.grad(sum(g.square().sum() for g in grads), inputs))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_double_backward_is_right_or_raises_a_clear_error(mode: Mode, reduction: str) -> None:
+    # Issue 3: "a second backward must either work or raise a clear error".
+    # The dense loss (chunk_size=None at this size) is plain autograd: the truth.
+    inputs = make_inputs(mode, 6, 4, 3, seed=8)
+    options = {"reduction": reduction, "negative_mode": negative_mode_of(mode)}
+    expected = hessian_vector_products(lambda *x: info_nce(*x, **options), inputs)
+    try:
+        actual = hessian_vector_products(
+            lambda *x: engine_info_nce(*x, **options, chunk_size=2), inputs
+        )
+    except RuntimeError as error:
+        message = str(error)
+        assert any(word in message for word in ("once_differentiable", "double", "create_graph"))
+        return
+    for name, got, want in zip(INPUT_NAMES, actual, expected, strict=False):
+        assert_close(got, want, rtol=1e-8, atol=1e-10, name=f"second-order gradient of {name}")
+
+
+# --- Dispatch: what chunk_size=None picks -----------------------------------------
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of calls to the dense loss and to each autograd Function of the engine."""
+    counts = {"dense": 0, "LogSumExp": 0, "PairedLogits": 0}
+    dense = functional.dense_info_nce
+
+    def dense_spy(*args: Any, **kwargs: Any) -> Tensor:
+        counts["dense"] += 1
+        return dense(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "dense_info_nce", dense_spy)
+    for function in (blockwise.LogSumExp, blockwise.PairedLogits):
+        original = function.apply
+
+        def apply_spy(*args: Any, _original: Any = original, _name: str = function.__name__) -> Any:
+            counts[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(function, "apply", apply_spy)
+    return counts
+
+
+LARGE_PROBLEMS = [
+    pytest.param("in-batch", 512, 8, 0, "LogSumExp", id="in-batch-B512"),
+    pytest.param("unpaired", 256, 8, 1024, "LogSumExp", id="unpaired-B256-M1024"),
+    pytest.param("paired", 64, 64, 32, "PairedLogits", id="paired-B64-M32-D64"),
+]
+
+
+@pytest.mark.parametrize(("mode", "batch", "dim", "num_negatives", "engine"), LARGE_PROBLEMS)
+def test_dispatch_picks_the_engine_for_large_problems(
+    calls: dict[str, int], mode: Mode, batch: int, dim: int, num_negatives: int, engine: str
+) -> None:
+    if mode == "paired":
+        assert batch * num_negatives * dim > functional.DENSE_MAX_PAIRED_ELEMENTS
+    else:
+        candidates = batch if mode == "in-batch" else 1 + num_negatives
+        assert batch * candidates > functional.DENSE_MAX_LOGITS
+    inputs = make_inputs(mode, batch, dim, num_negatives, seed=12)
+    loss = info_nce(*inputs, negative_mode=negative_mode_of(mode))
+    assert calls[engine] == 1, f"chunk_size=None did not use the engine: {calls}"
+    assert calls["dense"] == 0, f"chunk_size=None used the dense loss: {calls}"
+    grads = torch.autograd.grad(loss, inputs)
+    expected = reference_loss_and_grads(
+        inputs,
+        torch.tensor(1.0, dtype=torch.float64),
+        temperature=0.1,
+        reduction="mean",
+        negative_mode=negative_mode_of(mode),
+    )
+    assert_matches(loss, grads, expected, TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dispatch_picks_the_dense_loss_for_tiny_problems(calls: dict[str, int], mode: Mode) -> None:
+    inputs = make_inputs(mode, 8, 4, 3)
+    info_nce(*inputs, negative_mode=negative_mode_of(mode)).backward()
+    assert calls == {"dense": 1, "LogSumExp": 0, "PairedLogits": 0}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chunk_size_forces_the_engine_even_for_tiny_problems(
+    calls: dict[str, int], mode: Mode
+) -> None:
+    inputs = make_inputs(mode, 8, 4, 3)
+    info_nce(*inputs, negative_mode=negative_mode_of(mode), chunk_size=2).backward()
+    assert calls["dense"] == 0
+    assert calls["PairedLogits" if mode == "paired" else "LogSumExp"] == 1
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_loss_is_the_same_without_gradients(mode: Mode, reduction: str) -> None:
+    # With gradients the scalar reductions build them during forward; without,
+    # they must not, and the loss must not change.
+    inputs = make_inputs(mode, 13, 6, 4, seed=13)
+    options = {"reduction": reduction, "negative_mode": negative_mode_of(mode), "chunk_size": 5}
+    with_grad = engine_info_nce(*inputs, **options)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        no_grad = engine_info_nce(*inputs, **options)
+    assert not no_grad.requires_grad
+    detached = engine_info_nce(*[x.detach() for x in inputs], **options)
+    assert not detached.requires_grad
+    assert_close(no_grad, with_grad, rtol=1e-15, atol=1e-15, name="loss under no_grad")
+    assert_close(detached, with_grad, rtol=1e-15, atol=1e-15, name="loss of detached inputs")
+
+
+# --- Half precision -------------------------------------------------------------
+
+HALF_DTYPES = [
+    pytest.param(torch.float16, id="float16"),
+    pytest.param(torch.bfloat16, id="bfloat16"),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_half_precision_at_low_temperature(
+    mode: Mode, reduction: str, dtype: torch.dtype
+) -> None:
+    half = [x.detach().to(dtype).requires_grad_() for x in make_inputs(mode, 16, 32, 5)]
+    upcast = [x.detach().float().requires_grad_() for x in half]
+    options = {
+        "temperature": 0.01,
+        "reduction": reduction,
+        "negative_mode": negative_mode_of(mode),
+        "chunk_size": 4,
+    }
+    upstream = upstream_gradient(torch.Size([16] if reduction == "none" else []))
+    loss = engine_info_nce(*half, **options)
+    grads = torch.autograd.grad(loss, half, grad_outputs=upstream.float())
+    float32_loss = engine_info_nce(*upcast, **options)
+    float32_grads = torch.autograd.grad(float32_loss, upcast, grad_outputs=upstream.float())
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss).all()
+    for name, grad in zip(INPUT_NAMES, grads, strict=False):
+        assert grad.dtype == dtype
+        assert torch.isfinite(grad).all(), f"gradient of {name} is not finite"
+    options.pop("chunk_size")
+    scales = reference_loss_and_grads(upcast, upstream, **options)
+    assert_matches(
+        loss,
+        grads,
+        scales,
+        HALF_TOLERANCES[dtype],
+        expected_loss=float32_loss,
+        expected_grads=float32_grads,
+    )
