@@ -87,7 +87,7 @@ def block_pass(
     compute_grads: bool = False,
     key_grads: bool = True,
     row_weight: Tensor | None = None,
-    column_weight: Tensor | None = None,
+    column_weight: Tensor | float = 1.0,
     column_lse: Tensor | None = None,
 ) -> BlockPass:
     """Row (and column) log-sum-exp of the logits ``[extra, query @ keys.T]``, block by block.
@@ -115,7 +115,8 @@ def block_pass(
         key_grads: with ``compute_grads``, also the keys' gradient (False skips
             one of the three matrix products, e.g. for a frozen queue of keys).
         row_weight: (B,) weights of the row terms.
-        column_weight: (C,) weights of the column terms (gradient pass).
+        column_weight: (C,) weights of the column terms (gradient pass), or
+            one weight for all (relative to rows weighted 1).
         column_lse: (C,) column statistics (gradient pass).
 
     Returns:
@@ -147,10 +148,11 @@ def block_pass(
         if statistics_columns:
             column_stats = torch.logaddexp(column_stats, torch.logsumexp(column_block, dim=0))
         if column_lse is not None and column_keys:
-            assert column_weight is not None
             # Key-to-query probabilities, weighted: (R, C)
             column_probs = torch.sub(column_block, column_lse, out=column_buffer[: len(block)])
-            column_probs.exp_().mul_(column_weight)
+            column_probs.exp_()
+            if not isinstance(column_weight, float) or column_weight != 1.0:
+                column_probs.mul_(column_weight)
         row_max, argmax = block.max(dim=1)  # (R,), (R,)
         torch.ops.aten._softmax.out(block, 1, False, out=block)  # probabilities, in place
         # P at the row maximum is 1 / sum(exp(logit - max)) >= 1 / (E + N): no underflow.
@@ -207,14 +209,6 @@ def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
     return values
 
 
-def _row_weight(grad_output: Tensor, reduction: Reduction, num_rows: int) -> Tensor:
-    """The upstream gradient as a weight per row: (B,)."""
-    if reduction == "none":
-        return grad_output
-    scale = grad_output / num_rows if reduction == "mean" else grad_output
-    return scale.expand(num_rows)
-
-
 def refuse_double_backward(function: str) -> None:
     """Raise if a backward is being differentiated (``create_graph=True``).
 
@@ -269,13 +263,18 @@ class LogSumExp(torch.autograd.Function):
         options: LogSumExpOptions = ctx.options
         if options.grads_in_forward:
             grads = ctx.saved_tensors  # query, keys, extra (None where not needed)
-            scale = grad_output * options.row_scale
-            if options.reduction == "mean":
-                scale = scale / len(grads[0])
+            scale = _scalar_scale(grad_output, options, len(grads[0]))
             return *(None if grad is None else grad * scale for grad in grads), None
         query, keys, extra, column_lse = ctx.saved_tensors
-        weight = _row_weight(grad_output, options.reduction, len(query))  # (B,)
-        column_weight = None if column_lse is None else options.column_scale * weight
+        row_weight: Tensor | None = None
+        column_weight: Tensor | float
+        if options.reduction == "none":
+            row_weight = options.row_scale * grad_output  # (B,)
+            column_weight = options.column_scale * grad_output  # (B,): column j pairs with row j
+        else:
+            # Every row weighs alike: weigh the columns relative to the rows and
+            # scale the (B, D) gradients once instead of every (R, N) block.
+            column_weight = options.column_scale / options.row_scale
         result = block_pass(
             query,
             keys,
@@ -284,11 +283,21 @@ class LogSumExp(torch.autograd.Function):
             column_keys=options.column_keys,
             compute_grads=True,
             key_grads=ctx.needs_input_grad[1],
-            row_weight=options.row_scale * weight,
+            row_weight=row_weight,
             column_weight=column_weight,
             column_lse=column_lse,
         )
-        return result.grad_query, result.grad_keys, result.grad_extra, None
+        grads = (result.grad_query, result.grad_keys, result.grad_extra)
+        if row_weight is None:
+            scale = _scalar_scale(grad_output, options, len(query))
+            grads = tuple(None if grad is None else grad.mul_(scale) for grad in grads)
+        return *grads, None
+
+
+def _scalar_scale(grad_output: Tensor, options: LogSumExpOptions, num_rows: int) -> Tensor:
+    """The weight of every row's log-sum-exp under a scalar reduction."""
+    scale = grad_output * options.row_scale
+    return scale / num_rows if options.reduction == "mean" else scale
 
 
 def log_sum_exp(
