@@ -13,9 +13,11 @@ single run:
 * ``floor``: only the matrix products any exact implementation must do
   (logits, and the two gradient products), timed alone.
 
-Time is the median over ``--repeats`` forward+backward passes after a warm-up
-pass. Peak extra memory is the rise of the process's peak resident set size
-over its size once the inputs exist (Linux ``ru_maxrss``).
+Time is the median over a configuration's repeats of forward+backward passes
+after a warm-up pass; for sub-millisecond configurations, the median over
+several fresh processes (run interleaved) of those medians. Peak extra memory
+is the rise of the process's peak resident set size over its size once the
+inputs exist (Linux ``ru_maxrss``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Config:
     reference_fits: bool = True  # the dense loss fits in memory
     symmetric: bool = False  # reference: a dense CLIP loss
     classes: int = 0  # labels with this many classes; reference: dense SupCon with a (B, B) mask
+    processes: int = 1  # fresh processes per implementation (more for sub-millisecond timings)
 
     def describe(self) -> str:
         shape = f"B={self.batch}"
@@ -75,7 +78,7 @@ class Config:
 CONFIGS = {
     config.name: config
     for config in (
-        Config("C0", "in-batch", 256, 0, 128, repeats=300),
+        Config("C0", "in-batch", 256, 0, 128, repeats=300, processes=7),
         Config("C1", "in-batch", 4096, 0, 256, repeats=7),
         Config("C2", "in-batch", 16384, 0, 128, repeats=5),
         Config("C3", "unpaired", 1024, 65536, 128, repeats=5),
@@ -249,6 +252,20 @@ def _run_worker(config: Config, implementation: str, wheel: Path | None) -> dict
     return result
 
 
+def _combine(results: list[dict[str, object]]) -> dict[str, object]:
+    """One implementation's results over several processes: the median of their medians."""
+    errors = [result for result in results if "error" in result]
+    if errors:
+        return errors[0]
+    medians = [result["median_s"] for result in results]
+    peaks = [result["peak_extra_bytes"] for result in results]
+    return {
+        "median_s": statistics.median(medians),  # type: ignore[type-var]
+        "process_medians_s": medians,
+        "peak_extra_bytes": max(peaks),  # type: ignore[type-var]
+    }
+
+
 def _format_time(seconds: object) -> str:
     return f"{seconds:.4f}" if isinstance(seconds, float) and seconds < 0.1 else f"{seconds:.3f}"
 
@@ -261,12 +278,18 @@ def run_benchmarks(names: list[str], wheel: Path | None) -> list[dict[str, objec
     rows = []
     for name in names:
         config = CONFIGS[name]
-        results = {
-            implementation: _run_worker(config, implementation, wheel)
-            if implementation != "reference" or config.reference_fits
-            else {}
+        implementations = [
+            implementation
             for implementation in IMPLEMENTATIONS
-        }
+            if implementation != "reference" or config.reference_fits
+        ]
+        # Rounds of one fresh process per implementation, interleaved so that
+        # drifting machine state affects all implementations alike.
+        rounds = [
+            {impl: _run_worker(config, impl, wheel) for impl in implementations}
+            for _ in range(config.processes)
+        ]
+        results = {impl: _combine([r[impl] for r in rounds]) for impl in implementations}
         row: dict[str, object] = {"config": name, "problem": config.describe()}
         for implementation, result in results.items():
             row[f"{implementation}_s"] = result.get("median_s")
