@@ -1,0 +1,82 @@
+"""`info-nce bench`: the harness measures what it says, without timing assertions."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from info_nce.cli import bench
+from info_nce.cli.__main__ import main
+
+TINY = {
+    mode: bench.Config("T", mode, 8, 5, 4, repeats=2) for mode in ("in-batch", "unpaired", "paired")
+}
+
+
+@pytest.mark.parametrize("mode", list(TINY))
+@pytest.mark.parametrize("implementation", ["ours", "reference", "floor"])
+def test_measure_reports_times_and_memory(mode: str, implementation: str) -> None:
+    result = bench.measure(TINY[mode], implementation, wheel=None)
+    times = result["times_s"]
+    assert isinstance(times, list)
+    assert len(times) == 2
+    assert all(t > 0 for t in times)
+    assert result["median_s"] == statistics.median(times)
+    assert isinstance(result["peak_extra_bytes"], int)
+    assert result["peak_extra_bytes"] >= 0
+
+
+def test_measure_uses_the_reference_wheel(info_nce_pytorch: object) -> None:
+    # The conftest fixture fails if the wheel is missing; reading it here checks the path.
+    assert bench.DEFAULT_REFERENCE_WHEEL.exists()
+    result = bench.measure(TINY["unpaired"], "reference", bench.DEFAULT_REFERENCE_WHEEL)
+    assert isinstance(result["median_s"], float)
+
+
+def test_symmetric_and_label_references_are_the_dense_losses() -> None:
+    config_symmetric = bench.Config("T", "in-batch", 8, 0, 4, repeats=1, symmetric=True)
+    config_labels = bench.Config("T", "in-batch", 8, 0, 4, repeats=1, classes=3)
+    for config in (config_symmetric, config_labels):
+        assert bench.measure(config, "reference", None)["median_s"] > 0  # type: ignore[operator]
+
+
+def test_combine_takes_the_median_of_process_medians_and_the_largest_peak() -> None:
+    combined = bench._combine(
+        [
+            {"median_s": 3.0, "peak_extra_bytes": 10},
+            {"median_s": 1.0, "peak_extra_bytes": 30},
+            {"median_s": 2.0, "peak_extra_bytes": 20},
+        ]
+    )
+    assert combined["median_s"] == 2.0
+    assert combined["peak_extra_bytes"] == 30
+    assert bench._combine([{"median_s": 1.0}, {"error": ["boom"]}]) == {"error": ["boom"]}
+
+
+def test_markdown_row_shows_ratios() -> None:
+    row = {
+        "config": "C9",
+        "problem": "in-batch B=1, D=1",
+        "reference_s": 2.0,
+        "ours_s": 1.0,
+        "floor_s": 0.5,
+        "speedup_vs_reference": 2.0,
+        "ratio_to_floor": 2.0,
+        "reference_peak_bytes": 2 * 2**20,
+        "ours_peak_bytes": 2**20,
+    }
+    line = bench._markdown_row(row)
+    assert line.startswith("| C9 | in-batch B=1, D=1 |")
+    assert "| 2.00x | 2.00x | 2 | 1 |" in line
+
+
+def test_unknown_configuration_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "C42"]) == 2
+    assert "C42" in capsys.readouterr().out
+
+
+def test_every_issue_configuration_is_defined() -> None:
+    assert {"C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"} <= set(bench.CONFIGS)
+    assert bench.CONFIGS["C2"].batch == 16384
+    assert not bench.CONFIGS["C5"].reference_fits
