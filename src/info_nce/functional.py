@@ -170,7 +170,8 @@ def info_nce(
     matrix_candidates = (len(query) if in_batch else 0) + (
         negative_keys.shape[-2] if negative_keys is not None else 0
     )
-    if gather_distributed and distributed.world_size() > 1:
+    gather = gather_distributed and distributed.world_size() > 1
+    if gather:
         use_dense = False  # the engine takes queries and keys of different lengths
     elif chunk_size is not None:
         use_dense = False
@@ -195,13 +196,51 @@ def info_nce(
             negative_mask=negative_mask,
         )
 
-    query = unit(query).to(compute_dtype)  # (B, D)
-    positive_key = unit(positive_key).to(compute_dtype)  # (B, D)
+    return _engine_loss(
+        unit(query).to(compute_dtype),
+        unit(positive_key).to(compute_dtype),
+        negative_keys,
+        temperature,
+        reduction,
+        paired=paired,
+        in_batch=in_batch,
+        symmetric=symmetric,
+        labels=labels,
+        negative_mask=negative_mask,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        gather=gather,
+    )
+
+
+def _engine_loss(
+    query: Tensor,
+    positive_key: Tensor,
+    negative_keys: Tensor | None,
+    temperature: float | Tensor,
+    reduction: Reduction,
+    *,
+    paired: bool,
+    in_batch: bool,
+    symmetric: bool,
+    labels: Tensor | None,
+    negative_mask: Tensor | None,
+    normalize: bool,
+    chunk_size: int | None,
+    gather: bool,
+) -> Tensor:
+    """The loss through the blockwise engine, on normalised (B, D) query and positive keys.
+
+    Positive logits are O(B * D) autograd ops here; the log-sum-exp over the
+    candidates is the engine's. ``negative_keys`` arrive unnormalised: paired
+    ones are normalised inside the engine, unpaired ones here.
+    """
+    compute_dtype = query.dtype
+    unit = _unit if normalize else _identity
     scaled_query = query / temperature  # (B, D)
 
     # Candidates held by every rank: gathered with gradient (all ranks' rows,
     # this rank's from `offset`); without a process group, the local tensors.
-    gather = gather_distributed and distributed.world_size() > 1
     gather_rows = _Gatherer(len(query), query.device) if gather else None
     offset = 0 if gather_rows is None else gather_rows.offset
     all_positive_keys = positive_key  # (B_all, D) where in-batch candidates or labels need them
