@@ -15,6 +15,7 @@ from collections.abc import Sequence
 SUBCOMMANDS = {
     "plot": "plot the loss surface of the info-nce-pytorch README (needs matplotlib)",
     "bench": "time and measure the dense loss against the blockwise engine",
+    "demo": "train an encoder with InfoNCE that recovers hidden factors (Zimmermann et al. 2021)",
 }
 
 
