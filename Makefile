@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/info-nce plot --output out/loss.png
+	$(BIN)/info-nce demo --output-dir out/demo
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -1,4 +1,4 @@
-"""`info-nce` / `python -m info_nce`: subcommands plot and bench.
+"""`info-nce` / `python -m info_nce`: subcommands plot, demo and bench.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; the module is imported only when its subcommand runs, so
