@@ -296,12 +296,12 @@ def run_benchmarks(names: list[str], wheel: Path | None) -> list[dict[str, objec
             row[f"{implementation}_peak_bytes"] = result.get("peak_extra_bytes")
             if "error" in result:
                 row[f"{implementation}_error"] = result["error"]
-        ours, reference, floor = (row[f"{i}_s"] for i in ("ours", "reference", "floor"))
+        ours, reference, floor = (row.get(f"{i}_s") for i in ("ours", "reference", "floor"))
         if isinstance(ours, float) and isinstance(reference, float):
             row["speedup_vs_reference"] = reference / ours
         if isinstance(ours, float) and isinstance(floor, float):
             row["ratio_to_floor"] = ours / floor
-        ours_mem, reference_mem = row["ours_peak_bytes"], row["reference_peak_bytes"]
+        ours_mem, reference_mem = row.get("ours_peak_bytes"), row.get("reference_peak_bytes")
         if isinstance(ours_mem, int) and isinstance(reference_mem, int) and ours_mem > 0:
             row["memory_ratio"] = reference_mem / ours_mem
         rows.append(row)
