@@ -78,7 +78,7 @@ class Config:
 CONFIGS = {
     config.name: config
     for config in (
-        Config("C0", "in-batch", 256, 0, 128, repeats=300, processes=7),
+        Config("C0", "in-batch", 256, 0, 128, repeats=300, processes=15),
         Config("C1", "in-batch", 4096, 0, 256, repeats=7),
         Config("C2", "in-batch", 16384, 0, 128, repeats=5),
         Config("C3", "unpaired", 1024, 65536, 128, repeats=5),
