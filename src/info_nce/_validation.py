@@ -21,6 +21,15 @@ NEGATIVE_MODES: tuple[str, ...] = get_args(NegativeMode)
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def reduce_loss(values: Tensor, reduction: Reduction) -> Tensor:
+    """Apply ``reduction`` to per-sample values: their mean, their sum, or the values."""
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    return values
+
+
 def _choices(options: tuple[str, ...]) -> str:
     return ", ".join(repr(option) for option in options)
 

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from info_nce._validation import Reduction
+from info_nce._validation import Reduction, reduce_loss
 
 # Rows per logits block, chosen by measurement (docs/benchmarks.md): about 256
 # query rows keep the matrix products efficient; fewer candidates allow more
@@ -201,14 +201,6 @@ class LogSumExpOptions:
     grads_in_forward: bool = False
 
 
-def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "sum":
-        return values.sum()
-    return values
-
-
 def refuse_double_backward(function: str) -> None:
     """Raise if a backward is being differentiated (``create_graph=True``).
 
@@ -255,7 +247,7 @@ class LogSumExp(torch.autograd.Function):
         output = options.row_scale * result.row_lse  # (B,)
         if result.column_lse is not None:
             output = output + options.column_scale * result.column_lse
-        return _reduce(output, options.reduction)
+        return reduce_loss(output, options.reduction)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:

@@ -11,15 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from info_nce._validation import NegativeMode, Reduction
-
-
-def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "sum":
-        return values.sum()
-    return values
+from info_nce._validation import NegativeMode, Reduction, reduce_loss
 
 
 def _float32_at_least(logits: Tensor) -> Tensor:
@@ -109,7 +101,7 @@ def dense_info_nce(
         key_logits = _float32_at_least(similarity).T / temperature  # (B keys, B queries)
         key_loss = torch.logsumexp(key_logits, dim=1) - torch.sum(positives * key_logits, dim=1)
         loss = (loss + key_loss) / 2
-    return _reduce(loss, reduction)
+    return reduce_loss(loss, reduction)
 
 
 def _seed_loss(

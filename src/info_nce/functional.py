@@ -19,6 +19,7 @@ from info_nce._validation import (
     check_negative_mode,
     check_reduction,
     check_temperature,
+    reduce_loss,
 )
 from info_nce.dense import dense_info_nce
 
@@ -309,7 +310,7 @@ def _engine_loss(
         )
     else:
         # Paired negatives only: the logits are (B, 1 + M), no large matrix.
-        lse = _reduce(row_scale * _small_lse(extra), reduction)
+        lse = reduce_loss(row_scale * _small_lse(extra), reduction)
     if column_queries is not None:
         # The key-to-query direction on its own: each key against all queries.
         lse = lse + blockwise.log_sum_exp(
@@ -324,7 +325,7 @@ def _engine_loss(
                 grads_in_forward=needs_grad and reduction != "none",
             ),
         )
-    return lse - _reduce(positive_logit, reduction)
+    return lse - reduce_loss(positive_logit, reduction)
 
 
 class _Gatherer:
@@ -345,14 +346,6 @@ def _unit(x: Tensor) -> Tensor:
 
 def _identity(x: Tensor) -> Tensor:
     return x
-
-
-def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "sum":
-        return values.sum()
-    return values
 
 
 def _cat_columns(pieces: list[Tensor]) -> Tensor | None:

@@ -55,7 +55,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from info_nce import InfoNCE, distributed
+from info_nce.cli._arguments import at_least, positive_float
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -702,34 +703,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"Writes {METRICS_FILE}, {TRAINING_FILE} and {LATENTS_FILE} into --output-dir."
     )
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument("--steps", type=_at_least(1), default=DEFAULT_STEPS, help="training steps")
+    parser.add_argument("--steps", type=at_least(1), default=DEFAULT_STEPS, help="training steps")
     parser.add_argument(
         "--batch-size",
-        type=_at_least(2),
+        type=at_least(2),
         default=DEFAULT_BATCH_SIZE,
         help="pairs per step, all processes together; each pair's negatives are the other pairs",
     )
     parser.add_argument(
         "--temperature",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_TEMPERATURE,
         help="loss temperature tau (the initial one with --learn-temperature); "
         "the theory's match is 1 / kappa",
     )
     parser.add_argument(
         "--kappa",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_KAPPA,
         help="concentration of the von Mises-Fisher positives around z",
     )
     parser.add_argument(
-        "--lr", type=_positive_float, default=DEFAULT_LR, help="Adam's peak learning rate"
+        "--lr", type=positive_float, default=DEFAULT_LR, help="Adam's peak learning rate"
     )
     parser.add_argument(
-        "--seed", type=_at_least(0), default=DEFAULT_SEED, help="seeds g, the encoder and the data"
+        "--seed", type=at_least(0), default=DEFAULT_SEED, help="seeds g, the encoder and the data"
     )
     parser.add_argument(
-        "--latent-dim", type=_at_least(2), default=DEFAULT_LATENT_DIM, help="n, hidden factors"
+        "--latent-dim", type=at_least(2), default=DEFAULT_LATENT_DIM, help="n, hidden factors"
     )
     parser.add_argument(
         "--symmetric",
@@ -743,40 +744,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--eval-every",
-        type=_at_least(1),
+        type=at_least(1),
         default=DEFAULT_EVAL_EVERY,
         help="steps between held-out R² evaluations",
     )
     parser.add_argument(
         "--eval-samples",
-        type=_at_least(8),
+        type=at_least(8),
         default=DEFAULT_EVAL_SAMPLES,
         help="held-out samples: the readout is fitted on half of them and scored on the rest",
     )
     parser.add_argument(
-        "--hidden-width", type=_at_least(1), default=DEFAULT_HIDDEN_WIDTH, help="encoder width"
+        "--hidden-width", type=at_least(1), default=DEFAULT_HIDDEN_WIDTH, help="encoder width"
     )
     parser.add_argument(
         "--hidden-layers",
-        type=_at_least(1),
+        type=at_least(1),
         default=DEFAULT_HIDDEN_LAYERS,
         help="hidden layers of the encoder",
     )
     parser.add_argument(
         "--mixing-layers",
-        type=_at_least(1),
+        type=at_least(1),
         default=DEFAULT_MIXING_LAYERS,
         help="linear layers of the mixing g (leaky ReLUs between them)",
     )
     parser.add_argument(
         "--nproc",
-        type=_at_least(1),
+        type=at_least(1),
         default=1,
         help="local processes (torch.distributed, gloo), each drawing batch-size / nproc pairs",
     )
     parser.add_argument(
         "--threads",
-        type=_at_least(1),
+        type=at_least(1),
         default=None,
         help="intra-op threads per process (default: torch's, split evenly across processes)",
     )
@@ -883,29 +884,3 @@ def _check_config(config: DemoConfig) -> str | None:
             f"{config.latent_dim}: need at least {4 * (config.latent_dim + 1)}"
         )
     return None
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    """An argparse ``type`` accepting finite numbers > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from info_nce import info_nce
+from info_nce.cli._arguments import at_least, positive_float
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -192,28 +192,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument(
         "--grid",
-        type=_at_least(2),
+        type=at_least(2),
         default=DEFAULT_GRID,
         help="alpha and beta values each, evenly spaced over [0, 1]",
     )
-    parser.add_argument("--dim", type=_at_least(1), default=DEFAULT_DIM, help="D, features")
+    parser.add_argument("--dim", type=at_least(1), default=DEFAULT_DIM, help="D, features")
     parser.add_argument(
-        "--batch-size", type=_at_least(1), default=DEFAULT_BATCH_SIZE, help="B, queries per cell"
+        "--batch-size", type=at_least(1), default=DEFAULT_BATCH_SIZE, help="B, queries per cell"
     )
     parser.add_argument(
         "--num-negatives",
-        type=_at_least(1),
+        type=at_least(1),
         default=DEFAULT_NUM_NEGATIVES,
         help="M, negatives per cell (unpaired) or per query (paired)",
     )
     parser.add_argument(
         "--sigma-scale",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_SIGMA_SCALE,
         help="covariance is sigma_scale * I",
     )
     parser.add_argument(
-        "--temperature", type=_positive_float, default=DEFAULT_TEMPERATURE, help="loss temperature"
+        "--temperature", type=positive_float, default=DEFAULT_TEMPERATURE, help="loss temperature"
     )
     parser.add_argument(
         "--seed", type=int, default=DEFAULT_SEED, help="seed of the means and the noise"
@@ -257,29 +257,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(output)
     return 0
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    """An argparse ``type`` accepting finite numbers > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
