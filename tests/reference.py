@@ -281,3 +281,8 @@ def assert_matches(
             name=f"gradient of {name}",
             scale=scale,
         )
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    """A readable pytest id for a dtype: 'float32'."""
+    return str(dtype).removeprefix("torch.")

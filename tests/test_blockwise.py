@@ -25,6 +25,7 @@ from reference import (
     Mode,
     assert_close,
     assert_matches,
+    dtype_id,
     make_inputs,
     negative_mode_of,
     reference_loss_and_grads,
@@ -38,10 +39,6 @@ from info_nce import blockwise, info_nce
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FLOAT_DTYPES = (torch.float64, torch.float32)
-
-
-def dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _dense_must_not_run(*args: Any, **kwargs: Any) -> Tensor:

@@ -30,6 +30,7 @@ from reference import (
     Tolerance,
     assert_close,
     assert_matches,
+    dtype_id,
     make_inputs,
     negative_mode_of,
     reference_info_nce,
@@ -44,10 +45,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 FLOAT_DTYPES = (torch.float64, torch.float32)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def loss_and_grads(

@@ -56,27 +56,12 @@ def dense_info_nce(
     """
     if in_batch is None:
         in_batch = negative_keys is None
-    if not symmetric and labels is None and negative_mask is None:
-        if negative_keys is None:
-            return _seed_loss(query, positive_key, None, temperature, reduction, negative_mode)
-        if not in_batch:
-            return _seed_loss(
-                query, positive_key, negative_keys, temperature, reduction, negative_mode
-            )
+    seed_options = not symmetric and labels is None and negative_mask is None
+    if seed_options and in_batch == (negative_keys is None):
+        return _seed_loss(query, positive_key, negative_keys, temperature, reduction, negative_mode)
 
-    similarity = query @ positive_key.T  # (B, B) all queries against all positive keys
-    pieces = []
-    if in_batch:
-        pieces.append(similarity)
-    else:
-        pieces.append(torch.sum(query * positive_key, dim=1, keepdim=True))  # (B, 1)
-    if negative_keys is not None:
-        if negative_mode == "unpaired":
-            pieces.append(query @ negative_keys.T)  # (B, M)
-        else:
-            paired = (query.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)  # (B, M)
-            pieces.append(paired)
-    logits = _float32_at_least(torch.cat(pieces, dim=1)) / temperature  # (B, candidates)
+    raw_logits = _candidate_logits(query, positive_key, negative_keys, negative_mode, in_batch)
+    logits = _float32_at_least(raw_logits) / temperature  # (B, candidates)
     if negative_mask is not None:
         # After the division: -inf / t would give the temperature a NaN gradient.
         other_columns = logits.shape[1] - negative_mask.shape[1]  # the paired negatives come last
@@ -98,6 +83,8 @@ def dense_info_nce(
     )  # (B,)
     loss = torch.logsumexp(logits, dim=1) - positive_logit  # (B,)
     if symmetric:
+        # All queries against all positive keys: (B, B), already computed when in-batch.
+        similarity = raw_logits[:, : len(query)] if in_batch else query @ positive_key.T
         key_logits = _float32_at_least(similarity).T / temperature  # (B keys, B queries)
         key_loss = torch.logsumexp(key_logits, dim=1) - torch.sum(positives * key_logits, dim=1)
         loss = (loss + key_loss) / 2
@@ -113,16 +100,36 @@ def _seed_loss(
     negative_mode: NegativeMode,
 ) -> Tensor:
     """info-nce-pytorch's formula: logits and `F.cross_entropy`."""
-    if negative_keys is None:
-        # Other rows' positive keys are the negatives; query i's positive is key i.
-        logits = query @ positive_key.T  # (B, B)
-        targets = torch.arange(len(query), device=query.device)
+    in_batch = negative_keys is None
+    logits = _candidate_logits(query, positive_key, negative_keys, negative_mode, in_batch)
+    if in_batch:
+        targets = torch.arange(len(query), device=query.device)  # query i's positive is key i
     else:
-        positive_logit = torch.sum(query * positive_key, dim=1, keepdim=True)  # (B, 1)
-        if negative_mode == "unpaired":
-            negative_logits = query @ negative_keys.T  # (B, M)
-        else:
-            negative_logits = (query.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)
-        logits = torch.cat([positive_logit, negative_logits], dim=1)  # (B, 1 + M)
         targets = torch.zeros(len(query), dtype=torch.long, device=query.device)
     return F.cross_entropy(_float32_at_least(logits) / temperature, targets, reduction=reduction)
+
+
+def _candidate_logits(
+    query: Tensor,
+    positive_key: Tensor,
+    negative_keys: Tensor | None,
+    negative_mode: NegativeMode,
+    in_batch: bool,
+) -> Tensor:
+    """Every query's raw candidate scores, before the temperature: (B, candidates).
+
+    In-batch: all B positive keys first (query i's positive is column i); else
+    its own positive in column 0. Explicit negatives follow, paired ones last.
+    """
+    if in_batch:
+        # Other rows' positive keys are the negatives.
+        first = query @ positive_key.T  # (B, B)
+    else:
+        first = torch.sum(query * positive_key, dim=1, keepdim=True)  # (B, 1)
+    if negative_keys is None:
+        return first
+    if negative_mode == "unpaired":
+        negative_logits = query @ negative_keys.T  # (B, M)
+    else:
+        negative_logits = (query.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)
+    return torch.cat([first, negative_logits], dim=1)  # (B, B or 1, + M)
