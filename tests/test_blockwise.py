@@ -16,6 +16,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import (
     HALF_TOLERANCES,
     INPUT_NAMES,
@@ -216,14 +217,25 @@ def test_no_negatives_at_all_gives_zero_loss(
 
 
 def explicit_log_sum_exp(
-    query: Tensor, keys: Tensor, extra: Tensor | None, options: blockwise.LogSumExpOptions
+    query: Tensor,
+    keys: Tensor,
+    extra: Tensor | None,
+    temperature: Tensor | None,
+    options: blockwise.LogSumExpOptions,
 ) -> Tensor:
-    """What `LogSumExp` computes, with the logits matrix written out."""
-    key_logits = query @ keys.T  # (B, N)
+    """What `LogSumExp` computes, with the normalised inputs and the logits matrix written out."""
+    if options.normalize:
+        query = query / query.norm(dim=1, keepdim=True)
+        keys = keys / keys.norm(dim=1, keepdim=True)
+    key_logits = query @ keys.T / (options.temperature if temperature is None else temperature)
     logits = key_logits if extra is None else torch.cat([extra, key_logits], dim=1)
     value = options.row_scale * logits.logsumexp(dim=1)  # (B,)
     if options.column_keys:
         value = value + options.column_scale * key_logits[:, : options.column_keys].logsumexp(0)
+    if options.target_offset is not None:
+        rows = torch.arange(len(query))
+        target_scale = options.row_scale + (options.column_scale if options.column_keys else 0.0)
+        value = value - target_scale * key_logits[rows, options.target_offset + rows]
     if options.reduction == "mean":
         return value.mean()
     if options.reduction == "sum":
@@ -231,7 +243,9 @@ def explicit_log_sum_exp(
     return value
 
 
-def log_sum_exp_options(reduction: str, columns: bool, grads_in_forward: bool, batch: int) -> Any:
+def log_sum_exp_options(
+    reduction: str, columns: bool, grads_in_forward: bool, batch: int, **settings: Any
+) -> Any:
     if columns:  # the symmetric loss: half the rows' and half the columns' log-sum-exp
         return blockwise.LogSumExpOptions(
             reduction=reduction,  # type: ignore[arg-type]
@@ -239,54 +253,98 @@ def log_sum_exp_options(reduction: str, columns: bool, grads_in_forward: bool, b
             column_keys=batch,
             row_scale=0.5,
             column_scale=0.5,
+            **settings,
         )
     return blockwise.LogSumExpOptions(
         reduction=reduction,  # type: ignore[arg-type]
         block_rows=2,
         grads_in_forward=grads_in_forward,
+        **settings,
     )
 
 
-def log_sum_exp_case_id(width: int, reduction: str, columns: bool, in_forward: bool) -> str:
+def log_sum_exp_case_id(
+    width: int, reduction: str, columns: bool, in_forward: bool, target: int | None
+) -> str:
     direction = "columns" if columns else "rows"
-    return f"extra{width}-{reduction}-{direction}-{'forward' if in_forward else 'backward'}"
+    targets = "" if target is None else f"-target{target}"
+    grads = "forward" if in_forward else "backward"
+    return f"extra{width}-{reduction}-{direction}-{grads}{targets}"
 
 
 LOG_SUM_EXP_CASES = [
     pytest.param(*case, id=log_sum_exp_case_id(*case))
-    for case in itertools.product((0, 1, 3), REDUCTIONS, (False, True), (False, True))
+    for case in itertools.product((0, 1, 3), REDUCTIONS, (False, True), (False, True), (None, 0, 1))
     # Gradients in forward: scalar reductions, one direction only.
     if not (case[3] and (case[1] == "none" or case[2]))
+    # Columns pair with rows: their targets are the rows' own (offset 0).
+    and not (case[2] and case[4] == 1)
 ]
 
 
-@pytest.mark.parametrize(("width", "reduction", "columns", "grads_in_forward"), LOG_SUM_EXP_CASES)
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize(
+    ("width", "reduction", "columns", "grads_in_forward", "target_offset"), LOG_SUM_EXP_CASES
+)
 def test_log_sum_exp_function_value_and_gradcheck(
-    width: int, reduction: str, columns: bool, grads_in_forward: bool
+    width: int,
+    reduction: str,
+    columns: bool,
+    grads_in_forward: bool,
+    target_offset: int | None,
+    normalize: bool,
 ) -> None:
+    # Every input gets a gradient, the temperature tensor's included.
     batch, num_keys, dim = 5, 6, 3
     generator = torch.Generator().manual_seed(width)
     query = torch.randn(batch, dim, generator=generator, dtype=torch.float64).requires_grad_()
     keys = torch.randn(num_keys, dim, generator=generator, dtype=torch.float64).requires_grad_()
+    temperature = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     extra = (
         torch.randn(batch, width, generator=generator, dtype=torch.float64).requires_grad_()
         if width
         else None
     )
-    options = log_sum_exp_options(reduction, columns, grads_in_forward, batch)
-    inputs = (query, keys) if extra is None else (query, keys, extra)
+    settings = {"target_offset": target_offset, "normalize": normalize}
+    options = log_sum_exp_options(reduction, columns, grads_in_forward, batch, **settings)
 
-    def function(query: Tensor, keys: Tensor, extra: Tensor | None = None) -> Tensor:
-        return blockwise.LogSumExp.apply(query, keys, extra, options)  # type: ignore[no-any-return]
+    def function(query: Tensor, keys: Tensor, temperature: Tensor, *extra: Tensor) -> Tensor:
+        return blockwise.LogSumExp.apply(  # type: ignore[no-any-return]
+            query, keys, extra[0] if extra else None, temperature, options
+        )
 
+    inputs = (query, keys, temperature) if extra is None else (query, keys, temperature, extra)
     assert_close(
         function(*inputs),
-        explicit_log_sum_exp(query, keys, extra, options),
+        explicit_log_sum_exp(query, keys, extra, temperature, options),
         rtol=1e-12,
         atol=1e-12,
         name="LogSumExp",
     )
     assert torch.autograd.gradcheck(function, inputs)
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_log_sum_exp_function_with_a_fixed_temperature(normalize: bool, reduction: str) -> None:
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(5, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    keys = torch.randn(7, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    options = blockwise.LogSumExpOptions(
+        reduction=reduction,  # type: ignore[arg-type]
+        block_rows=3,
+        target_offset=2,
+        normalize=normalize,
+        temperature=0.3,
+        grads_in_forward=reduction != "none",
+    )
+
+    def function(query: Tensor, keys: Tensor) -> Tensor:
+        return blockwise.LogSumExp.apply(query, keys, None, None, options)  # type: ignore[no-any-return]
+
+    expected = explicit_log_sum_exp(query, keys, None, None, options)
+    assert_close(function(query, keys), expected, rtol=1e-12, atol=1e-12, name="LogSumExp")
+    assert torch.autograd.gradcheck(function, (query, keys))
 
 
 @pytest.mark.parametrize(
@@ -299,15 +357,46 @@ def test_log_sum_exp_function_with_the_same_tensor_as_queries_and_keys(
     # In-batch and symmetric losses pass one tensor in two roles: gradients add up.
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x.requires_grad_()
-    options = log_sum_exp_options(reduction, columns, grads_in_forward, len(x))
+    options = log_sum_exp_options(
+        reduction, columns, grads_in_forward, len(x), target_offset=0, normalize=True
+    )
 
     def function(x: Tensor) -> Tensor:
-        return blockwise.LogSumExp.apply(x, x, None, options)  # type: ignore[no-any-return]
+        return blockwise.LogSumExp.apply(x, x, None, None, options)  # type: ignore[no-any-return]
 
-    assert_close(
-        function(x), explicit_log_sum_exp(x, x, None, options), rtol=1e-12, atol=1e-12, name="lse"
-    )
+    expected = explicit_log_sum_exp(x, x, None, None, options)
+    assert_close(function(x), expected, rtol=1e-12, atol=1e-12, name="lse")
     assert torch.autograd.gradcheck(function, (x,))
+
+
+def test_log_sum_exp_function_on_zero_and_tiny_vectors() -> None:
+    # Norms at the eps clamp divide by eps and have no radial gradient, as F.normalize.
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    keys = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    query[1] = 0.0
+    keys[2] = 1e-14
+    query.requires_grad_()
+    keys.requires_grad_()
+    options = blockwise.LogSumExpOptions(
+        reduction="mean", block_rows=2, target_offset=1, normalize=True, eps=1e-12
+    )
+
+    def function(query: Tensor, keys: Tensor) -> Tensor:
+        return blockwise.LogSumExp.apply(query, keys, None, None, options)  # type: ignore[no-any-return]
+
+    def reference(query: Tensor, keys: Tensor) -> Tensor:
+        logits = F.normalize(query, eps=1e-12) @ F.normalize(keys, eps=1e-12).T
+        rows = torch.arange(len(query))
+        return (logits.logsumexp(1) - logits[rows, rows + 1]).mean()
+
+    loss = function(query, keys)
+    expected = reference(query, keys)
+    assert_close(loss, expected, rtol=1e-12, atol=1e-12, name="loss")
+    grads = torch.autograd.grad(loss, (query, keys))
+    expected_grads = torch.autograd.grad(expected, (query, keys))
+    for name, grad, expected_grad in zip(("query", "keys"), grads, expected_grads, strict=True):
+        assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12, name=name)
 
 
 @pytest.mark.parametrize("normalize_negatives", [False, True])
@@ -327,17 +416,32 @@ def test_paired_logits_function_value_and_gradcheck(normalize_negatives: bool) -
 
 
 def test_block_pass_statistics_match_logsumexp() -> None:
-    # The pure function behind LogSumExp: row and column statistics of one pass.
+    # The pure function behind LogSumExp: row and column statistics and targets of one pass.
     generator = torch.Generator().manual_seed(3)
-    query = torch.randn(7, 4, generator=generator, dtype=torch.float64) * 5
+    query = torch.randn(7, 4, generator=generator, dtype=torch.float64)
     keys = torch.randn(9, 4, generator=generator, dtype=torch.float64)
     extra = torch.randn(7, 2, generator=generator, dtype=torch.float64) * 5
-    result = blockwise.block_pass(query, keys, extra, block_rows=3, column_keys=7)
-    logits = torch.cat([extra, query @ keys.T], dim=1)  # (7, 11)
+    row_scales = torch.rand(7, generator=generator, dtype=torch.float64) * 5
+    column_scales = torch.rand(9, generator=generator, dtype=torch.float64) + 0.5
+    result = blockwise.block_pass(
+        query,
+        keys,
+        extra,
+        row_scales=row_scales,
+        column_scales=column_scales,
+        block_rows=3,
+        column_keys=7,
+        target_offset=2,
+    )
+    key_logits = (row_scales.unsqueeze(1) * query) @ (column_scales.unsqueeze(1) * keys).T
+    logits = torch.cat([extra, key_logits], dim=1)  # (7, 11)
     assert_close(result.row_lse, logits.logsumexp(1), rtol=1e-13, atol=1e-13, name="row_lse")
     assert result.column_lse is not None
-    expected_columns = (query @ keys[:7].T).logsumexp(0)
+    assert result.target_logit is not None
+    expected_columns = key_logits[:, :7].logsumexp(0)
     assert_close(result.column_lse, expected_columns, rtol=1e-13, atol=1e-13, name="column_lse")
+    expected_targets = key_logits[torch.arange(7), torch.arange(7) + 2]
+    assert_close(result.target_logit, expected_targets, rtol=0, atol=1e-14, name="target_logit")
 
 
 @pytest.mark.parametrize(
@@ -535,3 +639,20 @@ def test_engine_half_precision_at_low_temperature(
         expected_loss=float32_loss,
         expected_grads=float32_grads,
     )
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_engine_gradients_share_an_allocation_without_overlapping(symmetric: bool) -> None:
+    # The engine allocates the query and key gradients together: writing one
+    # must leave the other as it was.
+    generator = torch.Generator().manual_seed(6)
+    query = torch.randn(9, 4, generator=generator).requires_grad_()
+    positive_key = torch.randn(9, 4, generator=generator).requires_grad_()
+    engine_info_nce(query, positive_key, symmetric=symmetric, chunk_size=4).backward()
+    assert query.grad is not None
+    assert positive_key.grad is not None
+    key_grad = positive_key.grad.clone()
+    query.grad.fill_(float("nan"))
+    assert torch.equal(positive_key.grad, key_grad)
+    assert query.grad.shape == query.shape
+    assert positive_key.grad.shape == positive_key.shape

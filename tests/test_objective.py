@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 import info_nce.functional as functional
-from info_nce import InfoNCE, info_nce
+from info_nce import InfoNCE, blockwise, info_nce
 
 REDUCTIONS = ("mean", "sum", "none")
 # chunk_size=None ("auto") takes the dense loss at the small sizes used here
@@ -360,6 +360,39 @@ def assert_matches_reference(inputs: dict[str, Any], path: str, reduction: str) 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_loss_and_gradients_match_reference(case: Case, path: str, reduction: str) -> None:
     assert_matches_reference(make_inputs(case), path, reduction)
+
+
+# Symmetric cases whose key-to-query statistics are columns of the main pass
+# (in-batch candidates), with enough rows for several column chunks.
+COLUMN_CASES = {
+    name: case
+    for name, case in CASES.items()
+    if case.symmetric
+    and case.batch > 2
+    and (case.negatives is None or case.in_batch_negatives or case.labels is not None)
+}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("path", ["chunk=1", "chunk=7"])
+@pytest.mark.parametrize("case", list(COLUMN_CASES.values()), ids=list(COLUMN_CASES))
+def test_symmetric_engine_across_column_chunks(case: Case, path: str, reduction: str) -> None:
+    # The engine takes column statistics a few columns at a time; at these sizes
+    # one chunk would hold every column, so make them 2 logits (1 or 2 columns).
+    chunk_counts: list[int] = []
+
+    def column_chunks(num_columns: int, chunk: int) -> list[slice]:
+        chunks = original(num_columns, chunk)
+        chunk_counts.append(len(chunks))
+        return chunks
+
+    original = blockwise._column_chunks
+    with (
+        mock.patch.object(blockwise, "COLUMN_CHUNK_ELEMENTS", 2),
+        mock.patch.object(blockwise, "_column_chunks", column_chunks),
+    ):
+        assert_matches_reference(make_inputs(case), path, reduction)
+    assert max(chunk_counts) > 1, "the column statistics never took more than one chunk"
 
 
 def test_reference_is_the_seed_loss() -> None:

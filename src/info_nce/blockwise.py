@@ -1,19 +1,25 @@
 """The exact blockwise engine: InfoNCE without the (B, N) logits matrix.
 
-The engine splits the loss the way its cost splits. The positive logits (what
-each query must pick) cost O(B * D) and are plain autograd ops in
-`info_nce.functional`; what costs O(B * N * D) is the log-sum-exp of every
-query over its candidates, and that is what the Functions here compute:
+The engine splits the loss the way its cost splits. What costs O(B * N * D) is
+each query's log-sum-exp over its candidates, and that is what the Functions
+here compute:
 
 * `LogSumExp` (in-batch and unpaired candidates): query i's candidates are
   ``extra[i]`` (E logits computed by the caller, e.g. its positive logit or its
-  paired negatives) followed by its scores against the N shared ``keys``. The
+  paired negatives) followed by its logits against the N shared ``keys``. The
   queries are walked in blocks of ``block_rows`` rows against all keys; each
   block's logits ``(block_rows, E + N)`` live in one reused buffer and are
   turned into probabilities in place, which feed the two gradient products
-  before the next block overwrites them. Peak extra memory is
-  ``block_rows * (E + N) + O((B + N) * D)`` instead of several B * N matrices.
+  before the next block overwrites them.
 
+  - It takes the raw queries and keys: L2 normalisation and the temperature
+    are per-row and per-column factors applied to each block, and their
+    gradients are applied in place to the engine's own (B, D) and (N, D)
+    gradient buffers. With in-batch candidates it also subtracts the positive
+    logits (query i's target is key ``offset + i``, the block's diagonal) and
+    folds their gradient into the same products. So the whole in-batch loss,
+    symmetric or not, holds no normalised or scaled copy of its inputs: peak
+    extra memory is the two gradients, one logits block and O(B + N).
   - Scalar reductions, one direction: the gradients are built during the
     forward pass (the upstream gradient is a scalar, so backward only rescales
     them), so forward+backward costs exactly the three matrix products any
@@ -23,17 +29,17 @@ query over its candidates, and that is what the Functions here compute:
   - Symmetric (CLIP) loss: the first ``column_keys`` keys also get the
     log-sum-exp over all queries (the key-to-query direction). Forward makes one
     pass collecting row and column statistics together; backward makes one
-    recomputing pass that combines both directions' probabilities before the
-    two gradient products (four matrix products in all: the column statistics
-    need every row before any column probability is known).
+    recomputing pass that combines both directions' probabilities, from the
+    known statistics and a few columns at a time, before the two gradient
+    products (four matrix products in all: the column statistics need every row
+    before any column probability is known).
 * `PairedLogits` (paired negatives (B, M, D)): the logits are only (B, M); the
   negatives' normalisation is folded in (dot products scaled by inverse norms)
   instead of writing a normalised copy of the negatives, and backward writes
   the negatives' gradient with one (B, M, D) pass.
 
-The temperature is folded into the queries by the caller: the Functions see
-``query / temperature`` and unit keys, and ordinary autograd carries the
-gradients through the normalisation and into a tensor temperature.
+What the engine does not cover (positives under labels, a positive outside the
+keys, paired negatives) the caller computes with O(B * D) autograd ops.
 
 The math lives in plain functions; the Functions only save, call and scale.
 """
@@ -51,11 +57,16 @@ from info_nce._validation import Reduction, reduce_loss
 
 # Rows per logits block, chosen by measurement (docs/benchmarks.md): about 256
 # query rows keep the matrix products efficient; fewer candidates allow more
-# rows up to ~4M logits per block; the block never exceeds ~16M logits (64 MiB
-# in float32) however many candidates there are.
+# rows up to ~2M logits per block (more rows buy no speed, while MKL's own
+# buffers grow with them: for 8192 keys of 768 features about 9 MiB at 128 rows,
+# 27 MiB at 256, 38 MiB at 512); the block never exceeds ~16M logits (64 MiB in
+# float32) however many candidates there are.
 MIN_BLOCK_ROWS = 256
-TARGET_BLOCK_ELEMENTS = 1 << 22
+TARGET_BLOCK_ELEMENTS = 1 << 21
 MAX_BLOCK_ELEMENTS = 1 << 24
+# Column statistics are taken this many logits at a time, so that they need
+# no second block-sized buffer.
+COLUMN_CHUNK_ELEMENTS = 1 << 18
 
 
 def default_block_rows(num_queries: int, num_candidates: int) -> int:
@@ -72,8 +83,9 @@ class BlockPass:
 
     row_lse: Tensor  # (B,)
     column_lse: Tensor | None = None  # (C,), in a statistics pass with columns
-    grad_query: Tensor | None = None  # (B, D)
-    grad_keys: Tensor | None = None  # (N, D)
+    target_logit: Tensor | None = None  # (B,), in a statistics pass with targets
+    grad_rows: Tensor | None = None  # (B, D): gradient of the scaled query rows
+    grad_keys: Tensor | None = None  # (N, D): gradient of the column-scaled keys
     grad_extra: Tensor | None = None  # (B, E)
 
 
@@ -82,106 +94,179 @@ def block_pass(
     keys: Tensor,
     extra: Tensor | None,
     *,
+    row_scales: Tensor,
+    column_scales: Tensor | None,
     block_rows: int,
     column_keys: int = 0,
+    target_offset: int | None = None,
     compute_grads: bool = False,
     key_grads: bool = True,
+    statistics: BlockPass | None = None,
     row_weight: Tensor | None = None,
     column_weight: Tensor | float = 1.0,
-    column_lse: Tensor | None = None,
 ) -> BlockPass:
-    """Row (and column) log-sum-exp of the logits ``[extra, query @ keys.T]``, block by block.
+    """Row (and column) log-sum-exp of the logits ``[extra, x @ y.T]``, block by block.
 
-    Row i's logits are ``extra[i]`` (E values) followed by ``query[i] @ keys.T``
-    (N values). Column j < ``column_keys`` is key j's scores against all B
-    queries.
+    The scaled rows are ``x = row_scales[:, None] * query`` and the scaled keys
+    ``y = column_scales[:, None] * keys`` (``keys`` if None); neither is
+    materialised: each block scales its R query rows and its logits' columns.
+    Row i's logits are ``extra[i]`` (E values) followed by ``x[i] @ y.T`` (N
+    values). Column j < ``column_keys`` is key j's logits against all B rows.
+    With ``target_offset``, row i's target is key ``target_offset + i``.
 
-    Without ``column_lse`` this is a statistics pass: it returns the row
-    log-sum-exp and, if ``column_keys``, the column log-sum-exp. If
-    ``compute_grads``, it also returns the gradients of
-    ``sum_i row_weight[i] * row_lse[i]`` (weights 1 when None); only valid
-    without columns.
+    Without ``statistics`` this is a statistics pass: it returns the row
+    log-sum-exp and, if ``column_keys``, the column log-sum-exp, and with
+    ``target_offset`` the target logits. If ``compute_grads``, it also returns
+    the gradients of ``sum_i row_weight[i] * (row_lse[i] - target_logit[i])``
+    (weights 1 when None); only valid without columns.
 
-    With ``column_lse`` (the result of a statistics pass) it is a gradient pass
-    for ``sum_i row_weight[i] * row_lse[i] + sum_j column_weight[j] * column_lse[j]``.
+    With ``statistics`` (the result of a statistics pass) it is a gradient pass
+    for ``sum_i row_weight[i] * row_lse[i] + sum_j column_weight[j] * column_lse[j]``
+    minus, with ``target_offset`` (then 0 if there are columns),
+    ``(row_weight[i] + column_weight[i])`` times each target logit. It turns
+    the logits into probabilities with the known statistics, and adds the
+    column probabilities in chunks of columns, so it needs no second (R, N)
+    buffer.
 
     Args:
-        query: (B, D) queries, already divided by the temperature.
-        keys: (N, D) keys shared by all queries.
+        query: (B, D) queries, unscaled.
+        keys: (N, D) keys shared by all queries, unscaled.
         extra: (B, E) logits of per-query candidates, or None (E = 0).
+        row_scales: (B,) factor of each query row (e.g. 1 / (temperature * norm)).
+        column_scales: (N,) factor of each key (e.g. 1 / norm), or None.
         block_rows: queries per block.
         column_keys: number C of leading keys that get column statistics.
-        compute_grads: return the gradients.
-        key_grads: with ``compute_grads``, also the keys' gradient (False skips
-            one of the three matrix products, e.g. for a frozen queue of keys).
+        target_offset: row i's target is key ``target_offset + i`` (None: no target).
+        compute_grads: return the gradients (always, with ``statistics``).
+        key_grads: with gradients, also the keys' gradient (False skips one of
+            the three matrix products, e.g. for a frozen queue of keys).
+        statistics: a statistics pass's result: makes this a gradient pass.
         row_weight: (B,) weights of the row terms.
         column_weight: (C,) weights of the column terms (gradient pass), or
             one weight for all (relative to rows weighted 1).
-        column_lse: (C,) column statistics (gradient pass).
 
     Returns:
-        A BlockPass.
+        A BlockPass; its gradients are with respect to ``x`` (``grad_rows``),
+        ``y`` (``grad_keys``) and ``extra``.
     """
     num_queries, num_keys = len(query), len(keys)
     width = 0 if extra is None else extra.shape[1]
-    compute_grads = compute_grads or column_lse is not None
-    statistics_columns = column_keys if column_lse is None else 0
-    row_lse = query.new_empty(num_queries)  # (B,)
-    column_stats = query.new_full((statistics_columns,), float("-inf"))  # (C,)
-    buffer = query.new_empty(min(block_rows, num_queries), width + num_keys)
-    column_buffer = query.new_empty(0)
-    if column_lse is not None and column_keys:
-        column_buffer = query.new_empty(len(buffer), column_keys)
+    compute_grads = compute_grads or statistics is not None
+    row_lse = query.new_empty(num_queries) if statistics is None else statistics.row_lse  # (B,)
+    column_stats = None
+    if statistics is None and column_keys:
+        column_stats = query.new_full((column_keys,), float("-inf"))  # (C,)
+    column_lse = None if statistics is None else statistics.column_lse  # (C,)
+    target_logit = None
+    if target_offset is not None and statistics is None:
+        target_logit = query.new_empty(num_queries)  # (B,)
     if compute_grads:
-        grad_query = torch.empty_like(query)  # (B, D)
-        grad_keys = torch.zeros_like(keys) if key_grads else None  # (N, D)
+        grad_rows, grad_keys = _gradient_buffers(query, keys if key_grads else None)
         grad_extra = None if extra is None else query.new_empty(num_queries, width)  # (B, E)
+    buffer = query.new_empty(min(block_rows, num_queries), width + num_keys)
+    chunk = max(1, COLUMN_CHUNK_ELEMENTS // len(buffer))  # columns per column-statistics step
+    chunk_buffer = query.new_empty(len(buffer), min(chunk, column_keys))
 
     for start in range(0, num_queries, block_rows):
         rows = slice(start, min(start + block_rows, num_queries))
         block = buffer[: rows.stop - start]  # (R, E + N)
         key_block = block[:, width:]  # (R, N) view
-        column_block = key_block[:, :column_keys]  # (R, C) view
         if extra is not None:
             block[:, :width] = extra[rows]
-        torch.mm(query[rows], keys.T, out=key_block)
-        if statistics_columns:
-            column_stats = torch.logaddexp(column_stats, torch.logsumexp(column_block, dim=0))
-        if column_lse is not None and column_keys:
-            # Key-to-query probabilities, weighted: (R, C)
-            column_probs = torch.sub(column_block, column_lse, out=column_buffer[: len(block)])
-            column_probs.exp_()
-            if not isinstance(column_weight, float) or column_weight != 1.0:
-                column_probs.mul_(column_weight)
-        row_max, argmax = block.max(dim=1)  # (R,), (R,)
-        torch.ops.aten._softmax.out(block, 1, False, out=block)  # probabilities, in place
-        # P at the row maximum is 1 / sum(exp(logit - max)) >= 1 / (E + N): no underflow.
-        row_lse[rows] = row_max - block.gather(1, argmax.unsqueeze(1)).squeeze(1).log()
-        if compute_grads:
+        row_block = query[rows] * row_scales[rows].unsqueeze(1)  # (R, D) scaled rows
+        torch.mm(row_block, keys.T, out=key_block)
+        if column_scales is not None:
+            key_block.mul_(column_scales)
+        if target_logit is not None:
+            assert target_offset is not None
+            target_logit[rows] = torch.diagonal(key_block, offset=target_offset + start)
+
+        target_weight: Tensor | float = 1.0 if row_weight is None else row_weight[rows]
+        if statistics is None:
+            for columns in _column_chunks(column_keys, chunk):
+                assert column_stats is not None
+                chunk_lse = torch.logsumexp(key_block[:, columns], dim=0)  # (chunk,)
+                column_stats[columns] = torch.logaddexp(column_stats[columns], chunk_lse)
+            row_max, argmax = block.max(dim=1)  # (R,), (R,)
+            torch.ops.aten._softmax.out(block, 1, False, out=block)  # probabilities, in place
+            # P at the row maximum is 1 / sum(exp(logit - max)) >= 1 / (E + N): no underflow.
+            row_lse[rows] = row_max - block.gather(1, argmax.unsqueeze(1)).squeeze(1).log()
+            if not compute_grads:
+                continue
             if row_weight is not None:
                 block.mul_(row_weight[rows].unsqueeze(1))
-            if column_lse is not None and column_keys:
-                column_block.add_(column_probs)
-            torch.mm(key_block, keys, out=grad_query[rows])
-            if grad_keys is not None:
-                grad_keys.addmm_(key_block.T, query[rows])
-            if grad_extra is not None:
-                grad_extra[rows] = block[:, :width]
+        else:
+            shift = row_lse[rows].unsqueeze(1)  # (R, 1)
+            # Row probabilities where no column statistics are needed, then column by column.
+            for logits in (block[:, :width], key_block[:, column_keys:]):
+                _row_probabilities_(logits, shift, target_weight)
+            for columns in _column_chunks(column_keys, chunk):
+                logits = key_block[:, columns]  # (R, chunk) view
+                assert column_lse is not None
+                column_probs = torch.sub(
+                    logits, column_lse[columns], out=chunk_buffer[: len(block), : logits.shape[1]]
+                ).exp_()
+                if isinstance(column_weight, Tensor):
+                    column_probs.mul_(column_weight[columns])
+                elif column_weight != 1.0:
+                    column_probs.mul_(column_weight)
+                _row_probabilities_(logits, shift, target_weight).add_(column_probs)
+            if column_keys:
+                # Column i pairs with row i: its target logit is also column i's.
+                if isinstance(column_weight, Tensor):
+                    target_weight = target_weight + column_weight[rows]
+                else:
+                    target_weight = target_weight + column_weight
+        if target_offset is not None:
+            torch.diagonal(key_block, offset=target_offset + start).sub_(target_weight)
+        if grad_extra is not None:
+            grad_extra[rows] = block[:, :width]
+        if grad_keys is not None:
+            grad_keys.addmm_(key_block.T, row_block)  # d/dy
+        if column_scales is not None:
+            key_block.mul_(column_scales)
+        torch.mm(key_block, keys, out=grad_rows[rows])  # d/dx
 
-    result = BlockPass(row_lse=row_lse)
-    if statistics_columns:
-        result.column_lse = column_stats
+    result = BlockPass(row_lse=row_lse, column_lse=column_stats, target_logit=target_logit)
     if compute_grads:
-        result.grad_query, result.grad_keys, result.grad_extra = grad_query, grad_keys, grad_extra
+        result.grad_rows, result.grad_keys, result.grad_extra = grad_rows, grad_keys, grad_extra
     return result
+
+
+def _gradient_buffers(query: Tensor, keys: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Uninitialised (B, D) and zeroed (N, D) gradient buffers in one allocation.
+
+    One allocation of the two largest results keeps them off the general heap
+    (large blocks are mapped and returned to the system as a whole when freed),
+    so a step's peak memory does not depend on how earlier steps left the heap.
+    """
+    if keys is None:
+        return torch.empty_like(query), None
+    both = query.new_empty(len(query) + len(keys), query.shape[1])  # (B + N, D)
+    grad_keys = both[len(query) :]
+    return both[: len(query)], grad_keys.zero_()
+
+
+def _column_chunks(num_columns: int, chunk: int) -> list[slice]:
+    return [slice(a, min(a + chunk, num_columns)) for a in range(0, num_columns, chunk)]
+
+
+def _row_probabilities_(logits: Tensor, shift: Tensor, weight: Tensor | float) -> Tensor:
+    """In place: ``weight * exp(logits - shift)`` for (R, k) logits, (R, 1) shift, (R,) weight."""
+    logits.sub_(shift).exp_()
+    if isinstance(weight, Tensor):
+        logits.mul_(weight.unsqueeze(1))
+    return logits
 
 
 @dataclass(frozen=True)
 class LogSumExpOptions:
     """Settings of `LogSumExp`.
 
-    The output is ``reduce(row_scale * row_lse + column_scale * column_lse)``
-    over the B rows; column j pairs with row j, so ``column_keys`` is 0 or B.
+    The output is ``reduce(row_scale * row_lse + column_scale * column_lse -
+    target_scale * target_logit)`` over the B rows, where ``target_scale`` is
+    ``row_scale`` plus, with columns, ``column_scale``. Column j pairs with row
+    j, so ``column_keys`` is 0 or B.
 
     Attributes:
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
@@ -189,6 +274,12 @@ class LogSumExpOptions:
         column_keys: leading keys that get column statistics (0: one direction).
         row_scale: weight of the row log-sum-exp (1, or 1/2 in the symmetric loss).
         column_scale: weight of the column log-sum-exp.
+        target_offset: row i's positive is key ``target_offset + i``, and its
+            logit is subtracted (None: the caller handles the positives).
+        normalize: L2-normalise the query rows and the keys (by their norms,
+            at least ``eps``).
+        eps: smallest norm divided by, as in `F.normalize`.
+        temperature: the temperature when no temperature tensor is given.
         grads_in_forward: build the gradients during forward (scalar reduction,
             no columns, an input needs a gradient).
     """
@@ -198,6 +289,10 @@ class LogSumExpOptions:
     column_keys: int = 0
     row_scale: float = 1.0
     column_scale: float = 0.0
+    target_offset: int | None = None
+    normalize: bool = False
+    eps: float = 1e-12
+    temperature: float = 1.0
     grads_in_forward: bool = False
 
 
@@ -217,8 +312,83 @@ def refuse_double_backward(function: str) -> None:
         )
 
 
+@dataclass
+class _Scales:
+    """The factors that turn raw query rows and keys into logits, and the norms behind them."""
+
+    temperature: Tensor | float
+    rows: Tensor  # (B,) 1 / (temperature * |q_i|)
+    columns: Tensor | None  # (N,) 1 / |k_j|, or None without normalisation
+    query_norms: Tensor | None  # (B,) clamped at eps
+    key_norms: Tensor | None  # (N,) clamped at eps
+
+
+def _scales(
+    query: Tensor, keys: Tensor, temperature: Tensor | None, options: LogSumExpOptions
+) -> _Scales:
+    t: Tensor | float = options.temperature if temperature is None else temperature.detach()
+    if not options.normalize:
+        return _Scales(t, query.new_ones(len(query)).div_(t), None, None, None)
+    query_norms = torch.linalg.vector_norm(query, dim=1).clamp_min_(options.eps)  # (B,)
+    key_norms = torch.linalg.vector_norm(keys, dim=1).clamp_min_(options.eps)  # (N,)
+    row_scales = (query_norms * t).reciprocal_()
+    return _Scales(t, row_scales, key_norms.reciprocal(), query_norms, key_norms)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(1)`` without the (B, D) product."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(len(a))
+
+
+def _unit_backward_(grad: Tensor, x: Tensor, norms: Tensor, dot: Tensor, eps: float) -> Tensor:
+    """In place: the gradient through ``x / max(|x|, eps)``, times ``|x|`` (the caller scales).
+
+    ``grad - x (x . grad) / |x|^2`` where ``|x| > eps``; rows at the clamp have a
+    constant denominator and keep ``grad``. ``dot`` is ``x . grad`` per row.
+    """
+    radial = torch.where(norms > eps, dot / norms.square(), 0.0)  # (B,)
+    return grad.addcmul_(x, radial.unsqueeze(1), value=-1.0)
+
+
+def _input_grads(
+    query: Tensor,
+    keys: Tensor,
+    result: BlockPass,
+    scales: _Scales,
+    options: LogSumExpOptions,
+    temperature_grad: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of query, keys and temperature from a pass's gradients of the scaled rows and keys.
+
+    The scaled row is ``x_i = q_i / (t |q_i|)``, so with ``u_i = dL/dx_i``:
+    ``dL/dq_i = (u_i - q_i (q_i . u_i) / |q_i|^2) / (t |q_i|)`` and
+    ``dL/dt = -sum_i (q_i . u_i) / (t^2 |q_i|)``; likewise for the keys without
+    the temperature. Computed in place in the pass's (B, D) and (N, D) buffers.
+    """
+    grad_query, grad_keys = result.grad_rows, result.grad_keys
+    assert grad_query is not None
+    grad_temperature = None
+    if options.normalize or temperature_grad:
+        dot = _row_dot(query, grad_query)  # (B,) q_i . u_i
+        if temperature_grad:
+            grad_temperature = -torch.dot(dot, scales.rows) / scales.temperature
+        if scales.query_norms is not None:
+            _unit_backward_(grad_query, query, scales.query_norms, dot, options.eps)
+    grad_query.mul_(scales.rows.unsqueeze(1))
+    if grad_keys is not None and scales.key_norms is not None:
+        assert scales.columns is not None
+        _unit_backward_(grad_keys, keys, scales.key_norms, _row_dot(keys, grad_keys), options.eps)
+        grad_keys.mul_(scales.columns.unsqueeze(1))
+    return grad_query, grad_keys, grad_temperature
+
+
 class LogSumExp(torch.autograd.Function):
-    """Autograd Function: reduced row (and column) log-sum-exp; see `block_pass`."""
+    """Autograd Function: the reduced row (and column) log-sum-exp minus the target logits.
+
+    Inputs are the raw query rows and keys: normalisation and temperature are
+    applied inside (see `block_pass`) and differentiated in place, so no scaled
+    copy of either exists.
+    """
 
     @staticmethod
     def forward(
@@ -226,27 +396,36 @@ class LogSumExp(torch.autograd.Function):
         query: Tensor,
         keys: Tensor,
         extra: Tensor | None,
+        temperature: Tensor | None,
         options: LogSumExpOptions,
     ) -> Tensor:
         needs_grad = ctx.needs_input_grad  # type: ignore[attr-defined]
+        scales = _scales(query, keys, temperature, options)
         result = block_pass(
             query,
             keys,
             extra,
+            row_scales=scales.rows,
+            column_scales=scales.columns,
             block_rows=options.block_rows,
             column_keys=options.column_keys,
+            target_offset=options.target_offset,
             compute_grads=options.grads_in_forward,
             key_grads=needs_grad[1],
         )
         ctx.options = options  # type: ignore[attr-defined]
+        ctx.temperature_shape = None if temperature is None else temperature.shape  # type: ignore[attr-defined]
         if options.grads_in_forward:
-            grads = (result.grad_query, result.grad_keys, result.grad_extra)
-            ctx.save_for_backward(*grads)  # type: ignore[arg-type]  # keys', extra's may be None
+            grads = _input_grads(query, keys, result, scales, options, needs_grad[3])
+            ctx.save_for_backward(*grads, result.grad_extra)  # type: ignore[arg-type]
         else:
-            ctx.save_for_backward(query, keys, extra, result.column_lse)  # type: ignore[arg-type]
+            saved = (query, keys, extra, temperature, result.row_lse, result.column_lse)
+            ctx.save_for_backward(*saved)  # type: ignore[arg-type]  # some may be None
         output = options.row_scale * result.row_lse  # (B,)
         if result.column_lse is not None:
             output = output + options.column_scale * result.column_lse
+        if result.target_logit is not None:
+            output = output - _target_scale(options) * result.target_logit
         return reduce_loss(output, options.reduction)
 
     @staticmethod
@@ -254,10 +433,14 @@ class LogSumExp(torch.autograd.Function):
         refuse_double_backward("LogSumExp")
         options: LogSumExpOptions = ctx.options
         if options.grads_in_forward:
-            grads = ctx.saved_tensors  # query, keys, extra (None where not needed)
-            scale = _scalar_scale(grad_output, options, len(grads[0]))
-            return *(None if grad is None else grad * scale for grad in grads), None
-        query, keys, extra, column_lse = ctx.saved_tensors
+            grad_query, grad_keys, grad_temperature, grad_extra = ctx.saved_tensors
+            scale = _scalar_scale(grad_output, options, len(grad_query))
+            grads = (grad_query, grad_keys, grad_extra, grad_temperature)
+            grad_query, grad_keys, grad_extra, grad_temperature = (
+                None if grad is None else grad * scale for grad in grads
+            )
+            return grad_query, grad_keys, grad_extra, grad_temperature, None
+        query, keys, extra, temperature, row_lse, column_lse = ctx.saved_tensors
         row_weight: Tensor | None = None
         column_weight: Tensor | float
         if options.reduction == "none":
@@ -265,25 +448,41 @@ class LogSumExp(torch.autograd.Function):
             column_weight = options.column_scale * grad_output  # (B,): column j pairs with row j
         else:
             # Every row weighs alike: weigh the columns relative to the rows and
-            # scale the (B, D) gradients once instead of every (R, N) block.
+            # scale the gradients once instead of every (R, N) block.
             column_weight = options.column_scale / options.row_scale
+        scales = _scales(query, keys, temperature, options)
         result = block_pass(
             query,
             keys,
             extra,
+            row_scales=scales.rows,
+            column_scales=scales.columns,
             block_rows=options.block_rows,
             column_keys=options.column_keys,
-            compute_grads=True,
+            target_offset=options.target_offset,
             key_grads=ctx.needs_input_grad[1],
+            statistics=BlockPass(row_lse=row_lse, column_lse=column_lse),
             row_weight=row_weight,
             column_weight=column_weight,
-            column_lse=column_lse,
         )
-        grads = (result.grad_query, result.grad_keys, result.grad_extra)
+        grad_query, grad_keys, grad_temperature = _input_grads(
+            query, keys, result, scales, options, ctx.needs_input_grad[3]
+        )
+        grad_extra = result.grad_extra
         if row_weight is None:
             scale = _scalar_scale(grad_output, options, len(query))
-            grads = tuple(None if grad is None else grad.mul_(scale) for grad in grads)
-        return *grads, None
+            grad_query, grad_keys, grad_extra, grad_temperature = (
+                None if grad is None else grad.mul_(scale)
+                for grad in (grad_query, grad_keys, grad_extra, grad_temperature)
+            )
+        if grad_temperature is not None:
+            grad_temperature = grad_temperature.reshape(ctx.temperature_shape)
+        return grad_query, grad_keys, grad_extra, grad_temperature, None
+
+
+def _target_scale(options: LogSumExpOptions) -> float:
+    """Weight of the target logit: it enters the row term and, with columns, the column term."""
+    return options.row_scale + (options.column_scale if options.column_keys else 0.0)
 
 
 def _scalar_scale(grad_output: Tensor, options: LogSumExpOptions, num_rows: int) -> Tensor:
@@ -293,15 +492,22 @@ def _scalar_scale(grad_output: Tensor, options: LogSumExpOptions, num_rows: int)
 
 
 def log_sum_exp(
-    query: Tensor, keys: Tensor, extra: Tensor | None, options: LogSumExpOptions
+    query: Tensor,
+    keys: Tensor,
+    extra: Tensor | None,
+    temperature: Tensor | None,
+    options: LogSumExpOptions,
 ) -> Tensor:
-    """``reduce(row_scale * row_lse + column_scale * column_lse)`` through `LogSumExp`.
+    """The reduced log-sum-exp over the candidates, minus the targets, through `LogSumExp`.
 
-    Same as, with ``logits = cat([extra, query @ keys.T], 1)`` (B, E + N):
-    ``row_scale * logits.logsumexp(1) + column_scale * logits[:, E:E + C].logsumexp(0)``,
-    reduced, without the logits matrix.
+    Same as, with ``x = unit(query) / t``, ``y = unit(keys)`` (no ``unit``
+    without ``normalize``; ``t`` the temperature tensor, or the options' one)
+    and ``logits = cat([extra, x @ y.T], 1)`` (B, E + N):
+    ``row_scale * logits.logsumexp(1) + column_scale * logits[:, E:E + C].logsumexp(0)
+    - target_scale * logits[i, E + target_offset + i]``, reduced, without the
+    logits matrix or the normalised copies.
     """
-    output = LogSumExp.apply(query, keys, extra, options)  # type: ignore[no-untyped-call]
+    output = LogSumExp.apply(query, keys, extra, temperature, options)  # type: ignore[no-untyped-call]
     return cast(Tensor, output)
 
 

@@ -198,8 +198,8 @@ def info_nce(
         )
 
     return _engine_loss(
-        unit(query).to(compute_dtype),
-        unit(positive_key).to(compute_dtype),
+        query.to(compute_dtype),
+        positive_key.to(compute_dtype),
         negative_keys,
         temperature,
         reduction,
@@ -211,6 +211,7 @@ def info_nce(
         normalize=normalize,
         chunk_size=chunk_size,
         gather=gather,
+        eps=normalization_eps(query.dtype),
     )
 
 
@@ -229,16 +230,21 @@ def _engine_loss(
     normalize: bool,
     chunk_size: int | None,
     gather: bool,
+    eps: float,
 ) -> Tensor:
-    """The loss through the blockwise engine, on normalised (B, D) query and positive keys.
+    """The loss through the blockwise engine, on raw (B, D) query and positive keys.
 
-    Positive logits are O(B * D) autograd ops here; the log-sum-exp over the
-    candidates is the engine's. ``negative_keys`` arrive unnormalised: paired
-    ones are normalised inside the engine, unpaired ones here.
+    The engine's Function normalises, divides by the temperature and (in-batch,
+    without labels) subtracts the positive logits itself, in place: no
+    normalised copy of a (B, D) input exists on that path. What it does not
+    cover (positive logits with labels or without in-batch candidates, paired
+    negatives) is O(B * D) autograd ops on normalised copies made only then.
     """
     compute_dtype = query.dtype
     unit = _unit if normalize else _identity
-    scaled_query = query / temperature  # (B, D)
+    # A tensor temperature is an input of the engine's Function (it gets a gradient).
+    engine_temperature = temperature if isinstance(temperature, Tensor) else None
+    fixed_temperature = 1.0 if isinstance(temperature, Tensor) else temperature
 
     # Candidates held by every rank: gathered with gradient (all ranks' rows,
     # this rank's from `offset`); without a process group, the local tensors.
@@ -255,24 +261,35 @@ def _engine_loss(
     columns_in_pass = symmetric and in_batch and not gather
     column_queries = None  # (B_all, D) all queries, for a separate key-to-query pass
     if symmetric and not columns_in_pass:
-        column_queries = scaled_query if gather_rows is None else gather_rows(query) / temperature
-    positive_logit = _positive_logits(
-        scaled_query,
-        positive_key,
-        all_positive_keys,
-        column_queries if column_queries is not None else scaled_query,
-        all_labels,
-        offset,
-        symmetric,
-        row_scale,
-    )  # (B,)
+        column_queries = query if gather_rows is None else gather_rows(query)
+    # Without labels, query i's in-batch positive is key `offset + i`: the engine's target.
+    targets_in_engine = labels is None
 
-    extra: list[Tensor] = []  # per-query candidates, (B, E_k) each
+    extra: list[Tensor] = []  # per-query candidates' logits, (B, E_k) each
     keys: list[Tensor] = []  # candidates shared by all queries, (N_k, D) each
+    positive_logit = None  # (B,) positive logits the engine does not subtract
+    if labels is not None or not in_batch or paired:
+        scaled_query = unit(query) / temperature  # (B, D)
+    if all_labels is not None:
+        scaled_column_queries = None
+        if symmetric:
+            all_queries = query if column_queries is None else column_queries
+            scaled_column_queries = unit(all_queries) / temperature
+        positive_logit = _positive_logits(
+            scaled_query,
+            unit(positive_key),
+            unit(all_positive_keys),
+            scaled_column_queries,
+            all_labels,
+            offset,
+            row_scale,
+        )
     if in_batch:
         keys.append(all_positive_keys)
     else:
-        extra.append(torch.sum(scaled_query * positive_key, dim=1, keepdim=True))  # (B, 1)
+        own_positive = torch.sum(scaled_query * unit(positive_key), dim=1, keepdim=True)  # (B, 1)
+        extra.append(own_positive)
+        positive_logit = row_scale * own_positive.squeeze(1)
     if negative_keys is not None and paired:
         options = blockwise.PairedOptions(
             normalize_negatives=normalize, eps=normalization_eps(negative_keys.dtype)
@@ -284,48 +301,59 @@ def _engine_loss(
             negative_logits = negative_logits.masked_fill(~negative_mask, float("-inf"))
         extra.append(negative_logits)
     elif negative_keys is not None:
-        negatives = unit(negative_keys).to(compute_dtype)  # (M, D)
+        negatives = negative_keys.to(compute_dtype)  # (M, D)
         if gather:
             negatives = _Gatherer(len(negatives), negatives.device)(negatives)
         keys.append(negatives)
 
     key_count = sum(len(k) for k in keys)
     block_rows = chunk_size or blockwise.default_block_rows(len(query), key_count + len(extra))
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (scaled_query, positive_key, *keys, *extra)
-    )
+    inputs = (query, positive_key, *keys, *extra, column_queries, engine_temperature)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if keys:
-        lse = blockwise.log_sum_exp(
-            scaled_query,
+        loss = blockwise.log_sum_exp(
+            query,
             keys[0] if len(keys) == 1 else torch.cat(keys),
             _cat_columns(extra),
+            engine_temperature,
             blockwise.LogSumExpOptions(
                 reduction=reduction,
                 block_rows=block_rows,
                 column_keys=len(query) if columns_in_pass else 0,
                 row_scale=row_scale,
                 column_scale=0.5 if columns_in_pass else 0.0,
+                target_offset=offset if in_batch and targets_in_engine else None,
+                normalize=normalize,
+                eps=eps,
+                temperature=fixed_temperature,
                 grads_in_forward=needs_grad and reduction != "none" and not columns_in_pass,
             ),
         )
     else:
         # Paired negatives only: the logits are (B, 1 + M), no large matrix.
-        lse = reduce_loss(row_scale * _small_lse(extra), reduction)
+        loss = reduce_loss(row_scale * _small_lse(extra), reduction)
     if column_queries is not None:
         # The key-to-query direction on its own: each key against all queries.
-        lse = lse + blockwise.log_sum_exp(
+        loss = loss + blockwise.log_sum_exp(
             positive_key,
             column_queries,
             None,
+            engine_temperature,
             blockwise.LogSumExpOptions(
                 reduction=reduction,
                 block_rows=chunk_size
                 or blockwise.default_block_rows(len(query), len(column_queries)),
                 row_scale=0.5,
+                target_offset=offset if targets_in_engine else None,
+                normalize=normalize,
+                eps=eps,
+                temperature=fixed_temperature,
                 grads_in_forward=needs_grad and reduction != "none",
             ),
         )
-    return lse - reduce_loss(positive_logit, reduction)
+    if positive_logit is not None:
+        loss = loss - reduce_loss(positive_logit, reduction)
+    return loss
 
 
 class _Gatherer:
@@ -367,23 +395,20 @@ def _positive_logits(
     scaled_query: Tensor,
     positive_key: Tensor,
     all_positive_keys: Tensor,
-    all_scaled_queries: Tensor,
-    all_labels: Tensor | None,
+    all_scaled_queries: Tensor | None,
+    all_labels: Tensor,
     offset: int,
-    symmetric: bool,
     row_scale: float,
 ) -> Tensor:
-    """Per local sample: the (weighted) mean logit of its positives, both directions. (B,)
+    """Per local sample: the weighted mean logit of its positives under labels. (B,)
 
-    Without labels a sample's positive is its own pair. With labels, query i's
-    positives are all keys with its label (on every rank): the mean of their
-    logits is ``q_i . mean(keys of its class)``, computed from per-class sums in
-    O((B + classes) * D), without a (B, B) mask. Local row i is row
+    Query i's positives are all keys with its label (on every rank): the mean of
+    their logits is ``q_i . mean(keys of its class)``, computed from per-class
+    sums in O((B + classes) * D), without a (B, B) mask. With
+    ``all_scaled_queries`` (the symmetric loss) key i's positives, the queries
+    with its label, are added with weight 1/2. Local row i is row
     ``offset + i`` of the ``all_*`` tensors.
     """
-    if all_labels is None:
-        scale = row_scale + (0.5 if symmetric else 0.0)
-        return scale * torch.sum(scaled_query * positive_key, dim=1)
     _, label_index, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
     local = slice(offset, offset + len(scaled_query))
     sizes = counts[label_index[local]].to(scaled_query.dtype).unsqueeze(1)  # (B, 1)
@@ -394,6 +419,6 @@ def _positive_logits(
         return mean
 
     logit = row_scale * torch.sum(scaled_query * class_mean(all_positive_keys), dim=1)
-    if symmetric:
+    if all_scaled_queries is not None:
         logit = logit + 0.5 * torch.sum(positive_key * class_mean(all_scaled_queries), dim=1)
     return logit
