@@ -401,12 +401,19 @@ class LogSumExp(torch.autograd.Function):
     ) -> Tensor:
         needs_grad = ctx.needs_input_grad  # type: ignore[attr-defined]
         scales = _scales(query, keys, temperature, options)
+        scaled_keys, column_scales = keys, scales.columns
+        if options.grads_in_forward and column_scales is not None:
+            # A scaled copy of the keys saves two passes over every logits block.
+            # It never sets the peak here: backward holds the saved gradients
+            # and their rescaled copies, (B + N) * D twice. (Elsewhere the peak
+            # is the backward pass's, and the copy would only fragment the heap.)
+            scaled_keys, column_scales = keys * column_scales.unsqueeze(1), None
         result = block_pass(
             query,
-            keys,
+            scaled_keys,
             extra,
             row_scales=scales.rows,
-            column_scales=scales.columns,
+            column_scales=column_scales,
             block_rows=options.block_rows,
             column_keys=options.column_keys,
             target_offset=options.target_offset,
