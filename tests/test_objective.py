@@ -381,9 +381,9 @@ def test_symmetric_engine_across_column_chunks(case: Case, path: str, reduction:
     # one chunk would hold every column, so make them 2 logits (1 or 2 columns).
     chunk_counts: list[int] = []
 
-    def column_chunks(num_columns: int, chunk: int) -> list[slice]:
-        chunks = original(num_columns, chunk)
-        chunk_counts.append(len(chunks))
+    def column_chunks(split: int, num_columns: int, chunk: int) -> list[slice]:
+        chunks = original(split, num_columns, chunk)
+        chunk_counts.append(sum(columns.stop <= split for columns in chunks))
         return chunks
 
     original = blockwise._column_chunks

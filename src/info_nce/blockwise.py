@@ -85,7 +85,7 @@ class BlockPass:
     column_lse: Tensor | None = None  # (C,), in a statistics pass with columns
     target_logit: Tensor | None = None  # (B,), in a statistics pass with targets
     grad_rows: Tensor | None = None  # (B, D): gradient of the scaled query rows
-    grad_keys: Tensor | None = None  # (N, D): gradient of the column-scaled keys
+    grad_keys: Tensor | None = None  # (N, D): gradient of the keys, column scales held fixed
     grad_extra: Tensor | None = None  # (B, E)
 
 
@@ -147,7 +147,7 @@ def block_pass(
 
     Returns:
         A BlockPass; its gradients are with respect to ``x`` (``grad_rows``),
-        ``y`` (``grad_keys``) and ``extra``.
+        ``keys`` with ``column_scales`` held fixed (``grad_keys``) and ``extra``.
     """
     num_queries, num_keys = len(query), len(keys)
     width = 0 if extra is None else extra.shape[1]
@@ -164,8 +164,10 @@ def block_pass(
         grad_rows, grad_keys = _gradient_buffers(query, keys if key_grads else None)
         grad_extra = None if extra is None else query.new_empty(num_queries, width)  # (B, E)
     buffer = query.new_empty(min(block_rows, num_queries), width + num_keys)
-    chunk = max(1, COLUMN_CHUNK_ELEMENTS // len(buffer))  # columns per column-statistics step
-    chunk_buffer = query.new_empty(len(buffer), min(chunk, column_keys))
+    chunk = max(1, COLUMN_CHUNK_ELEMENTS // len(buffer))  # key columns per elementwise step
+    chunk_columns = 0 if statistics is None else min(chunk, column_keys)
+    chunk_buffer = query.new_empty(len(buffer), chunk_columns)  # column probabilities
+    chunks = _column_chunks(column_keys, num_keys, chunk)
 
     for start in range(0, num_queries, block_rows):
         rows = slice(start, min(start + block_rows, num_queries))
@@ -175,57 +177,72 @@ def block_pass(
             block[:, :width] = extra[rows]
         row_block = query[rows] * row_scales[rows].unsqueeze(1)  # (R, D) scaled rows
         torch.mm(row_block, keys.T, out=key_block)
-        if column_scales is not None:
-            key_block.mul_(column_scales)
-        if target_logit is not None:
-            assert target_offset is not None
-            target_logit[rows] = torch.diagonal(key_block, offset=target_offset + start)
-
         target_weight: Tensor | float = 1.0 if row_weight is None else row_weight[rows]
+        # Elementwise work on the (R, N) block is done a cache-sized chunk of
+        # columns at a time, so that the block passes through memory once.
         if statistics is None:
-            for columns in _column_chunks(column_keys, chunk):
-                assert column_stats is not None
-                chunk_lse = torch.logsumexp(key_block[:, columns], dim=0)  # (chunk,)
-                column_stats[columns] = torch.logaddexp(column_stats[columns], chunk_lse)
-            row_max, argmax = block.max(dim=1)  # (R,), (R,)
+            for columns in chunks:
+                logits = key_block[:, columns]  # (R, chunk) view
+                if column_scales is not None:
+                    logits.mul_(column_scales[columns])
+                if column_stats is not None and columns.stop <= column_keys:
+                    chunk_lse = torch.logsumexp(logits, dim=0)  # (chunk,)
+                    column_stats[columns] = torch.logaddexp(column_stats[columns], chunk_lse)
+            if target_logit is not None:
+                assert target_offset is not None
+                target_logit[rows] = torch.diagonal(key_block, offset=target_offset + start)
+            row_max = block.amax(dim=1)  # (R,)
             torch.ops.aten._softmax.out(block, 1, False, out=block)  # probabilities, in place
-            # P at the row maximum is 1 / sum(exp(logit - max)) >= 1 / (E + N): no underflow.
-            row_lse[rows] = row_max - block.gather(1, argmax.unsqueeze(1)).squeeze(1).log()
+            # The row's largest probability, at its largest logit, is
+            # 1 / sum(exp(logit - max)) >= 1 / (E + N): no underflow.
+            row_lse[rows] = row_max - block.amax(dim=1).log()
             if not compute_grads:
                 continue
             if row_weight is not None:
                 block.mul_(row_weight[rows].unsqueeze(1))
+            if target_offset is not None:
+                torch.diagonal(key_block, offset=target_offset + start).sub_(target_weight)
+            if column_scales is not None:
+                key_block.mul_(column_scales)
         else:
             shift = row_lse[rows].unsqueeze(1)  # (R, 1)
-            # Row probabilities where no column statistics are needed, then column by column.
-            for logits in (block[:, :width], key_block[:, column_keys:]):
-                _row_probabilities_(logits, shift, target_weight)
-            for columns in _column_chunks(column_keys, chunk):
+            if extra is not None:
+                _row_probabilities_(block[:, :width], shift, target_weight)
+            for columns in chunks:
                 logits = key_block[:, columns]  # (R, chunk) view
-                assert column_lse is not None
-                column_probs = torch.sub(
-                    logits, column_lse[columns], out=chunk_buffer[: len(block), : logits.shape[1]]
-                ).exp_()
-                if isinstance(column_weight, Tensor):
-                    column_probs.mul_(column_weight[columns])
-                elif column_weight != 1.0:
-                    column_probs.mul_(column_weight)
-                _row_probabilities_(logits, shift, target_weight).add_(column_probs)
+                if column_scales is not None:
+                    logits.mul_(column_scales[columns])
+                column_probs = None
+                if columns.stop <= column_keys:  # key-to-query probabilities, weighted
+                    assert column_lse is not None
+                    out = chunk_buffer[: len(block), : logits.shape[1]]
+                    column_probs = torch.sub(logits, column_lse[columns], out=out).exp_()
+                    if isinstance(column_weight, Tensor):
+                        column_probs.mul_(column_weight[columns])
+                    elif column_weight != 1.0:
+                        column_probs.mul_(column_weight)
+                _row_probabilities_(logits, shift, target_weight)
+                if column_probs is not None:
+                    logits.add_(column_probs)
+                if column_scales is not None:
+                    logits.mul_(column_scales[columns])
             if column_keys:
                 # Column i pairs with row i: its target logit is also column i's.
                 if isinstance(column_weight, Tensor):
                     target_weight = target_weight + column_weight[rows]
                 else:
                     target_weight = target_weight + column_weight
-        if target_offset is not None:
-            torch.diagonal(key_block, offset=target_offset + start).sub_(target_weight)
+            if target_offset is not None:
+                targets = slice(target_offset + start, target_offset + rows.stop)
+                if column_scales is not None:
+                    target_weight = target_weight * column_scales[targets]
+                torch.diagonal(key_block, offset=target_offset + start).sub_(target_weight)
+        # The block now holds the logits' gradient, times the column scales.
         if grad_extra is not None:
             grad_extra[rows] = block[:, :width]
         if grad_keys is not None:
-            grad_keys.addmm_(key_block.T, row_block)  # d/dy
-        if column_scales is not None:
-            key_block.mul_(column_scales)
-        torch.mm(key_block, keys, out=grad_rows[rows])  # d/dx
+            grad_keys.addmm_(key_block.T, row_block)
+        torch.mm(key_block, keys, out=grad_rows[rows])
 
     result = BlockPass(row_lse=row_lse, column_lse=column_stats, target_logit=target_logit)
     if compute_grads:
@@ -247,8 +264,13 @@ def _gradient_buffers(query: Tensor, keys: Tensor | None) -> tuple[Tensor, Tenso
     return both[: len(query)], grad_keys.zero_()
 
 
-def _column_chunks(num_columns: int, chunk: int) -> list[slice]:
-    return [slice(a, min(a + chunk, num_columns)) for a in range(0, num_columns, chunk)]
+def _column_chunks(split: int, num_columns: int, chunk: int) -> list[slice]:
+    """Slices of at most ``chunk`` columns: ``[0, split)``, then ``[split, num_columns)``."""
+    return [
+        slice(a, min(a + chunk, stop))
+        for begin, stop in ((0, split), (split, num_columns))
+        for a in range(begin, stop, chunk)
+    ]
 
 
 def _row_probabilities_(logits: Tensor, shift: Tensor, weight: Tensor | float) -> Tensor:
@@ -336,15 +358,22 @@ def _scales(
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(1)`` without the (B, D) product."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(len(a))
+    """``(a * b).sum(1)`` for (B, D) tensors, with a product of at most ~1M elements at a time."""
+    out = a.new_empty(len(a))  # (B,)
+    step = max(1, (1 << 20) // max(1, a.shape[1]))
+    for start in range(0, len(a), step):
+        rows = slice(start, start + step)
+        torch.sum(a[rows] * b[rows], dim=1, out=out[rows])
+    return out
 
 
 def _unit_backward_(grad: Tensor, x: Tensor, norms: Tensor, dot: Tensor, eps: float) -> Tensor:
-    """In place: the gradient through ``x / max(|x|, eps)``, times ``|x|`` (the caller scales).
+    """In place: the gradient through ``x / max(|x|, eps)`` from the one at fixed norms.
 
-    ``grad - x (x . grad) / |x|^2`` where ``|x| > eps``; rows at the clamp have a
-    constant denominator and keep ``grad``. ``dot`` is ``x . grad`` per row.
+    ``grad`` is the gradient with the norms held fixed (so already divided by
+    them); the norms' own share removes its radial part,
+    ``grad - x (x . grad) / |x|^2``, where ``|x| > eps``: rows at the clamp
+    have a constant denominator. ``dot`` is ``x . grad`` per row.
     """
     radial = torch.where(norms > eps, dot / norms.square(), 0.0)  # (B,)
     return grad.addcmul_(x, radial.unsqueeze(1), value=-1.0)
@@ -358,27 +387,25 @@ def _input_grads(
     options: LogSumExpOptions,
     temperature_grad: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of query, keys and temperature from a pass's gradients of the scaled rows and keys.
+    """Gradients of query, keys and temperature from a pass's, in its buffers.
 
-    The scaled row is ``x_i = q_i / (t |q_i|)``, so with ``u_i = dL/dx_i``:
-    ``dL/dq_i = (u_i - q_i (q_i . u_i) / |q_i|^2) / (t |q_i|)`` and
-    ``dL/dt = -sum_i (q_i . u_i) / (t^2 |q_i|)``; likewise for the keys without
-    the temperature. Computed in place in the pass's (B, D) and (N, D) buffers.
+    The scaled row is ``x_i = q_i s_i`` with ``s_i = 1 / (t |q_i|)``: with
+    ``u_i = dL/dx_i``, the gradient at fixed norms is ``s_i u_i``, the norms add
+    ``-q_i (q_i . s_i u_i) / |q_i|^2``, and ``dL/dt = -sum_i q_i . s_i u_i / t``.
+    The pass gives the keys' gradient at fixed norms; the norms' share is the same.
     """
     grad_query, grad_keys = result.grad_rows, result.grad_keys
     assert grad_query is not None
+    grad_query.mul_(scales.rows.unsqueeze(1))
     grad_temperature = None
     if options.normalize or temperature_grad:
-        dot = _row_dot(query, grad_query)  # (B,) q_i . u_i
+        dot = _row_dot(query, grad_query)  # (B,)
         if temperature_grad:
-            grad_temperature = -torch.dot(dot, scales.rows) / scales.temperature
+            grad_temperature = -dot.sum() / scales.temperature
         if scales.query_norms is not None:
             _unit_backward_(grad_query, query, scales.query_norms, dot, options.eps)
-    grad_query.mul_(scales.rows.unsqueeze(1))
     if grad_keys is not None and scales.key_norms is not None:
-        assert scales.columns is not None
         _unit_backward_(grad_keys, keys, scales.key_norms, _row_dot(keys, grad_keys), options.eps)
-        grad_keys.mul_(scales.columns.unsqueeze(1))
     return grad_query, grad_keys, grad_temperature
 
 
@@ -423,6 +450,9 @@ class LogSumExp(torch.autograd.Function):
         ctx.options = options  # type: ignore[attr-defined]
         ctx.temperature_shape = None if temperature is None else temperature.shape  # type: ignore[attr-defined]
         if options.grads_in_forward:
+            if result.grad_keys is not None and scaled_keys is not keys:
+                assert scales.columns is not None  # the scaled copy's gradient, to the keys'
+                result.grad_keys.mul_(scales.columns.unsqueeze(1))
             grads = _input_grads(query, keys, result, scales, options, needs_grad[3])
             ctx.save_for_backward(*grads, result.grad_extra)  # type: ignore[arg-type]
         else:
