@@ -55,14 +55,15 @@ from torch.autograd.function import FunctionCtx
 
 from info_nce._validation import Reduction, reduce_loss
 
-# Rows per logits block, chosen by measurement (docs/benchmarks.md): about 256
-# query rows keep the matrix products efficient; fewer candidates allow more
-# rows up to ~2M logits per block (more rows buy no speed, while MKL's own
-# buffers grow with them: for 8192 keys of 768 features about 9 MiB at 128 rows,
-# 27 MiB at 256, 38 MiB at 512); the block never exceeds ~16M logits (64 MiB in
-# float32) however many candidates there are.
+# Rows per logits block, chosen by measurement (docs/benchmarks.md): at least
+# 256 query rows, and up to ~4M logits per block. Each block's product with the
+# keys repacks all the keys, so small blocks cost time: for 8192 keys of 768
+# features, 256-row blocks made the symmetric loss 14% slower than 512-row ones,
+# while more rows buy nothing and grow MKL's own buffers (about 27 MiB at 256
+# rows, 38 MiB at 512). The block never exceeds ~16M logits (64 MiB in float32)
+# however many candidates there are.
 MIN_BLOCK_ROWS = 256
-TARGET_BLOCK_ELEMENTS = 1 << 21
+TARGET_BLOCK_ELEMENTS = 1 << 22
 MAX_BLOCK_ELEMENTS = 1 << 24
 # Column statistics are taken this many logits at a time, so that they need
 # no second block-sized buffer.
