@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 
 import pytest
+import torch
 
 from info_nce.cli import bench
 from info_nce.cli.__main__ import main
@@ -80,3 +81,10 @@ def test_every_issue_configuration_is_defined() -> None:
     assert {"C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"} <= set(bench.CONFIGS)
     assert bench.CONFIGS["C2"].batch == 16384
     assert not bench.CONFIGS["C5"].reference_fits
+
+
+def test_machine_description_names_the_cpu_and_its_vector_extensions() -> None:
+    description = bench.machine_description()
+    assert f"({torch.backends.cpu.get_cpu_capability()})" in description
+    assert description.split(" (")[0].strip()  # a CPU name, whatever the platform
+    assert f"torch {torch.__version__}" in description

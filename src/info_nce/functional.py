@@ -271,10 +271,11 @@ def _engine_loss(
     if labels is not None or not in_batch or paired:
         scaled_query = unit(query) / temperature  # (B, D)
     if all_labels is not None:
-        scaled_column_queries = None
+        scaled_column_queries = None  # (B_all, D) for the key-to-query positives
         if symmetric:
-            all_queries = query if column_queries is None else column_queries
-            scaled_column_queries = unit(all_queries) / temperature
+            scaled_column_queries = (
+                scaled_query if column_queries is None else unit(column_queries) / temperature
+            )
         positive_logit = _positive_logits(
             scaled_query,
             unit(positive_key),
