@@ -444,6 +444,70 @@ def test_block_pass_statistics_match_logsumexp() -> None:
     assert_close(result.target_logit, expected_targets, rtol=0, atol=1e-14, name="target_logit")
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """Wrap ``module.name`` so that calling it appends to the returned list."""
+    calls: list[int] = []
+    original = getattr(module, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_column_statistics_come_from_the_row_probabilities(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ordinary logits: the column statistics need no pass of their own.
+    separate_passes = count_calls(monkeypatch, blockwise, "_column_lse_pass")
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(37, 8, generator=generator, dtype=torch.float64)
+    keys = torch.randn(41, 8, generator=generator, dtype=torch.float64)
+    row_scales = torch.rand(37, generator=generator, dtype=torch.float64) * 2 + 0.5
+    result = blockwise.block_pass(
+        query.to(dtype),
+        keys.to(dtype),
+        None,
+        row_scales=row_scales.to(dtype),
+        column_scales=None,
+        block_rows=8,
+        column_keys=37,
+    )
+    expected = ((row_scales.unsqueeze(1) * query) @ keys.T)[:, :37].logsumexp(0)
+    tolerance = 1e-13 if dtype == torch.float64 else 1e-5
+    assert result.column_lse is not None
+    assert_close(result.column_lse, expected, rtol=tolerance, atol=tolerance, name="column_lse")
+    assert separate_passes == []
+
+
+def test_columns_far_below_their_rows_get_a_pass_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Key 1's logits are -200 (query 0) and 0 (query 1) while query 0's
+    # log-sum-exp is 200: from the block's probabilities key 1's sum is
+    # e^-200, zero in float32. The engine must notice and take the safe pass.
+    separate_passes = count_calls(monkeypatch, blockwise, "_column_lse_pass")
+    query = torch.tensor([[200.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    keys = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    options = blockwise.LogSumExpOptions(
+        reduction="sum", block_rows=2, column_keys=3, row_scale=0.5, column_scale=0.5,
+        target_offset=0,
+    )  # fmt: skip
+    single = [x.float().requires_grad_() for x in (query, keys)]
+    loss = blockwise.log_sum_exp(*single[:1], single[1], None, None, options)
+    loss.backward()  # type: ignore[no-untyped-call]
+    double = [x.clone().requires_grad_() for x in (query, keys)]
+    expected = explicit_log_sum_exp(double[0], double[1], None, None, options)
+    expected.backward()  # type: ignore[no-untyped-call]
+    assert_close(loss, expected, rtol=1e-6, atol=1e-5, name="loss")
+    for name, got, want in zip(("query", "keys"), single, double, strict=True):
+        assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5, name=f"grad {name}")
+    assert separate_passes == [1]
+
+
 @pytest.mark.parametrize(
     ("num_queries", "num_candidates"), [(1, 1), (5, 0), (300, 10), (4096, 4097), (10**6, 10**6)]
 )

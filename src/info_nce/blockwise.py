@@ -46,6 +46,7 @@ The math lives in plain functions; the Functions only save, call and scale.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -65,9 +66,13 @@ from info_nce._validation import Reduction, reduce_loss
 MIN_BLOCK_ROWS = 256
 TARGET_BLOCK_ELEMENTS = 1 << 22
 MAX_BLOCK_ELEMENTS = 1 << 24
-# Column statistics are taken this many logits at a time, so that they need
-# no second block-sized buffer.
+# Column probabilities (gradient pass) are taken this many logits at a time,
+# so that they need no second block-sized buffer.
 COLUMN_CHUNK_ELEMENTS = 1 << 18
+# A block's column sums taken from its row probabilities (`_column_lse`) are
+# exact to rounding when each is at least this (relative to the block's largest
+# row log-sum-exp); below it, the column statistics take a pass of their own.
+MIN_COLUMN_SUM = math.exp(-30.0)
 
 
 def default_block_rows(num_queries: int, num_candidates: int) -> int:
@@ -157,6 +162,7 @@ def block_pass(
     column_stats = None
     if statistics is None and column_keys:
         column_stats = query.new_full((column_keys,), float("-inf"))  # (C,)
+    columns_unsafe = query.new_zeros((), dtype=torch.bool)  # some block's column sums underflowed
     column_lse = None if statistics is None else statistics.column_lse  # (C,)
     target_logit = None
     if target_offset is not None and statistics is None:
@@ -182,13 +188,8 @@ def block_pass(
         # Elementwise work on the (R, N) block is done a cache-sized chunk of
         # columns at a time, so that the block passes through memory once.
         if statistics is None:
-            for columns in chunks:
-                logits = key_block[:, columns]  # (R, chunk) view
-                if column_scales is not None:
-                    logits.mul_(column_scales[columns])
-                if column_stats is not None and columns.stop <= column_keys:
-                    chunk_lse = torch.logsumexp(logits, dim=0)  # (chunk,)
-                    column_stats[columns] = torch.logaddexp(column_stats[columns], chunk_lse)
+            if column_scales is not None:
+                key_block.mul_(column_scales)
             if target_logit is not None:
                 assert target_offset is not None
                 target_logit[rows] = torch.diagonal(key_block, offset=target_offset + start)
@@ -197,6 +198,10 @@ def block_pass(
             # The row's largest probability, at its largest logit, is
             # 1 / sum(exp(logit - max)) >= 1 / (E + N): no underflow.
             row_lse[rows] = row_max - block.amax(dim=1).log()
+            if column_stats is not None:
+                block_lse, unsafe = _column_lse(key_block[:, :column_keys], row_lse[rows])
+                torch.logaddexp(column_stats, block_lse, out=column_stats)
+                columns_unsafe |= unsafe
             if not compute_grads:
                 continue
             if row_weight is not None:
@@ -245,10 +250,63 @@ def block_pass(
             grad_keys.addmm_(key_block.T, row_block)
         torch.mm(key_block, keys, out=grad_rows[rows])
 
+    if column_stats is not None and bool(columns_unsafe):  # one sync per pass
+        column_stats = _column_lse_pass(
+            query, keys, row_scales, column_scales, column_keys, buffer, chunk
+        )
     result = BlockPass(row_lse=row_lse, column_lse=column_stats, target_logit=target_logit)
     if compute_grads:
         result.grad_rows, result.grad_keys, result.grad_extra = grad_rows, grad_keys, grad_extra
     return result
+
+
+def _column_lse(probabilities: Tensor, row_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Each column's log-sum-exp over a block's rows, from the rows' softmax. (C,)
+
+    ``sum_i exp(logit_ij) = sum_i probabilities_ij * exp(row_lse_i)``: one
+    vector-matrix product, shifted by the largest ``row_lse``. A term below
+    about e^-87 of that shift may underflow, which changes a column sum of at
+    least `MIN_COLUMN_SUM` by less than R * e^-57 relative: nothing at the
+    dtype's rounding. Also returns whether some column sum is below that (then
+    the caller must not use the result).
+    """
+    shift = row_lse.amax()
+    sums = torch.mv(probabilities.T, (row_lse - shift).exp())  # (C,)
+    unsafe = sums.amin() < MIN_COLUMN_SUM
+    return sums.log_().add_(shift), unsafe
+
+
+def _column_lse_pass(
+    query: Tensor,
+    keys: Tensor,
+    row_scales: Tensor,
+    column_scales: Tensor | None,
+    column_keys: int,
+    buffer: Tensor,
+    chunk: int,
+) -> Tensor:
+    """Key j's log-sum-exp over all scaled queries (j < ``column_keys``), a pass of its own. (C,)
+
+    The safe way, for when `_column_lse` cannot be trusted (a column far below
+    the largest logits of a block's rows): each block's logits against the first
+    ``column_keys`` keys are recomputed in ``buffer`` and reduced over the rows a
+    chunk of columns at a time.
+    """
+    column_lse = query.new_full((column_keys,), float("-inf"))  # (C,)
+    block_rows = len(buffer)
+    flat = buffer.view(-1)
+    for start in range(0, len(query), block_rows):
+        rows = slice(start, min(start + block_rows, len(query)))
+        logits = flat[: (rows.stop - start) * column_keys].view(-1, column_keys)  # (R, C)
+        row_block = query[rows] * row_scales[rows].unsqueeze(1)  # (R, D)
+        torch.mm(row_block, keys[:column_keys].T, out=logits)
+        for columns in _column_chunks(column_keys, column_keys, chunk):
+            chunk_logits = logits[:, columns]
+            if column_scales is not None:
+                chunk_logits.mul_(column_scales[columns])
+            chunk_lse = torch.logsumexp(chunk_logits, dim=0)
+            column_lse[columns] = torch.logaddexp(column_lse[columns], chunk_lse)
+    return column_lse
 
 
 def _gradient_buffers(query: Tensor, keys: Tensor | None) -> tuple[Tensor, Tensor | None]:
