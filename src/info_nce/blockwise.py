@@ -122,7 +122,9 @@ def block_pass(
 
     Without ``statistics`` this is a statistics pass: it returns the row
     log-sum-exp and, if ``column_keys``, the column log-sum-exp, and with
-    ``target_offset`` the target logits. If ``compute_grads``, it also returns
+    ``target_offset`` the target logits. The column statistics come from each
+    block's row probabilities (`_column_lse`), or from a pass of their own where
+    those would underflow. If ``compute_grads``, it also returns
     the gradients of ``sum_i row_weight[i] * (row_lse[i] - target_logit[i])``
     (weights 1 when None); only valid without columns.
 
@@ -185,8 +187,6 @@ def block_pass(
         row_block = query[rows] * row_scales[rows].unsqueeze(1)  # (R, D) scaled rows
         torch.mm(row_block, keys.T, out=key_block)
         target_weight: Tensor | float = 1.0 if row_weight is None else row_weight[rows]
-        # Elementwise work on the (R, N) block is done a cache-sized chunk of
-        # columns at a time, so that the block passes through memory once.
         if statistics is None:
             if column_scales is not None:
                 key_block.mul_(column_scales)
@@ -211,6 +211,9 @@ def block_pass(
             if column_scales is not None:
                 key_block.mul_(column_scales)
         else:
+            # The elementwise work on the (R, N) block is done a cache-sized
+            # chunk of columns at a time, so that the block passes through
+            # memory once.
             shift = row_lse[rows].unsqueeze(1)  # (R, 1)
             if extra is not None:
                 _row_probabilities_(block[:, :width], shift, target_weight)
