@@ -483,6 +483,53 @@ def test_column_statistics_come_from_the_row_probabilities(
     assert separate_passes == []
 
 
+def test_column_statistics_keep_many_small_terms_beside_a_dominant_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One logit of 0 and 2048 of -16.8 in the same column of one block: the
+    # small terms add 1e-4 to its log-sum-exp, which a sum adding them one by
+    # one onto the dominant term in float32 would lose entirely.
+    separate_passes = count_calls(monkeypatch, blockwise, "_column_lse_pass")
+    logits = torch.full((2049, 1), -16.8, dtype=torch.float64)
+    logits[0] = 0.0
+    result = blockwise.block_pass(
+        logits.float(),
+        torch.ones(1, 1),
+        torch.zeros(2049, 1),
+        row_scales=torch.ones(2049),
+        column_scales=None,
+        block_rows=2049,
+        column_keys=1,
+    )
+    assert result.column_lse is not None
+    expected = logits.logsumexp(0)
+    assert_close(result.column_lse, expected, rtol=0, atol=1e-6, name="column_lse")
+    assert separate_passes == []
+
+
+def test_low_temperature_needs_no_separate_column_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CLIP's usual logit scale (temperature 0.01) on matched pairs: logits span
+    # about 200, yet every key's log-sum-exp is near the largest row's.
+    separate_passes = count_calls(monkeypatch, blockwise, "_column_lse_pass")
+    generator = torch.Generator().manual_seed(6)
+    query = torch.randn(96, 16, generator=generator, dtype=torch.float64)
+    keys = query + 0.3 * torch.randn(96, 16, generator=generator, dtype=torch.float64)
+    options = blockwise.LogSumExpOptions(
+        reduction="mean", block_rows=32, column_keys=96, row_scale=0.5, column_scale=0.5,
+        target_offset=0, normalize=True, temperature=0.01,
+    )  # fmt: skip
+    single = [x.float().requires_grad_() for x in (query, keys)]
+    loss = blockwise.log_sum_exp(single[0], single[1], None, None, options)
+    loss.backward()  # type: ignore[no-untyped-call]
+    double = [x.clone().requires_grad_() for x in (query, keys)]
+    expected = explicit_log_sum_exp(double[0], double[1], None, None, options)
+    expected.backward()  # type: ignore[no-untyped-call]
+    assert_close(loss, expected, rtol=1e-5, atol=1e-5, name="loss")
+    for name, got, want in zip(("query", "keys"), single, double, strict=True):
+        assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, name=f"grad {name}")
+    assert separate_passes == []
+
+
 def test_columns_far_below_their_rows_get_a_pass_of_their_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -46,7 +46,6 @@ The math lives in plain functions; the Functions only save, call and scale.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -69,10 +68,10 @@ MAX_BLOCK_ELEMENTS = 1 << 24
 # Column probabilities (gradient pass) are taken this many logits at a time,
 # so that they need no second block-sized buffer.
 COLUMN_CHUNK_ELEMENTS = 1 << 18
-# A block's column sums taken from its row probabilities (`_column_lse`) are
-# exact to rounding when each is at least this (relative to the block's largest
-# row log-sum-exp); below it, the column statistics take a pass of their own.
-MIN_COLUMN_SUM = math.exp(-30.0)
+# Column log-sum-exps taken from the blocks' row probabilities (`_column_lse`)
+# are exact to rounding when none is more than this below the largest row
+# log-sum-exp; otherwise the column statistics take a pass of their own.
+COLUMN_LSE_MARGIN = 50.0
 
 
 def default_block_rows(num_queries: int, num_candidates: int) -> int:
@@ -164,7 +163,6 @@ def block_pass(
     column_stats = None
     if statistics is None and column_keys:
         column_stats = query.new_full((column_keys,), float("-inf"))  # (C,)
-    columns_unsafe = query.new_zeros((), dtype=torch.bool)  # some block's column sums underflowed
     column_lse = None if statistics is None else statistics.column_lse  # (C,)
     target_logit = None
     if target_offset is not None and statistics is None:
@@ -199,9 +197,9 @@ def block_pass(
             # 1 / sum(exp(logit - max)) >= 1 / (E + N): no underflow.
             row_lse[rows] = row_max - block.amax(dim=1).log()
             if column_stats is not None:
-                block_lse, unsafe = _column_lse(key_block[:, :column_keys], row_lse[rows])
+                assert not compute_grads  # _column_lse consumes the probabilities
+                block_lse = _column_lse(key_block[:, :column_keys], row_lse[rows], chunk)
                 torch.logaddexp(column_stats, block_lse, out=column_stats)
-                columns_unsafe |= unsafe
             if not compute_grads:
                 continue
             if row_weight is not None:
@@ -253,7 +251,9 @@ def block_pass(
             grad_keys.addmm_(key_block.T, row_block)
         torch.mm(key_block, keys, out=grad_rows[rows])
 
-    if column_stats is not None and bool(columns_unsafe):  # one sync per pass
+    if column_stats is not None and bool(  # one sync per pass
+        column_stats.amin() < row_lse.amax() - COLUMN_LSE_MARGIN
+    ):
         column_stats = _column_lse_pass(
             query, keys, row_scales, column_scales, column_keys, buffer, chunk
         )
@@ -263,20 +263,23 @@ def block_pass(
     return result
 
 
-def _column_lse(probabilities: Tensor, row_lse: Tensor) -> tuple[Tensor, Tensor]:
+def _column_lse(probabilities: Tensor, row_lse: Tensor, chunk: int) -> Tensor:
     """Each column's log-sum-exp over a block's rows, from the rows' softmax. (C,)
 
-    ``sum_i exp(logit_ij) = sum_i probabilities_ij * exp(row_lse_i)``: one
-    vector-matrix product, shifted by the largest ``row_lse``. A term below
-    about e^-87 of that shift may underflow, which changes a column sum of at
-    least `MIN_COLUMN_SUM` by less than R * e^-57 relative: nothing at the
-    dtype's rounding. Also returns whether some column sum is below that (then
-    the caller must not use the result).
+    ``sum_i exp(logit_ij) = sum_i probabilities_ij * exp(row_lse_i)``, shifted
+    by the block's largest ``row_lse`` and summed by torch's (cascade) sum, a
+    chunk of columns at a time; the probabilities are overwritten. A term
+    below about e^-87 of the shift may underflow: with B rows in all, that
+    changes a column log-sum-exp within `COLUMN_LSE_MARGIN` of the largest
+    row log-sum-exp by less than B * e^-37 relative, nothing at float32
+    rounding, which the caller checks once all blocks are in.
     """
     shift = row_lse.amax()
-    sums = torch.mv(probabilities.T, (row_lse - shift).exp())  # (C,)
-    unsafe = sums.amin() < MIN_COLUMN_SUM
-    return sums.log_().add_(shift), unsafe
+    weights = (row_lse - shift).exp_().unsqueeze(1)  # (R, 1), in (0, 1]
+    sums = probabilities.new_empty(probabilities.shape[1])  # (C,)
+    for columns in _column_chunks(len(sums), len(sums), chunk):
+        torch.sum(probabilities[:, columns].mul_(weights), dim=0, out=sums[columns])
+    return sums.log_().add_(shift)
 
 
 def _column_lse_pass(
@@ -291,7 +294,7 @@ def _column_lse_pass(
     """Key j's log-sum-exp over all scaled queries (j < ``column_keys``), a pass of its own. (C,)
 
     The safe way, for when `_column_lse` cannot be trusted (a column far below
-    the largest logits of a block's rows): each block's logits against the first
+    the largest row log-sum-exp): each block's logits against the first
     ``column_keys`` keys are recomputed in ``buffer`` and reduced over the rows a
     chunk of columns at a time.
     """
