@@ -65,8 +65,9 @@ from info_nce._validation import Reduction, reduce_loss
 MIN_BLOCK_ROWS = 256
 TARGET_BLOCK_ELEMENTS = 1 << 22
 MAX_BLOCK_ELEMENTS = 1 << 24
-# Column probabilities (gradient pass) are taken this many logits at a time,
-# so that they need no second block-sized buffer.
+# Column work on a block (column sums in the statistics pass, column
+# probabilities in the gradient pass) is done this many logits at a time, so
+# that it stays in cache and needs no second block-sized buffer.
 COLUMN_CHUNK_ELEMENTS = 1 << 18
 # Column log-sum-exps taken from the blocks' row probabilities (`_column_lse`)
 # are exact to rounding when none is more than this below the largest row
