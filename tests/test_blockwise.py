@@ -457,6 +457,26 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list
     return calls
 
 
+def check_float32_log_sum_exp(
+    query: Tensor,
+    keys: Tensor,
+    options: blockwise.LogSumExpOptions,
+    *,
+    rtol: float,
+    grad_rtol: float,
+) -> None:
+    """`LogSumExp` on float32 copies of float64 inputs: loss and gradients against the formula."""
+    single = [x.float().requires_grad_() for x in (query, keys)]
+    loss = blockwise.log_sum_exp(single[0], single[1], None, None, options)
+    loss.backward()  # type: ignore[no-untyped-call]
+    double = [x.clone().requires_grad_() for x in (query, keys)]
+    expected = explicit_log_sum_exp(double[0], double[1], None, None, options)
+    expected.backward()  # type: ignore[no-untyped-call]
+    assert_close(loss, expected, rtol=rtol, atol=1e-5, name="loss")
+    for name, got, want in zip(("query", "keys"), single, double, strict=True):
+        assert_close(got.grad, want.grad, rtol=grad_rtol, atol=1e-5, name=f"grad {name}")
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_column_statistics_come_from_the_row_probabilities(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
@@ -518,15 +538,7 @@ def test_low_temperature_needs_no_separate_column_pass(monkeypatch: pytest.Monke
         reduction="mean", block_rows=32, column_keys=96, row_scale=0.5, column_scale=0.5,
         target_offset=0, normalize=True, temperature=0.01,
     )  # fmt: skip
-    single = [x.float().requires_grad_() for x in (query, keys)]
-    loss = blockwise.log_sum_exp(single[0], single[1], None, None, options)
-    loss.backward()  # type: ignore[no-untyped-call]
-    double = [x.clone().requires_grad_() for x in (query, keys)]
-    expected = explicit_log_sum_exp(double[0], double[1], None, None, options)
-    expected.backward()  # type: ignore[no-untyped-call]
-    assert_close(loss, expected, rtol=1e-5, atol=1e-5, name="loss")
-    for name, got, want in zip(("query", "keys"), single, double, strict=True):
-        assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, name=f"grad {name}")
+    check_float32_log_sum_exp(query, keys, options, rtol=1e-5, grad_rtol=1e-4)
     assert separate_passes == []
 
 
@@ -543,15 +555,7 @@ def test_columns_far_below_their_rows_get_a_pass_of_their_own(
         reduction="sum", block_rows=2, column_keys=3, row_scale=0.5, column_scale=0.5,
         target_offset=0,
     )  # fmt: skip
-    single = [x.float().requires_grad_() for x in (query, keys)]
-    loss = blockwise.log_sum_exp(*single[:1], single[1], None, None, options)
-    loss.backward()  # type: ignore[no-untyped-call]
-    double = [x.clone().requires_grad_() for x in (query, keys)]
-    expected = explicit_log_sum_exp(double[0], double[1], None, None, options)
-    expected.backward()  # type: ignore[no-untyped-call]
-    assert_close(loss, expected, rtol=1e-6, atol=1e-5, name="loss")
-    for name, got, want in zip(("query", "keys"), single, double, strict=True):
-        assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5, name=f"grad {name}")
+    check_float32_log_sum_exp(query, keys, options, rtol=1e-6, grad_rtol=1e-5)
     assert separate_passes == [1]
 
 
