@@ -451,6 +451,10 @@ def _worker(rank: int, config: DemoConfig, port: int, result_path: str) -> None:
         result = train(config)
         if result is not None:
             torch.save(_result_to_state(result), result_path)
+        # Rank 0 evaluates and saves after training; the others wait for it, so
+        # that no rank tears its gloo connections down while another still uses
+        # them (seen in a full test run: rank 1 aborting with SIGABRT at exit).
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
