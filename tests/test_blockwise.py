@@ -444,17 +444,12 @@ def test_block_pass_statistics_match_logsumexp() -> None:
     assert_close(result.target_logit, expected_targets, rtol=0, atol=1e-14, name="target_logit")
 
 
-def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
-    """Wrap ``module.name`` so that calling it appends to the returned list."""
-    calls: list[int] = []
-    original = getattr(module, name)
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, counted)
-    return calls
+@pytest.fixture
+def separate_column_passes(monkeypatch: pytest.MonkeyPatch) -> mock.Mock:
+    """A spy on the engine's separate pass for column statistics (`_column_lse_pass`)."""
+    spy = mock.Mock(wraps=blockwise._column_lse_pass)
+    monkeypatch.setattr(blockwise, "_column_lse_pass", spy)
+    return spy
 
 
 def check_float32_log_sum_exp(
@@ -479,10 +474,9 @@ def check_float32_log_sum_exp(
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_column_statistics_come_from_the_row_probabilities(
-    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, separate_column_passes: mock.Mock
 ) -> None:
     # Ordinary logits: the column statistics need no pass of their own.
-    separate_passes = count_calls(monkeypatch, blockwise, "_column_lse_pass")
     generator = torch.Generator().manual_seed(5)
     query = torch.randn(37, 8, generator=generator, dtype=torch.float64)
     keys = torch.randn(41, 8, generator=generator, dtype=torch.float64)
@@ -500,16 +494,15 @@ def test_column_statistics_come_from_the_row_probabilities(
     tolerance = 1e-13 if dtype == torch.float64 else 1e-5
     assert result.column_lse is not None
     assert_close(result.column_lse, expected, rtol=tolerance, atol=tolerance, name="column_lse")
-    assert separate_passes == []
+    assert separate_column_passes.call_count == 0
 
 
 def test_column_statistics_keep_many_small_terms_beside_a_dominant_one(
-    monkeypatch: pytest.MonkeyPatch,
+    separate_column_passes: mock.Mock,
 ) -> None:
     # One logit of 0 and 2048 of -16.8 in the same column of one block: the
     # small terms add 1e-4 to its log-sum-exp, which a sum adding them one by
     # one onto the dominant term in float32 would lose entirely.
-    separate_passes = count_calls(monkeypatch, blockwise, "_column_lse_pass")
     logits = torch.full((2049, 1), -16.8, dtype=torch.float64)
     logits[0] = 0.0
     result = blockwise.block_pass(
@@ -524,13 +517,12 @@ def test_column_statistics_keep_many_small_terms_beside_a_dominant_one(
     assert result.column_lse is not None
     expected = logits.logsumexp(0)
     assert_close(result.column_lse, expected, rtol=0, atol=1e-6, name="column_lse")
-    assert separate_passes == []
+    assert separate_column_passes.call_count == 0
 
 
-def test_low_temperature_needs_no_separate_column_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_low_temperature_needs_no_separate_column_pass(separate_column_passes: mock.Mock) -> None:
     # CLIP's usual logit scale (temperature 0.01) on matched pairs: logits span
     # about 200, yet every key's log-sum-exp is near the largest row's.
-    separate_passes = count_calls(monkeypatch, blockwise, "_column_lse_pass")
     generator = torch.Generator().manual_seed(6)
     query = torch.randn(96, 16, generator=generator, dtype=torch.float64)
     keys = query + 0.3 * torch.randn(96, 16, generator=generator, dtype=torch.float64)
@@ -539,16 +531,15 @@ def test_low_temperature_needs_no_separate_column_pass(monkeypatch: pytest.Monke
         target_offset=0, normalize=True, temperature=0.01,
     )  # fmt: skip
     check_float32_log_sum_exp(query, keys, options, rtol=1e-5, grad_rtol=1e-4)
-    assert separate_passes == []
+    assert separate_column_passes.call_count == 0
 
 
 def test_columns_far_below_their_rows_get_a_pass_of_their_own(
-    monkeypatch: pytest.MonkeyPatch,
+    separate_column_passes: mock.Mock,
 ) -> None:
     # Key 1's logits are -200 (query 0) and 0 (query 1) while query 0's
     # log-sum-exp is 200: from the block's probabilities key 1's sum is
     # e^-200, zero in float32. The engine must notice and take the safe pass.
-    separate_passes = count_calls(monkeypatch, blockwise, "_column_lse_pass")
     query = torch.tensor([[200.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
     keys = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
     options = blockwise.LogSumExpOptions(
@@ -556,7 +547,7 @@ def test_columns_far_below_their_rows_get_a_pass_of_their_own(
         target_offset=0,
     )  # fmt: skip
     check_float32_log_sum_exp(query, keys, options, rtol=1e-6, grad_rtol=1e-5)
-    assert separate_passes == [1]
+    assert separate_column_passes.call_count == 1
 
 
 @pytest.mark.parametrize(
