@@ -35,7 +35,16 @@ from reference import (
 from torch import Tensor
 
 import info_nce.functional as functional
-from info_nce import blockwise, info_nce
+from info_nce import info_nce
+from info_nce.engine import columns, walker
+from info_nce.engine.function import (
+    LogSumExp,
+    LogSumExpOptions,
+    PairedLogits,
+    PairedOptions,
+    log_sum_exp,
+)
+from info_nce.objectives import InfoNCEObjective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -221,7 +230,7 @@ def explicit_log_sum_exp(
     keys: Tensor,
     extra: Tensor | None,
     temperature: Tensor | None,
-    options: blockwise.LogSumExpOptions,
+    options: LogSumExpOptions,
 ) -> Tensor:
     """What `LogSumExp` computes, with the normalised inputs and the logits matrix written out."""
     if options.normalize:
@@ -247,7 +256,7 @@ def log_sum_exp_options(
     reduction: str, columns: bool, grads_in_forward: bool, batch: int, **settings: Any
 ) -> Any:
     if columns:  # the symmetric loss: half the rows' and half the columns' log-sum-exp
-        return blockwise.LogSumExpOptions(
+        return LogSumExpOptions(
             reduction=reduction,  # type: ignore[arg-type]
             block_rows=2,
             column_keys=batch,
@@ -255,7 +264,7 @@ def log_sum_exp_options(
             column_scale=0.5,
             **settings,
         )
-    return blockwise.LogSumExpOptions(
+    return LogSumExpOptions(
         reduction=reduction,  # type: ignore[arg-type]
         block_rows=2,
         grads_in_forward=grads_in_forward,
@@ -309,8 +318,8 @@ def test_log_sum_exp_function_value_and_gradcheck(
     options = log_sum_exp_options(reduction, columns, grads_in_forward, batch, **settings)
 
     def function(query: Tensor, keys: Tensor, temperature: Tensor, *extra: Tensor) -> Tensor:
-        return blockwise.LogSumExp.apply(  # type: ignore[no-any-return]
-            query, keys, extra[0] if extra else None, temperature, options
+        return LogSumExp.apply(  # type: ignore[no-any-return]
+            query, extra[0] if extra else None, temperature, options, keys
         )
 
     inputs = (query, keys, temperature) if extra is None else (query, keys, temperature, extra)
@@ -330,7 +339,7 @@ def test_log_sum_exp_function_with_a_fixed_temperature(normalize: bool, reductio
     generator = torch.Generator().manual_seed(4)
     query = torch.randn(5, 3, generator=generator, dtype=torch.float64).requires_grad_()
     keys = torch.randn(7, 3, generator=generator, dtype=torch.float64).requires_grad_()
-    options = blockwise.LogSumExpOptions(
+    options = LogSumExpOptions(
         reduction=reduction,  # type: ignore[arg-type]
         block_rows=3,
         target_offset=2,
@@ -340,7 +349,7 @@ def test_log_sum_exp_function_with_a_fixed_temperature(normalize: bool, reductio
     )
 
     def function(query: Tensor, keys: Tensor) -> Tensor:
-        return blockwise.LogSumExp.apply(query, keys, None, None, options)  # type: ignore[no-any-return]
+        return LogSumExp.apply(query, None, None, options, keys)  # type: ignore[no-any-return]
 
     expected = explicit_log_sum_exp(query, keys, None, None, options)
     assert_close(function(query, keys), expected, rtol=1e-12, atol=1e-12, name="LogSumExp")
@@ -362,7 +371,7 @@ def test_log_sum_exp_function_with_the_same_tensor_as_queries_and_keys(
     )
 
     def function(x: Tensor) -> Tensor:
-        return blockwise.LogSumExp.apply(x, x, None, None, options)  # type: ignore[no-any-return]
+        return LogSumExp.apply(x, None, None, options, x)  # type: ignore[no-any-return]
 
     expected = explicit_log_sum_exp(x, x, None, None, options)
     assert_close(function(x), expected, rtol=1e-12, atol=1e-12, name="lse")
@@ -378,12 +387,12 @@ def test_log_sum_exp_function_on_zero_and_tiny_vectors() -> None:
     keys[2] = 1e-14
     query.requires_grad_()
     keys.requires_grad_()
-    options = blockwise.LogSumExpOptions(
+    options = LogSumExpOptions(
         reduction="mean", block_rows=2, target_offset=1, normalize=True, eps=1e-12
     )
 
     def function(query: Tensor, keys: Tensor) -> Tensor:
-        return blockwise.LogSumExp.apply(query, keys, None, None, options)  # type: ignore[no-any-return]
+        return LogSumExp.apply(query, None, None, options, keys)  # type: ignore[no-any-return]
 
     def reference(query: Tensor, keys: Tensor) -> Tensor:
         logits = F.normalize(query, eps=1e-12) @ F.normalize(keys, eps=1e-12).T
@@ -404,15 +413,39 @@ def test_paired_logits_function_value_and_gradcheck(normalize_negatives: bool) -
     generator = torch.Generator().manual_seed(2)
     query = torch.randn(4, 3, generator=generator, dtype=torch.float64).requires_grad_()
     negatives = torch.randn(4, 5, 3, generator=generator, dtype=torch.float64).requires_grad_()
-    options = blockwise.PairedOptions(normalize_negatives=normalize_negatives, eps=1e-12)
+    options = PairedOptions(normalize_negatives=normalize_negatives, eps=1e-12)
 
     def function(query: Tensor, negatives: Tensor) -> Tensor:
-        return blockwise.PairedLogits.apply(query, negatives, options)  # type: ignore[no-any-return]
+        return PairedLogits.apply(query, negatives, options)  # type: ignore[no-any-return]
 
     unit = negatives / negatives.norm(dim=-1, keepdim=True) if normalize_negatives else negatives
     expected = torch.einsum("bd,bmd->bm", query, unit)  # (B, M)
     assert_close(function(query, negatives), expected, rtol=1e-12, atol=1e-12, name="logits")
     assert torch.autograd.gradcheck(function, (query, negatives))
+
+
+def statistics_pass(
+    query: Tensor,
+    keys: Tensor,
+    extra: Tensor | None,
+    *,
+    row_scales: Tensor,
+    column_scales: Tensor | None,
+    block_rows: int,
+    column_keys: int = 0,
+    target_offset: int | None = None,
+) -> walker.BlockPass:
+    """The walker's statistics pass of the InfoNCE objective over one key segment."""
+    layout = walker.Layout(block_rows, column_keys=column_keys, target_offset=target_offset)
+    return walker.statistics_pass(
+        query,
+        (keys,),
+        extra,
+        InfoNCEObjective(),
+        layout,
+        row_scales=row_scales,
+        column_scales=[column_scales],
+    )
 
 
 def test_block_pass_statistics_match_logsumexp() -> None:
@@ -423,7 +456,7 @@ def test_block_pass_statistics_match_logsumexp() -> None:
     extra = torch.randn(7, 2, generator=generator, dtype=torch.float64) * 5
     row_scales = torch.rand(7, generator=generator, dtype=torch.float64) * 5
     column_scales = torch.rand(9, generator=generator, dtype=torch.float64) + 0.5
-    result = blockwise.block_pass(
+    result = statistics_pass(
         query,
         keys,
         extra,
@@ -435,7 +468,7 @@ def test_block_pass_statistics_match_logsumexp() -> None:
     )
     key_logits = (row_scales.unsqueeze(1) * query) @ (column_scales.unsqueeze(1) * keys).T
     logits = torch.cat([extra, key_logits], dim=1)  # (7, 11)
-    assert_close(result.row_lse, logits.logsumexp(1), rtol=1e-13, atol=1e-13, name="row_lse")
+    assert_close(result.row_stat, logits.logsumexp(1), rtol=1e-13, atol=1e-13, name="row_lse")
     assert result.column_lse is not None
     assert result.target_logit is not None
     expected_columns = key_logits[:, :7].logsumexp(0)
@@ -446,23 +479,23 @@ def test_block_pass_statistics_match_logsumexp() -> None:
 
 @pytest.fixture
 def separate_column_passes(monkeypatch: pytest.MonkeyPatch) -> mock.Mock:
-    """A spy on the engine's separate pass for column statistics (`_column_lse_pass`)."""
-    spy = mock.Mock(wraps=blockwise._column_lse_pass)
-    monkeypatch.setattr(blockwise, "_column_lse_pass", spy)
+    """A spy on the engine's separate pass for column statistics (`column_lse_pass`)."""
+    spy = mock.Mock(wraps=columns.column_lse_pass)
+    monkeypatch.setattr(columns, "column_lse_pass", spy)
     return spy
 
 
 def check_float32_log_sum_exp(
     query: Tensor,
     keys: Tensor,
-    options: blockwise.LogSumExpOptions,
+    options: LogSumExpOptions,
     *,
     rtol: float,
     grad_rtol: float,
 ) -> None:
     """`LogSumExp` on float32 copies of float64 inputs: loss and gradients against the formula."""
     single = [x.float().requires_grad_() for x in (query, keys)]
-    loss = blockwise.log_sum_exp(single[0], single[1], None, None, options)
+    loss = log_sum_exp(single[0], (single[1],), None, None, options)
     loss.backward()  # type: ignore[no-untyped-call]
     double = [x.clone().requires_grad_() for x in (query, keys)]
     expected = explicit_log_sum_exp(double[0], double[1], None, None, options)
@@ -481,7 +514,7 @@ def test_column_statistics_come_from_the_row_probabilities(
     query = torch.randn(37, 8, generator=generator, dtype=torch.float64)
     keys = torch.randn(41, 8, generator=generator, dtype=torch.float64)
     row_scales = torch.rand(37, generator=generator, dtype=torch.float64) * 2 + 0.5
-    result = blockwise.block_pass(
+    result = statistics_pass(
         query.to(dtype),
         keys.to(dtype),
         None,
@@ -505,7 +538,7 @@ def test_column_statistics_keep_many_small_terms_beside_a_dominant_one(
     # one onto the dominant term in float32 would lose entirely.
     logits = torch.full((2049, 1), -16.8, dtype=torch.float64)
     logits[0] = 0.0
-    result = blockwise.block_pass(
+    result = statistics_pass(
         logits.float(),
         torch.ones(1, 1),
         torch.zeros(2049, 1),
@@ -526,7 +559,7 @@ def test_low_temperature_needs_no_separate_column_pass(separate_column_passes: m
     generator = torch.Generator().manual_seed(6)
     query = torch.randn(96, 16, generator=generator, dtype=torch.float64)
     keys = query + 0.3 * torch.randn(96, 16, generator=generator, dtype=torch.float64)
-    options = blockwise.LogSumExpOptions(
+    options = LogSumExpOptions(
         reduction="mean", block_rows=32, column_keys=96, row_scale=0.5, column_scale=0.5,
         target_offset=0, normalize=True, temperature=0.01,
     )  # fmt: skip
@@ -542,7 +575,7 @@ def test_columns_far_below_their_rows_get_a_pass_of_their_own(
     # e^-200, zero in float32. The engine must notice and take the safe pass.
     query = torch.tensor([[200.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
     keys = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
-    options = blockwise.LogSumExpOptions(
+    options = LogSumExpOptions(
         reduction="sum", block_rows=2, column_keys=3, row_scale=0.5, column_scale=0.5,
         target_offset=0,
     )  # fmt: skip
@@ -554,9 +587,9 @@ def test_columns_far_below_their_rows_get_a_pass_of_their_own(
     ("num_queries", "num_candidates"), [(1, 1), (5, 0), (300, 10), (4096, 4097), (10**6, 10**6)]
 )
 def test_default_block_rows_is_a_valid_block(num_queries: int, num_candidates: int) -> None:
-    rows = blockwise.default_block_rows(num_queries, num_candidates)
+    rows = walker.default_block_rows(num_queries, num_candidates)
     assert 1 <= rows <= num_queries
-    assert rows * max(1, num_candidates) <= max(blockwise.MAX_BLOCK_ELEMENTS, num_candidates)
+    assert rows * max(1, num_candidates) <= max(walker.MAX_BLOCK_ELEMENTS, num_candidates)
 
 
 # --- Repeated and higher-order backward ---------------------------------------
@@ -626,14 +659,16 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         return dense(*args, **kwargs)
 
     monkeypatch.setattr(functional, "dense_info_nce", dense_spy)
-    for function in (blockwise.LogSumExp, blockwise.PairedLogits):
-        original = function.apply
+    for autograd_function in (LogSumExp, PairedLogits):
+        original = autograd_function.apply
 
-        def apply_spy(*args: Any, _original: Any = original, _name: str = function.__name__) -> Any:
+        def apply_spy(
+            *args: Any, _original: Any = original, _name: str = autograd_function.__name__
+        ) -> Any:
             counts[_name] += 1
             return _original(*args)
 
-        monkeypatch.setattr(function, "apply", apply_spy)
+        monkeypatch.setattr(autograd_function, "apply", apply_spy)
     return counts
 
 

@@ -24,7 +24,8 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 import info_nce.functional as functional
-from info_nce import InfoNCE, blockwise, info_nce
+from info_nce import InfoNCE, info_nce
+from info_nce.engine import columns
 
 REDUCTIONS = ("mean", "sum", "none")
 # chunk_size=None ("auto") takes the dense loss at the small sizes used here
@@ -383,13 +384,13 @@ def test_symmetric_engine_across_column_chunks(case: Case, path: str, reduction:
 
     def column_chunks(split: int, num_columns: int, chunk: int) -> list[slice]:
         chunks = original(split, num_columns, chunk)
-        chunk_counts.append(sum(columns.stop <= split for columns in chunks))
+        chunk_counts.append(sum(piece.stop <= split for piece in chunks))
         return chunks
 
-    original = blockwise._column_chunks
+    original = columns.column_chunks
     with (
-        mock.patch.object(blockwise, "COLUMN_CHUNK_ELEMENTS", 2),
-        mock.patch.object(blockwise, "_column_chunks", column_chunks),
+        mock.patch.object(columns, "COLUMN_CHUNK_ELEMENTS", 2),
+        mock.patch.object(columns, "column_chunks", column_chunks),
     ):
         assert_matches_reference(make_inputs(case), path, reduction)
     assert max(chunk_counts) > 1, "the column statistics never took more than one chunk"

@@ -1,7 +1,7 @@
 """InfoNCE contrastive loss for PyTorch."""
 
 from info_nce._version import __version__
-from info_nce.functional import info_nce
-from info_nce.module import InfoNCE
+from info_nce.functional import info_nce, nt_xent
+from info_nce.module import InfoNCE, NTXent
 
-__all__ = ["InfoNCE", "__version__", "info_nce"]
+__all__ = ["InfoNCE", "NTXent", "__version__", "info_nce", "nt_xent"]

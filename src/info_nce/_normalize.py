@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,6 +18,15 @@ def normalization_eps(dtype: torch.dtype) -> float:
     return max(1e-12, torch.finfo(dtype).tiny)
 
 
-def normalize(x: Tensor) -> Tensor:
+def unit(x: Tensor) -> Tensor:
     """Unit-normalise the last dimension; zero vectors stay zero."""
     return F.normalize(x, dim=-1, eps=normalization_eps(x.dtype))
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def unit_fn(normalize: bool) -> Callable[[Tensor], Tensor]:
+    """`unit` if ``normalize``, else the identity (the losses' ``normalize=False``)."""
+    return unit if normalize else _identity

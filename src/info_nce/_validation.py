@@ -7,6 +7,7 @@ info-nce-pytorch had a message, its wording is kept (without the typo).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
 from typing import Literal, cast, get_args
 
@@ -15,9 +16,11 @@ from torch import Tensor
 
 Reduction = Literal["mean", "sum", "none"]
 NegativeMode = Literal["unpaired", "paired"]
+Anchors = Literal["all", "first"]
 
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 NEGATIVE_MODES: tuple[str, ...] = get_args(NegativeMode)
+ANCHORS: tuple[str, ...] = get_args(Anchors)
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -46,6 +49,12 @@ def check_negative_mode(negative_mode: object) -> NegativeMode:
             f"negative_mode must be one of {_choices(NEGATIVE_MODES)}, got {negative_mode!r}"
         )
     return cast(NegativeMode, negative_mode)
+
+
+def check_anchors(anchors: object) -> Anchors:
+    if not isinstance(anchors, str) or anchors not in ANCHORS:
+        raise ValueError(f"anchors must be one of {_choices(ANCHORS)}, got {anchors!r}")
+    return cast(Anchors, anchors)
 
 
 def check_temperature(temperature: object) -> float | Tensor:
@@ -238,3 +247,47 @@ def check_negative_mask(
             f"({negative_keys.device}), got {negative_mask.device}"
         )
     return negative_mask
+
+
+def check_views(views: object) -> Tensor:
+    """NT-Xent's views, a (V, B, D) tensor or V >= 2 tensors (B, D), as one (V, B, D) tensor."""
+    if isinstance(views, Tensor):
+        stacked = _check_tensor("views", views)
+        _check_dim("views", stacked, 3, "(V, B, D)", " when a tensor")
+    elif isinstance(views, Sequence) and not isinstance(views, str):
+        tensors = [_check_tensor(f"views[{v}]", view) for v, view in enumerate(views)]
+        for v, view in enumerate(tensors):
+            _check_dim(f"views[{v}]", view, 2, "(B, D)")
+        for v, view in enumerate(tensors[1:], start=1):
+            if view.dtype != tensors[0].dtype:
+                raise TypeError(
+                    f"<views[{v}]> must have the same dtype as <views[0]> ({tensors[0].dtype}), "
+                    f"got {view.dtype}"
+                )
+            if view.device != tensors[0].device:
+                raise ValueError(
+                    f"<views[{v}]> must be on the same device as <views[0]> "
+                    f"({tensors[0].device}), got {view.device}"
+                )
+            if view.shape != tensors[0].shape:
+                raise ValueError(
+                    f"<views[{v}]> must have the shape of <views[0]> {tuple(tensors[0].shape)}, "
+                    f"got {tuple(view.shape)}"
+                )
+        if len(tensors) < 2:
+            raise ValueError(f"views must hold at least 2 views, got {len(tensors)}")
+        stacked = torch.stack(tensors)
+    else:
+        raise TypeError(
+            "views must be a (V, B, D) torch.Tensor or a sequence of (B, D) tensors, "
+            f"got {type(views).__name__}"
+        )
+    num_views, batch, dim = stacked.shape
+    if num_views < 2:
+        raise ValueError(f"views must hold at least 2 views, got shape {tuple(stacked.shape)}")
+    if batch == 0 or dim == 0:
+        raise ValueError(
+            "views must hold at least one sample (B >= 1) of at least one component (D >= 1), "
+            f"got shape {tuple(stacked.shape)}"
+        )
+    return stacked

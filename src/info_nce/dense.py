@@ -133,3 +133,37 @@ def _candidate_logits(
     else:
         negative_logits = (query.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)
     return torch.cat([first, negative_logits], dim=1)  # (B, B or 1, + M)
+
+
+def dense_nt_xent(
+    views: Tensor,
+    labels: Tensor | None,
+    temperature: float | Tensor,
+    reduction: Reduction,
+    first_view_only: bool,
+) -> Tensor:
+    """NT-Xent on (already normalised) (V, B, D) views, with a (V * B)^2 logits matrix.
+
+    Embedding (v, i) is row ``v * B + i``. Row a's candidates are all other
+    rows; its positives are the other rows of its sample (or, with labels, of
+    its label). Its loss is ``logsumexp(candidates) - mean(positives)``.
+
+    Returns:
+        A scalar, or for ``reduction='none'`` (V, B) (``first_view_only``: (B,)).
+    """
+    num_views, batch, dim = views.shape
+    embeddings = views.reshape(num_views * batch, dim)  # (V * B, D)
+    logits = _float32_at_least(embeddings @ embeddings.T) / temperature  # (V * B, V * B)
+    itself = torch.eye(len(embeddings), dtype=torch.bool, device=views.device)
+    sample_labels = torch.arange(batch, device=views.device) if labels is None else labels
+    all_labels = sample_labels.repeat(num_views)  # (V * B,)
+    positives = (all_labels.unsqueeze(1) == all_labels.unsqueeze(0)) & ~itself
+    # After the division: -inf / t would give the temperature a NaN gradient.
+    logits = logits.masked_fill(itself, float("-inf"))
+    if first_view_only:
+        logits, positives = logits[:batch], positives[:batch]
+    positive_logit = torch.where(positives, logits, 0.0).sum(dim=1) / positives.sum(dim=1)
+    loss = torch.logsumexp(logits, dim=1) - positive_logit  # (anchors,)
+    if reduction == "none" and not first_view_only:
+        return loss.view(num_views, batch)
+    return reduce_loss(loss, reduction)

@@ -88,3 +88,19 @@ def all_gather(tensor: Tensor, sizes: list[int]) -> Tensor:
     if tensor.requires_grad and torch.is_grad_enabled():
         return cast(Tensor, AllGather.apply(tensor, sizes))  # type: ignore[no-untyped-call]
     return _all_gather_padded(tensor, sizes)
+
+
+class Gatherer:
+    """Gathers tensors of this rank's row count from all ranks (the counts may differ).
+
+    Attributes:
+        sizes: every rank's row count, in rank order.
+        offset: where this rank's rows start in a gathered tensor.
+    """
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.sizes = gather_sizes(rows, device)
+        self.offset = sum(self.sizes[: rank()])
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        return all_gather(tensor, self.sizes)

@@ -1,15 +1,18 @@
-"""The functional API: validate once, normalise, pick an implementation."""
+"""The functional API: validate once, build the problem, dispatch (dense | engine)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from info_nce import blockwise, distributed
-from info_nce._normalize import normalization_eps, normalize
+from info_nce import _normalize, _problem, distributed, engine
 from info_nce._validation import (
+    Anchors,
     NegativeMode,
     Reduction,
+    check_anchors,
     check_bool,
     check_chunk_size,
     check_in_batch_negatives,
@@ -19,11 +22,11 @@ from info_nce._validation import (
     check_negative_mode,
     check_reduction,
     check_temperature,
-    reduce_loss,
+    check_views,
 )
-from info_nce.dense import dense_info_nce
+from info_nce.dense import dense_info_nce, dense_nt_xent
 
-# Up to this many logits (B * candidates) the dense loss is as fast as the
+# Up to this many logits (rows * candidates) the dense loss is as fast as the
 # blockwise engine, and `chunk_size=None` picks it; see docs/benchmarks.md.
 DENSE_MAX_LOGITS = 3 << 16
 # Paired negatives without in-batch candidates: up to this many negative
@@ -163,27 +166,24 @@ def info_nce(
     negative_mask = check_negative_mask(negative_mask, negative_keys, negative_mode)
     in_batch = check_in_batch_negatives(in_batch_negatives, negative_keys, labels)
 
-    # Losses of float16/bfloat16 inputs are computed in float32.
-    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    compute_dtype = _compute_dtype(query)
     if isinstance(temperature, Tensor):
         temperature = temperature.to(compute_dtype)
     paired = negative_keys is not None and negative_mode == "paired"
-    matrix_candidates = (len(query) if in_batch else 0) + (
-        negative_keys.shape[-2] if negative_keys is not None else 0
-    )
     gather = gather_distributed and distributed.world_size() > 1
-    if gather:
+    if gather or chunk_size is not None:
         use_dense = False  # the engine takes queries and keys of different lengths
-    elif chunk_size is not None:
-        use_dense = False
     elif paired and not in_batch:
         assert negative_keys is not None
         use_dense = negative_keys.numel() <= DENSE_MAX_PAIRED_ELEMENTS
     else:
-        use_dense = len(query) * matrix_candidates <= DENSE_MAX_LOGITS
+        candidates = (len(query) if in_batch else 0) + (
+            negative_keys.shape[-2] if negative_keys is not None else 0
+        )
+        use_dense = len(query) * candidates <= DENSE_MAX_LOGITS
 
-    unit = _unit if normalize else _identity
     if use_dense:
+        unit = _normalize.unit_fn(normalize)
         return dense_info_nce(
             unit(query),
             unit(positive_key),
@@ -196,8 +196,7 @@ def info_nce(
             labels=labels,
             negative_mask=negative_mask,
         )
-
-    return _engine_loss(
+    problem = _problem.info_nce_problem(
         query.to(compute_dtype),
         positive_key.to(compute_dtype),
         negative_keys,
@@ -211,215 +210,135 @@ def info_nce(
         normalize=normalize,
         chunk_size=chunk_size,
         gather=gather,
-        eps=normalization_eps(query.dtype),
+        eps=_normalize.normalization_eps(query.dtype),
     )
+    return engine.run(problem)
 
 
-def _engine_loss(
-    query: Tensor,
-    positive_key: Tensor,
-    negative_keys: Tensor | None,
-    temperature: float | Tensor,
-    reduction: Reduction,
+def nt_xent(
+    views: Tensor | Sequence[Tensor],
+    labels: Tensor | None = None,
+    temperature: float | Tensor = 0.1,
+    reduction: Reduction = "mean",
     *,
-    paired: bool,
-    in_batch: bool,
-    symmetric: bool,
-    labels: Tensor | None,
-    negative_mask: Tensor | None,
-    normalize: bool,
-    chunk_size: int | None,
-    gather: bool,
-    eps: float,
+    anchors: Anchors = "all",
+    normalize: bool = True,
+    chunk_size: int | None = None,
+    gather_distributed: bool = False,
 ) -> Tensor:
-    """The loss through the blockwise engine, on raw (B, D) query and positive keys.
+    """NT-Xent (SimCLR) over V views: every embedding against all the others, itself excluded.
 
-    The engine's Function normalises, divides by the temperature and (in-batch,
-    without labels) subtracts the positive logits itself, in place: no
-    normalised copy of a (B, D) input exists on that path. What it does not
-    cover (positive logits with labels or without in-batch candidates, paired
-    negatives) is O(B * D) autograd ops on normalised copies made only then.
+    Embedding (v, i) is view v of sample i. Its candidates are all V * B - 1
+    other embeddings; its positives are the other views of sample i and, with
+    ``labels``, every candidate whose sample shares its label. Its loss is
+    ``logsumexp(candidates' logits) - mean(positives' logits)``, the logits
+    being cosine similarities (dot products without ``normalize``) divided by
+    ``temperature`` (SupCon's L_out). Plain PyTorch, for V = 2 without labels::
+
+        z = F.normalize(torch.cat([z1, z2]), dim=1)           # (2B, D)
+        logits = (z @ z.T / t).fill_diagonal_(float("-inf"))  # (2B, 2B), itself excluded
+        targets = torch.arange(2 * B).roll(B)                 # (v, i)'s positive is (1 - v, i)
+        loss = F.cross_entropy(logits, targets)
+
+    That is SimCLR's NT-Xent with 2B - 1 candidates per anchor (lightly's
+    ``NTXentLoss`` without a memory bank); with labels it is SupCon with
+    ``contrast_mode='all'`` and ``base_temperature`` equal to the
+    temperature, and ``anchors='first'`` is SupCon's ``contrast_mode='one'``.
+    Unlike ``info_nce(z1, z2, symmetric=True)`` (CLIP), an anchor's
+    candidates include the other embeddings of its own view.
+
+    Args:
+        views: a (V, B, D) tensor, or a sequence of V >= 2 tensors (B, D) of one
+            dtype and device.
+        labels: optional (B,) integer tensor; samples with equal labels are
+            positives of one another (all their views).
+        temperature: logits are divided by it: a finite number > 0, or a
+            one-element floating-point tensor (gradients flow into it).
+        reduction: ``'mean'`` over the anchors, ``'sum'``, or ``'none'``.
+        anchors: ``'all'`` (every embedding is an anchor) or ``'first'`` (only
+            view 0's; the candidates stay all the others).
+        normalize: L2-normalise the embeddings (default). False uses raw dot
+            products.
+        chunk_size: ``None`` (default) picks the dense loss for small problems
+            and the blockwise engine (no (V * B)^2 logits or mask) for large
+            ones; a positive int forces the engine with that many anchors per block.
+        gather_distributed: with an initialised process group of W > 1
+            processes, each rank's anchors (its own V * B embeddings) are
+            scored against all ranks' embeddings, with gradients reaching the
+            owning rank: the contract of `info_nce`'s ``gather_distributed``.
+            Every rank must pass the same V; local batch sizes may differ.
+
+    Shape:
+        - views: (V, B, D), V views of B samples with D features, or V tensors (B, D).
+        - labels: (B,).
+        - output: scalar; ``reduction='none'``: (V, B) with ``anchors='all'``,
+          (B,) with ``anchors='first'``.
+
+    Returns:
+        The loss. Its dtype is the views' dtype, except float32 for float16
+        and bfloat16 views.
+
+    Raises:
+        TypeError: views that are not floating-point tensors or of different
+            dtypes, labels that are not integers, a flag that is not a bool, a
+            temperature that is not a number.
+        ValueError: fewer than 2 views, views of different shapes or devices,
+            a sequence element that is not 2-D or a tensor that is not 3-D,
+            empty views, labels of the wrong shape, an unknown
+            ``anchors``/``reduction``, a temperature that is not finite and > 0,
+            a ``chunk_size`` that is not a positive int.
+
+    Examples:
+        >>> import torch
+        >>> from info_nce import nt_xent
+        >>> z1, z2 = torch.randn(32, 128), torch.randn(32, 128)
+        >>> nt_xent([z1, z2]).shape
+        torch.Size([])
+        >>> views = torch.randn(4, 32, 128)  # V = 4 views
+        >>> nt_xent(views, labels=torch.randint(0, 5, (32,)), reduction="none").shape
+        torch.Size([4, 32])
+        >>> nt_xent(views, anchors="first", reduction="none").shape
+        torch.Size([32])
     """
-    compute_dtype = query.dtype
-    unit = _unit if normalize else _identity
-    # A tensor temperature is an input of the engine's Function (it gets a gradient).
-    engine_temperature = temperature if isinstance(temperature, Tensor) else None
-    fixed_temperature = 1.0 if isinstance(temperature, Tensor) else temperature
+    reduction = check_reduction(reduction)
+    temperature = check_temperature(temperature)
+    chunk_size = check_chunk_size(chunk_size)
+    anchors = check_anchors(anchors)
+    normalize = check_bool("normalize", normalize)
+    gather_distributed = check_bool("gather_distributed", gather_distributed)
+    stacked = check_views(views)
+    labels = check_labels(labels, stacked[0])
 
-    # Candidates held by every rank: gathered with gradient (all ranks' rows,
-    # this rank's from `offset`); without a process group, the local tensors.
-    gather_rows = _Gatherer(len(query), query.device) if gather else None
-    offset = 0 if gather_rows is None else gather_rows.offset
-    all_positive_keys = positive_key  # (B_all, D) where in-batch candidates or labels need them
-    if gather_rows is not None and (in_batch or labels is not None):
-        all_positive_keys = gather_rows(positive_key)
-    all_labels = labels if labels is None or gather_rows is None else gather_rows(labels)
-
-    row_scale = 0.5 if symmetric else 1.0
-    # The symmetric key-to-query direction in the same pass as the rows needs
-    # the same queries on both sides: not so once keys come from other ranks.
-    columns_in_pass = symmetric and in_batch and not gather
-    column_queries = None  # (B_all, D) all queries, for a separate key-to-query pass
-    if symmetric and not columns_in_pass:
-        column_queries = query if gather_rows is None else gather_rows(query)
-    # Without labels, query i's in-batch positive is key `offset + i`: the engine's target.
-    targets_in_engine = labels is None
-
-    extra: list[Tensor] = []  # per-query candidates' logits, (B, E_k) each
-    keys: list[Tensor] = []  # candidates shared by all queries, (N_k, D) each
-    positive_logit = None  # (B,) positive logits the engine does not subtract
-    if labels is not None or not in_batch or paired:
-        scaled_query = unit(query) / temperature  # (B, D)
-    if all_labels is not None:
-        scaled_column_queries = None  # (B_all, D) for the key-to-query positives
-        if symmetric:
-            scaled_column_queries = (
-                scaled_query if column_queries is None else unit(column_queries) / temperature
-            )
-        positive_logit = _positive_logits(
-            scaled_query,
-            unit(positive_key),
-            unit(all_positive_keys),
-            scaled_column_queries,
-            all_labels,
-            offset,
-            row_scale,
-        )
-    if in_batch:
-        keys.append(all_positive_keys)
-    else:
-        own_positive = torch.sum(scaled_query * unit(positive_key), dim=1, keepdim=True)  # (B, 1)
-        extra.append(own_positive)
-        positive_logit = row_scale * own_positive.squeeze(1)
-    if negative_keys is not None and paired:
-        options = blockwise.PairedOptions(
-            normalize_negatives=normalize, eps=normalization_eps(negative_keys.dtype)
-        )
-        negative_logits = blockwise.paired_logits(
-            scaled_query, negative_keys.to(compute_dtype), options
-        )  # (B, M)
-        if negative_mask is not None:
-            negative_logits = negative_logits.masked_fill(~negative_mask, float("-inf"))
-        extra.append(negative_logits)
-    elif negative_keys is not None:
-        negatives = negative_keys.to(compute_dtype)  # (M, D)
-        if gather:
-            negatives = _Gatherer(len(negatives), negatives.device)(negatives)
-        keys.append(negatives)
-
-    key_count = sum(len(k) for k in keys)
-    block_rows = chunk_size or blockwise.default_block_rows(len(query), key_count + len(extra))
-    inputs = (query, positive_key, *keys, *extra, column_queries, engine_temperature)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    if keys:
-        loss = blockwise.log_sum_exp(
-            query,
-            keys[0] if len(keys) == 1 else torch.cat(keys),
-            _cat_columns(extra),
-            engine_temperature,
-            blockwise.LogSumExpOptions(
-                reduction=reduction,
-                block_rows=block_rows,
-                column_keys=len(query) if columns_in_pass else 0,
-                row_scale=row_scale,
-                column_scale=0.5 if columns_in_pass else 0.0,
-                target_offset=offset if in_batch and targets_in_engine else None,
-                normalize=normalize,
-                eps=eps,
-                temperature=fixed_temperature,
-                grads_in_forward=needs_grad and reduction != "none" and not columns_in_pass,
-            ),
-        )
-    else:
-        # Paired negatives only: the logits are (B, 1 + M), no large matrix.
-        loss = reduce_loss(row_scale * _small_lse(extra), reduction)
-    if column_queries is not None:
-        # The key-to-query direction on its own: each key against all queries.
-        loss = loss + blockwise.log_sum_exp(
-            positive_key,
-            column_queries,
-            None,
-            engine_temperature,
-            blockwise.LogSumExpOptions(
-                reduction=reduction,
-                block_rows=chunk_size
-                or blockwise.default_block_rows(len(query), len(column_queries)),
-                row_scale=0.5,
-                target_offset=offset if targets_in_engine else None,
-                normalize=normalize,
-                eps=eps,
-                temperature=fixed_temperature,
-                grads_in_forward=needs_grad and reduction != "none",
-            ),
-        )
-    if positive_logit is not None:
-        loss = loss - reduce_loss(positive_logit, reduction)
+    compute_dtype = _compute_dtype(stacked)
+    if isinstance(temperature, Tensor):
+        temperature = temperature.to(compute_dtype)
+    num_views, batch, _ = stacked.shape
+    first_view_only = anchors == "first"
+    gather = gather_distributed and distributed.world_size() > 1
+    anchor_rows = batch if first_view_only else num_views * batch
+    use_dense = (
+        not gather and chunk_size is None and anchor_rows * num_views * batch <= DENSE_MAX_LOGITS
+    )
+    if use_dense:
+        unit = _normalize.unit_fn(normalize)
+        return dense_nt_xent(unit(stacked), labels, temperature, reduction, first_view_only)
+    problem = _problem.nt_xent_problem(
+        stacked.to(compute_dtype),
+        labels,
+        temperature,
+        reduction,
+        first_view_only=first_view_only,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        gather=gather,
+        eps=_normalize.normalization_eps(stacked.dtype),
+    )
+    loss = engine.run(problem)
+    if reduction == "none" and not first_view_only:
+        loss = loss.view(num_views, batch)
     return loss
 
 
-class _Gatherer:
-    """Gathers tensors of this rank's row count from all ranks (rows differ between ranks)."""
-
-    def __init__(self, rows: int, device: torch.device) -> None:
-        self.sizes = distributed.gather_sizes(rows, device)
-        self.offset = sum(self.sizes[: distributed.rank()])
-
-    def __call__(self, tensor: Tensor) -> Tensor:
-        return distributed.all_gather(tensor, self.sizes)
-
-
-def _unit(x: Tensor) -> Tensor:
-    unit: Tensor = normalize(x)
-    return unit
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-def _cat_columns(pieces: list[Tensor]) -> Tensor | None:
-    if not pieces:
-        return None
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-
-
-def _small_lse(pieces: list[Tensor]) -> Tensor:
-    """logsumexp over the columns of several (B, k) pieces without concatenating them."""
-    row_max = torch.stack([piece.amax(dim=1) for piece in pieces if piece.shape[1]]).amax(0)
-    row_max = row_max.detach()  # the result does not depend on the shift
-    total = sum(torch.exp(piece - row_max.unsqueeze(1)).sum(dim=1) for piece in pieces)
-    assert isinstance(total, Tensor)
-    return row_max + total.log()
-
-
-def _positive_logits(
-    scaled_query: Tensor,
-    positive_key: Tensor,
-    all_positive_keys: Tensor,
-    all_scaled_queries: Tensor | None,
-    all_labels: Tensor,
-    offset: int,
-    row_scale: float,
-) -> Tensor:
-    """Per local sample: the weighted mean logit of its positives under labels. (B,)
-
-    Query i's positives are all keys with its label (on every rank): the mean of
-    their logits is ``q_i . mean(keys of its class)``, computed from per-class
-    sums in O((B + classes) * D), without a (B, B) mask. With
-    ``all_scaled_queries`` (the symmetric loss) key i's positives, the queries
-    with its label, are added with weight 1/2. Local row i is row
-    ``offset + i`` of the ``all_*`` tensors.
-    """
-    _, label_index, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
-    local = slice(offset, offset + len(scaled_query))
-    sizes = counts[label_index[local]].to(scaled_query.dtype).unsqueeze(1)  # (B, 1)
-
-    def class_mean(values: Tensor) -> Tensor:  # (B, D): mean of all rows with each local label
-        sums = values.new_zeros(len(counts), values.shape[1]).index_add(0, label_index, values)
-        mean: Tensor = sums[label_index[local]] / sizes
-        return mean
-
-    logit = row_scale * torch.sum(scaled_query * class_mean(all_positive_keys), dim=1)
-    if all_scaled_queries is not None:
-        logit = logit + 0.5 * torch.sum(positive_key * class_mean(all_scaled_queries), dim=1)
-    return logit
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """Losses of float16/bfloat16 inputs are computed in float32."""
+    return torch.promote_types(x.dtype, torch.float32)

@@ -1,15 +1,18 @@
-"""The `InfoNCE` module: a holder of settings (and a learnable temperature) around `info_nce`."""
+"""The modules: holders of settings (and a learnable temperature) around the functionals."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from info_nce._validation import (
+    Anchors,
     NegativeMode,
     Reduction,
+    check_anchors,
     check_bool,
     check_chunk_size,
     check_negative_mode,
@@ -17,10 +20,55 @@ from info_nce._validation import (
     check_reduction,
     check_temperature,
 )
-from info_nce.functional import info_nce
+from info_nce.functional import info_nce, nt_xent
 
 
-class InfoNCE(nn.Module):
+class _Temperature(nn.Module):
+    """A fixed temperature (reassignable, validated) or a learnable one, CLIP's ``logit_scale``."""
+
+    def __init__(self, temperature: float, learn_temperature: bool, max_logit_scale: float) -> None:
+        super().__init__()
+        initial_temperature = check_temperature(temperature)
+        if isinstance(initial_temperature, Tensor):
+            initial_temperature = float(initial_temperature.detach().cpu())
+        self.learn_temperature = check_bool("learn_temperature", learn_temperature)
+        self.max_logit_scale = check_positive_number("max_logit_scale", max_logit_scale)
+        self.logit_scale: nn.Parameter | None = None
+        self._temperature: float = initial_temperature
+        if learn_temperature:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / initial_temperature)))
+
+    @property
+    def temperature(self) -> float | Tensor:
+        """The temperature in use: a float, or (learnable) a 0-dim tensor with gradient.
+
+        A fixed temperature can be reassigned (validated), as in info-nce-pytorch;
+        a learnable one is read-only: it is ``exp(-logit_scale)``, clamped.
+        """
+        if self.logit_scale is None:
+            return self._temperature
+        return torch.exp(-self.logit_scale.clamp(max=math.log(self.max_logit_scale)))
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if self.logit_scale is not None:
+            raise AttributeError(
+                "temperature is learnable (learn_temperature=True) and read-only; "
+                "set logit_scale = log(1 / temperature) instead"
+            )
+        checked = check_temperature(value)
+        if isinstance(checked, Tensor):
+            checked = float(checked.detach().cpu())
+        self._temperature = checked
+
+    def _temperature_repr(self) -> str:
+        temperature = self.temperature
+        if isinstance(temperature, Tensor):
+            temperature = float(temperature.detach().cpu())
+        return f"temperature={temperature:g}"
+
+
+class InfoNCE(_Temperature):
     """InfoNCE loss for contrastive learning (van den Oord et al., 2018).
 
     Pulls each query towards its positive key and pushes it away from negative
@@ -96,10 +144,7 @@ class InfoNCE(nn.Module):
         chunk_size: int | None = None,
         gather_distributed: bool = False,
     ) -> None:
-        super().__init__()
-        initial_temperature = check_temperature(temperature)
-        if isinstance(initial_temperature, Tensor):
-            initial_temperature = float(initial_temperature.detach().cpu())
+        super().__init__(temperature, learn_temperature, max_logit_scale)
         self.reduction = check_reduction(reduction)
         self.negative_mode = check_negative_mode(negative_mode)
         self.symmetric = check_bool("symmetric", symmetric)
@@ -107,37 +152,8 @@ class InfoNCE(nn.Module):
             check_bool("in_batch_negatives", in_batch_negatives)
         self.in_batch_negatives = in_batch_negatives
         self.normalize = check_bool("normalize", normalize)
-        self.learn_temperature = check_bool("learn_temperature", learn_temperature)
-        self.max_logit_scale = check_positive_number("max_logit_scale", max_logit_scale)
         self.chunk_size = check_chunk_size(chunk_size)
         self.gather_distributed = check_bool("gather_distributed", gather_distributed)
-        self.logit_scale: nn.Parameter | None = None
-        self._temperature: float = initial_temperature
-        if learn_temperature:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / initial_temperature)))
-
-    @property
-    def temperature(self) -> float | Tensor:
-        """The temperature in use: a float, or (learnable) a 0-dim tensor with gradient.
-
-        A fixed temperature can be reassigned (validated), as in info-nce-pytorch;
-        a learnable one is read-only: it is ``exp(-logit_scale)``, clamped.
-        """
-        if self.logit_scale is None:
-            return self._temperature
-        return torch.exp(-self.logit_scale.clamp(max=math.log(self.max_logit_scale)))
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        if self.logit_scale is not None:
-            raise AttributeError(
-                "temperature is learnable (learn_temperature=True) and read-only; "
-                "set logit_scale = log(1 / temperature) instead"
-            )
-        checked = check_temperature(value)
-        if isinstance(checked, Tensor):
-            checked = float(checked.detach().cpu())
-        self._temperature = checked
 
     def forward(
         self,
@@ -165,11 +181,94 @@ class InfoNCE(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        temperature = self.temperature
-        if isinstance(temperature, Tensor):
-            temperature = float(temperature.detach().cpu())
         return (
-            f"temperature={temperature:g}, reduction={self.reduction!r}, "
+            f"{self._temperature_repr()}, reduction={self.reduction!r}, "
             f"negative_mode={self.negative_mode!r}, symmetric={self.symmetric}, "
             f"learn_temperature={self.learn_temperature}, chunk_size={self.chunk_size}"
+        )
+
+
+class NTXent(_Temperature):
+    """NT-Xent loss over V views (SimCLR, Chen et al. 2020; SupCon with labels).
+
+    Every embedding is an anchor against all the others, itself excluded; its
+    positives are the other views of its sample (and, with labels, of its
+    label). See `info_nce.nt_xent` for the formula and the options.
+
+    Args:
+        temperature: logits are divided by it; a finite number > 0 (the
+            initial value when ``learn_temperature``).
+        reduction: ``'mean'`` over the anchors, ``'sum'`` or ``'none'``.
+        anchors: keyword-only; ``'all'`` or ``'first'`` (only view 0's embeddings).
+        normalize: keyword-only; L2-normalise the embeddings (default True).
+        learn_temperature: keyword-only; make the temperature a parameter,
+            ``logit_scale = log(1 / temperature)``, as in `InfoNCE`.
+        max_logit_scale: keyword-only; with ``learn_temperature``, the
+            temperature is at least ``1 / max_logit_scale``.
+        chunk_size: keyword-only; ``None`` picks the faster exact
+            implementation, a positive int forces the blockwise engine.
+        gather_distributed: keyword-only; score each rank's anchors against all
+            ranks' embeddings (see `info_nce.nt_xent`).
+
+    Shape:
+        - views: V tensors (B, D) as positional arguments, or one (V, B, D) tensor.
+        - labels: optional, keyword-only, (B,) integers.
+        - output: scalar; ``reduction='none'``: (V, B), or (B,) with ``anchors='first'``.
+
+    Returns:
+        ``forward`` returns the loss: float32 for float16/bfloat16 views,
+        else the views' dtype.
+
+    Raises:
+        ValueError, TypeError: invalid settings, at construction; invalid
+            inputs, at the call.
+
+    Examples:
+        >>> import torch
+        >>> from info_nce import NTXent
+        >>> loss = NTXent(temperature=0.5)
+        >>> z1, z2 = torch.randn(32, 128), torch.randn(32, 128)
+        >>> loss(z1, z2).shape
+        torch.Size([])
+        >>> loss(torch.randn(3, 32, 128), labels=torch.randint(0, 4, (32,))).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        reduction: Reduction = "mean",
+        *,
+        anchors: Anchors = "all",
+        normalize: bool = True,
+        learn_temperature: bool = False,
+        max_logit_scale: float = 100.0,
+        chunk_size: int | None = None,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(temperature, learn_temperature, max_logit_scale)
+        self.reduction = check_reduction(reduction)
+        self.anchors = check_anchors(anchors)
+        self.normalize = check_bool("normalize", normalize)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.gather_distributed = check_bool("gather_distributed", gather_distributed)
+
+    def forward(self, *views: Tensor, labels: Tensor | None = None) -> Tensor:
+        stacked: Tensor | Sequence[Tensor] = views[0] if len(views) == 1 else views
+        return nt_xent(
+            stacked,
+            labels,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            anchors=self.anchors,
+            normalize=self.normalize,
+            chunk_size=self.chunk_size,
+            gather_distributed=self.gather_distributed,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self._temperature_repr()}, reduction={self.reduction!r}, "
+            f"anchors={self.anchors!r}, learn_temperature={self.learn_temperature}, "
+            f"chunk_size={self.chunk_size}"
         )

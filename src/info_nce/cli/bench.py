@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from info_nce import info_nce
-from info_nce._normalize import normalize
+from info_nce._normalize import unit
 from info_nce.dense import dense_info_nce
 
 IMPLEMENTATIONS = ("reference", "ours", "floor")
@@ -154,9 +154,9 @@ def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Calla
 
         def loss() -> Tensor:
             return dense_info_nce(
-                normalize(query),
-                normalize(positive),
-                None if negatives is None else normalize(negatives),
+                unit(query),
+                unit(positive),
+                None if negatives is None else unit(negatives),
                 0.1,
                 "mean",
                 mode,  # type: ignore[arg-type]
@@ -175,7 +175,7 @@ def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Calla
 
 def _dense_clip_loss(query: Tensor, positive: Tensor, temperature: float = 0.1) -> Tensor:
     """CLIP's loss as usually written: one logits matrix, two cross-entropies."""
-    logits = normalize(query) @ normalize(positive).T / temperature  # (B, B)
+    logits = unit(query) @ unit(positive).T / temperature  # (B, B)
     targets = torch.arange(len(query))
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
@@ -184,7 +184,7 @@ def _dense_supervised_contrastive_loss(
     query: Tensor, positive: Tensor, labels: Tensor, temperature: float = 0.1
 ) -> Tensor:
     """Supervised contrastive loss (L_out) as usually written, with a (B, B) positives mask."""
-    logits = normalize(query) @ normalize(positive).T / temperature  # (B, B)
+    logits = unit(query) @ unit(positive).T / temperature  # (B, B)
     mask = (labels.unsqueeze(0) == labels.unsqueeze(1)).float()  # (B, B)
     log_probs = logits.log_softmax(dim=1)
     return (-(mask * log_probs).sum(dim=1) / mask.sum(dim=1)).mean()

@@ -1,0 +1,74 @@
+"""The exact blockwise engine: the loss without any (B, N) logits matrix.
+
+`run` takes a `Problem` from the problem builder and walks each of its walks
+through the `LogSumExp` Function (`function`), whose forward and backward are
+the block walker's two passes (`walker`); the loss of each row of a block is
+the objective's (`info_nce.objectives`). Normalisation and temperature are
+row and column factors (`scales`); the symmetric loss's column statistics are
+in `columns`. Positives that are not a target column are class sums, O((B +
+classes) * D) autograd ops.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from info_nce._validation import reduce_loss
+from info_nce.engine.function import LogSumExpOptions, log_sum_exp
+from info_nce.engine.walker import default_block_rows
+from info_nce.objectives import mean_positive_logit
+
+if TYPE_CHECKING:  # the builder uses the engine's Functions: no import cycle at run time
+    from info_nce._problem import Problem, Walk
+
+
+def run(problem: Problem) -> Tensor:
+    """The problem's loss: its walks' terms minus its positives' terms."""
+    loss: Tensor | None = None
+    for walk in problem.walks:
+        term = _walk_loss(walk, problem)
+        loss = term if loss is None else loss + term
+    for positives in problem.positives:
+        logit = mean_positive_logit(
+            positives.rows,
+            positives.keys,
+            positives.labels,
+            positives.offset,
+            exclude_self=positives.exclude_self,
+        )
+        assert loss is not None
+        loss = loss - reduce_loss(positives.weight * logit, problem.reduction)
+    assert loss is not None
+    return loss
+
+
+def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
+    extra = None
+    if walk.extra:
+        extra = walk.extra[0] if len(walk.extra) == 1 else torch.cat(walk.extra, dim=1)
+    temperature = problem.temperature
+    # The rows enter no logit of a walk without segments (paired negatives
+    # only): no factors to apply then.
+    has_keys = bool(walk.segments)
+    tensor_temperature = temperature if isinstance(temperature, Tensor) and has_keys else None
+    inputs = (walk.rows, extra, tensor_temperature, *walk.segments)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    candidates = sum(len(keys) for keys in walk.segments) + (0 if extra is None else extra.shape[1])
+    options = LogSumExpOptions(
+        reduction=problem.reduction,
+        block_rows=problem.chunk_size or default_block_rows(len(walk.rows), candidates),
+        column_keys=walk.column_keys,
+        row_scale=walk.row_scale,
+        column_scale=walk.column_scale,
+        target_offset=walk.target_offset,
+        target_extra=walk.target_extra,
+        exclude_offset=walk.exclude_offset,
+        normalize=problem.normalize and has_keys,
+        eps=problem.eps,
+        temperature=1.0 if isinstance(temperature, Tensor) or not has_keys else temperature,
+        grads_in_forward=needs_grad and problem.reduction != "none" and not walk.column_keys,
+    )
+    return log_sum_exp(walk.rows, walk.segments, extra, tensor_temperature, options)

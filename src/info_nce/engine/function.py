@@ -1,0 +1,322 @@
+"""The engine's autograd Functions: `LogSumExp` over the walker, and `PairedLogits`.
+
+The Functions only save, call the walker and scale; the math lives in plain
+functions (`walker`, `scales`, `columns`, the objectives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+from info_nce._validation import Reduction, reduce_loss
+from info_nce.engine import scales as sc
+from info_nce.engine import walker
+from info_nce.objectives import InfoNCEObjective, RowObjective
+
+
+@dataclass(frozen=True)
+class LogSumExpOptions:
+    """Settings of `LogSumExp`.
+
+    The output is ``reduce(row_scale * row_loss + column_scale * column_term)``
+    over the B rows, where ``row_loss`` is the objective's (InfoNCE: the row's
+    log-sum-exp minus its target logit, if it has one) and ``column_term`` is
+    key j's log-sum-exp over all rows minus, with targets, its target logit
+    (column j pairs with row j, so ``column_keys`` is 0 or B).
+
+    Attributes:
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+        block_rows: rows per logits block.
+        column_keys: leading keys of the first segment that get column
+            statistics (0: one direction).
+        row_scale: weight of the row loss (1, or 1/2 in the symmetric loss).
+        column_scale: weight of the column term.
+        target_offset: row i's positive is key ``target_offset + i`` of the
+            first segment (None: see ``target_extra``).
+        target_extra: row i's positive is its first extra column.
+        exclude_offset: row i's key ``exclude_offset + i`` of the first
+            segment is not a candidate (None: none excluded).
+        normalize: L2-normalise the rows and the keys (by their norms, at
+            least ``eps``).
+        eps: smallest norm divided by, as in `F.normalize`.
+        temperature: the temperature when no temperature tensor is given.
+        grads_in_forward: build the gradients during forward (scalar
+            reduction, no columns, an input needs a gradient).
+        objective: the loss of each row's logits.
+    """
+
+    reduction: Reduction
+    block_rows: int
+    column_keys: int = 0
+    row_scale: float = 1.0
+    column_scale: float = 0.0
+    target_offset: int | None = None
+    target_extra: bool = False
+    exclude_offset: int | None = None
+    normalize: bool = False
+    eps: float = 1e-12
+    temperature: float = 1.0
+    grads_in_forward: bool = False
+    objective: RowObjective = field(default_factory=InfoNCEObjective)
+
+    @property
+    def layout(self) -> walker.Layout:
+        return walker.Layout(
+            block_rows=self.block_rows,
+            column_keys=self.column_keys,
+            target_offset=self.target_offset,
+            target_extra=self.target_extra,
+            exclude_offset=self.exclude_offset,
+        )
+
+
+def refuse_double_backward(function: str) -> None:
+    """Raise if a backward is being differentiated (``create_graph=True``).
+
+    The engine's backward passes are not built from differentiable ops, and
+    ``once_differentiable`` only raises when the incoming gradient itself needs
+    a gradient, which is not the case for a loss's first derivative: without
+    this check a second derivative would silently be wrong.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{function}: the blockwise engine does not support differentiating the loss "
+            "twice (create_graph=True / double backward); the dense path does, and is "
+            "taken for small problems with chunk_size=None"
+        )
+
+
+class LogSumExp(torch.autograd.Function):
+    """Autograd Function: the reduced row loss (and column term) of rows against key segments.
+
+    ``apply(rows, extra, temperature, options, *segments)``. Inputs are the raw
+    rows and keys: normalisation and temperature are applied inside (see
+    `walker`) and differentiated in place, so no scaled copy of either exists.
+    A segment that needs no gradient costs no gradient product.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        rows: Tensor,
+        extra: Tensor | None,
+        temperature: Tensor | None,
+        options: LogSumExpOptions,
+        *segments: Tensor,
+    ) -> Tensor:
+        needs_grad = ctx.needs_input_grad  # type: ignore[attr-defined]
+        segment_grads = tuple(needs_grad[4:])
+        t = options.temperature if temperature is None else temperature
+        factors = sc.scales(rows, segments, t, normalize=options.normalize, eps=options.eps)
+        walked, column_scales = segments, factors.columns
+        if options.grads_in_forward and options.normalize:
+            # A scaled copy of the keys saves two passes over every logits block.
+            # It never sets the peak here: backward holds the saved gradients
+            # and their rescaled copies, (B + N) * D twice. (Elsewhere the peak
+            # is the backward pass's, and the copy would only fragment the heap.)
+            walked = tuple(
+                keys if s is None else keys * s.unsqueeze(1)
+                for keys, s in zip(segments, factors.columns, strict=True)
+            )
+            column_scales = [None] * len(segments)
+        result = walker.statistics_pass(
+            rows,
+            walked,
+            extra,
+            options.objective,
+            options.layout,
+            row_scales=factors.rows,
+            column_scales=column_scales,
+            compute_grads=options.grads_in_forward,
+            segment_grads=segment_grads,
+        )
+        ctx.options = options  # type: ignore[attr-defined]
+        ctx.num_rows = len(rows)  # type: ignore[attr-defined]
+        ctx.temperature_shape = None if temperature is None else temperature.shape  # type: ignore[attr-defined]
+        if options.grads_in_forward:
+            if walked is not segments:  # the scaled copies' gradients, to the keys'
+                for grad, s in zip(result.grad_segments, factors.columns, strict=True):
+                    if grad is not None and s is not None:
+                        grad.mul_(s.unsqueeze(1))
+            grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
+            saved = (result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments)
+            ctx.save_for_backward(*saved)  # type: ignore[arg-type]  # some may be None
+        else:
+            saved = (rows, extra, temperature, result.row_stat, result.column_lse, *segments)
+            ctx.save_for_backward(*saved)  # type: ignore[arg-type]  # some may be None
+        assert result.row_loss is not None
+        output = options.row_scale * result.row_loss  # (B,)
+        if result.column_lse is not None:
+            column_term = result.column_lse
+            if result.target_logit is not None:
+                column_term = column_term - result.target_logit
+            output = output + options.column_scale * column_term
+        return reduce_loss(output, options.reduction)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_double_backward("LogSumExp")
+        options: LogSumExpOptions = ctx.options
+        if options.grads_in_forward:
+            grad_rows, grad_extra, grad_temperature, *grad_segments = ctx.saved_tensors
+            scale = _scalar_scale(grad_output, options, ctx.num_rows)
+            grad_rows, grad_extra, grad_temperature, *grad_segments = (
+                None if grad is None else grad * scale
+                for grad in (grad_rows, grad_extra, grad_temperature, *grad_segments)
+            )
+            return grad_rows, grad_extra, grad_temperature, None, *grad_segments
+        rows, extra, temperature, row_stat, column_lse, *segment_list = ctx.saved_tensors
+        segments = tuple(segment_list)
+        row_weight: Tensor | None = None
+        column_weight: Tensor | float
+        if options.reduction == "none":
+            row_weight = options.row_scale * grad_output  # (B,)
+            column_weight = options.column_scale * grad_output  # (B,): column j pairs with row j
+        else:
+            # Every row weighs alike: weigh the columns relative to the rows and
+            # scale the gradients once instead of every (R, N) block.
+            column_weight = options.column_scale / options.row_scale
+        t = options.temperature if temperature is None else temperature
+        factors = sc.scales(rows, segments, t, normalize=options.normalize, eps=options.eps)
+        result = walker.gradient_pass(
+            rows,
+            segments,
+            extra,
+            options.objective,
+            options.layout,
+            walker.BlockPass(row_stat=row_stat, column_lse=column_lse),
+            row_scales=factors.rows,
+            column_scales=factors.columns,
+            row_weight=row_weight,
+            column_weight=column_weight,
+            segment_grads=tuple(ctx.needs_input_grad[4:]),
+        )
+        grad_temperature = _input_grads(
+            rows, segments, result, factors, options, ctx.needs_input_grad[2]
+        )
+        grads = (result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments)
+        if row_weight is None:
+            scale = _scalar_scale(grad_output, options, len(rows))
+            grads = tuple(None if grad is None else grad.mul_(scale) for grad in grads)
+        grad_rows, grad_extra, grad_temperature, *grad_segments = grads
+        if grad_temperature is not None:
+            grad_temperature = grad_temperature.reshape(ctx.temperature_shape)
+        return grad_rows, grad_extra, grad_temperature, None, *grad_segments
+
+
+def _input_grads(
+    rows: Tensor,
+    segments: tuple[Tensor, ...],
+    result: walker.BlockPass,
+    factors: sc.Scales,
+    options: LogSumExpOptions,
+    temperature_grad: bool,
+) -> Tensor | None:
+    """The rows' and segments' gradients through their scales, in place; the temperature's."""
+    if result.grad_rows is None:  # no segments: the rows are in no logit of the walk
+        return None
+    return sc.input_grads_(
+        rows,
+        segments,
+        result.grad_rows,
+        result.grad_segments,
+        factors,
+        eps=options.eps,
+        temperature_grad=temperature_grad,
+    )
+
+
+def _scalar_scale(grad_output: Tensor, options: LogSumExpOptions, num_rows: int) -> Tensor:
+    """The weight of every row's loss under a scalar reduction."""
+    scale = grad_output * options.row_scale
+    return scale / num_rows if options.reduction == "mean" else scale
+
+
+def log_sum_exp(
+    rows: Tensor,
+    segments: tuple[Tensor, ...],
+    extra: Tensor | None,
+    temperature: Tensor | None,
+    options: LogSumExpOptions,
+) -> Tensor:
+    """The reduced loss of `LogSumExpOptions` through `LogSumExp`.
+
+    Same as, with ``x = unit(rows) / t``, ``y = unit(cat(segments))`` (no
+    ``unit`` without ``normalize``; ``t`` the temperature tensor, or the
+    options' one), ``logits = cat([extra, x @ y.T], 1)`` (B, E + N) with the
+    excluded entries at -inf, and ``target_i`` each row's target logit (or 0):
+    ``row_scale * (logits.logsumexp(1) - target) + column_scale *
+    (logits[:, E:E + C].logsumexp(0) - target)``, reduced, without the logits
+    matrix or the normalised copies.
+    """
+    output = LogSumExp.apply(rows, extra, temperature, options, *segments)  # type: ignore[no-untyped-call]
+    return cast(Tensor, output)
+
+
+@dataclass(frozen=True)
+class PairedOptions:
+    """Settings of `PairedLogits`.
+
+    Attributes:
+        normalize_negatives: divide each negative's logit by its norm (the
+            negatives arrive unnormalised).
+        eps: smallest norm divided by, as in `F.normalize`.
+    """
+
+    normalize_negatives: bool
+    eps: float
+
+
+class PairedLogits(torch.autograd.Function):
+    """Autograd Function: logits (B, M) of each query against its own negatives (B, M, D).
+
+    ``query[i] . negative_keys[i, j] / max(|negative_keys[i, j]|, eps)`` (no
+    division without normalisation), with no (B, M, D) temporary in forward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, query: Tensor, negative_keys: Tensor, options: PairedOptions
+    ) -> Tensor:
+        logits = torch.bmm(negative_keys, query.unsqueeze(2)).squeeze(2)  # (B, M) dot products
+        norms = None
+        if options.normalize_negatives:
+            norms = torch.linalg.vector_norm(negative_keys, dim=2)  # (B, M)
+            logits.div_(norms.clamp_min(options.eps))
+        ctx.options = options  # type: ignore[attr-defined]
+        ctx.save_for_backward(query, negative_keys, logits, norms)  # type: ignore[arg-type]
+        return logits
+
+    @staticmethod
+    def backward(ctx: Any, grad_logits: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_double_backward("PairedLogits")
+        options: PairedOptions = ctx.options
+        query, negatives, logits, norms = ctx.saved_tensors
+        grad_dots = grad_logits  # (B, M) gradient of the raw dot products
+        if norms is not None:
+            inverse_norms = norms.clamp_min(options.eps).reciprocal()  # (B, M)
+            grad_dots = grad_logits * inverse_norms
+        needs_query, needs_negatives, _ = ctx.needs_input_grad
+        grad_query = grad_negatives = None
+        if needs_query:
+            grad_query = torch.bmm(grad_dots.unsqueeze(1), negatives).squeeze(1)  # (B, D)
+        if needs_negatives:
+            if norms is not None:
+                # d(x / |x|) / dx = (I - x x^T / |x|^2) / |x|; no radial term where |x| < eps.
+                radial = -(grad_dots * logits * inverse_norms) * (norms > options.eps)  # (B, M)
+                grad_negatives = negatives * radial.unsqueeze(2)  # (B, M, D)
+            else:
+                grad_negatives = torch.zeros_like(negatives)
+            grad_negatives.baddbmm_(grad_dots.unsqueeze(2), query.unsqueeze(1))
+        return grad_query, grad_negatives, None
+
+
+def paired_logits(query: Tensor, negative_keys: Tensor, options: PairedOptions) -> Tensor:
+    """(B, M) logits of each query against its own negatives through `PairedLogits`."""
+    logits = PairedLogits.apply(query, negative_keys, options)  # type: ignore[no-untyped-call]
+    return cast(Tensor, logits)

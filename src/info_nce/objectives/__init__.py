@@ -1,0 +1,9 @@
+"""Objectives: what happens to a block of full rows of logits (see `base`).
+
+One file per objective family; each implements `RowObjective`.
+"""
+
+from info_nce.objectives.base import RowContext, RowObjective
+from info_nce.objectives.infonce import InfoNCEObjective, mean_positive_logit
+
+__all__ = ["InfoNCEObjective", "RowContext", "RowObjective", "mean_positive_logit"]

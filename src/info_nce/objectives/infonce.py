@@ -1,0 +1,114 @@
+"""InfoNCE's row objective: ``logsumexp(row) - logit[target]``, and its positives under labels.
+
+The gradient of the row loss with respect to its logits is
+``softmax(row) - onehot(target)``. Rows whose positives are not a single
+target column (labels, NT-Xent's other views) have no target here: their
+positive term is ``mean_positive_logit``, computed from class sums in
+O((B + classes) * D) without a (B, B) mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from info_nce.objectives.base import RowContext
+
+
+class InfoNCEObjective:
+    """Cross-entropy of each row's logits with its target column (none: the log-sum-exp alone)."""
+
+    def forward_(
+        self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
+    ) -> Tensor:
+        if target_logit is not None:
+            targets, _ = _target_entries(block, context, 0)
+            target_logit.copy_(targets)
+        row_max = block.amax(dim=1)  # (R,)
+        torch.ops.aten._softmax.out(block, 1, False, out=block)  # probabilities, in place
+        # The row's largest probability, at its largest logit, is
+        # 1 / sum(exp(logit - max)) >= 1 / W: no underflow.
+        torch.sub(row_max, block.amax(dim=1).log_(), out=row_stat)
+        return row_stat if target_logit is None else row_stat - target_logit
+
+    def gradient_from_forward_(
+        self, block: Tensor, context: RowContext, weight: Tensor | float
+    ) -> None:
+        if isinstance(weight, Tensor):
+            block.mul_(weight)
+        _subtract_targets_(block, context, 0, weight)
+
+    def gradient_(
+        self,
+        logits: Tensor,
+        context: RowContext,
+        first_column: int,
+        row_stat: Tensor,
+        weight: Tensor | float,
+    ) -> None:
+        logits.sub_(row_stat).exp_()
+        if isinstance(weight, Tensor):
+            logits.mul_(weight)
+        _subtract_targets_(logits, context, first_column, weight)
+
+
+def _target_entries(block: Tensor, context: RowContext, first_column: int) -> tuple[Tensor, slice]:
+    """A view of the targets that fall in a slice of columns, and the rows they belong to."""
+    if context.target_start is None:
+        return block[:0, 0], slice(0, 0)
+    if context.target_step == 0:
+        column = context.target_start - first_column
+        if 0 <= column < block.shape[1]:
+            return block[:, column], slice(0, len(block))
+        return block[:0, 0], slice(0, 0)
+    offset = context.target_diagonal(first_column)
+    assert offset is not None
+    diagonal = torch.diagonal(block, offset=offset)  # entries (r, r + offset)
+    first = max(0, -offset)
+    return diagonal, slice(first, first + len(diagonal))
+
+
+def _subtract_targets_(
+    block: Tensor, context: RowContext, first_column: int, weight: Tensor | float
+) -> None:
+    """In place: the one-hot part of the gradient, ``-weight`` at each row's target."""
+    targets, rows = _target_entries(block, context, first_column)
+    if targets.numel():
+        targets.sub_(weight[rows, 0] if isinstance(weight, Tensor) else weight)
+
+
+def mean_positive_logit(
+    scaled_rows: Tensor,
+    unit_keys: Tensor,
+    labels: Tensor,
+    offset: int,
+    *,
+    exclude_self: bool,
+) -> Tensor:
+    """Each row's mean logit over the keys that share its label. (R,)
+
+    Row i (key row ``offset + i``, all keys being ``unit_keys`` with their
+    ``labels``) has the positives ``{j : labels[j] == labels[offset + i]}``,
+    without ``j = offset + i`` itself if ``exclude_self``; their mean logit is
+    ``x_i . (class sum - own key) / (class size - 1)``, computed from per-class
+    sums without an (R, N) mask.
+
+    Args:
+        scaled_rows: (R, D) rows, normalised and divided by the temperature.
+        unit_keys: (N, D) keys, normalised (as in the logits).
+        labels: (N,) integer labels of the keys.
+        offset: local row i is key ``offset + i``.
+        exclude_self: a row is not its own positive (NT-Xent, where the rows
+            are among the keys). Every class then needs at least two members.
+    """
+    _, label_index, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    local = slice(offset, offset + len(scaled_rows))
+    sizes = counts[label_index[local]].to(scaled_rows.dtype).unsqueeze(1)  # (R, 1)
+    sums = unit_keys.new_zeros(len(counts), unit_keys.shape[1]).index_add(
+        0, label_index, unit_keys
+    )  # (classes, D)
+    positive_sum = sums[label_index[local]]  # (R, D)
+    if exclude_self:
+        positive_sum = positive_sum - unit_keys[local]
+        sizes = sizes - 1
+    return torch.sum(scaled_rows * (positive_sum / sizes), dim=1)
