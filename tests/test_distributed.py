@@ -15,12 +15,12 @@ in the parent, with one process (no process group) on the concatenated batch.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -29,11 +29,12 @@ from typing import Any, Literal
 import pytest
 import torch
 import torch.distributed as dist
+from reference import assert_close as assert_close_scaled
 from torch import Tensor, nn
 from torch.multiprocessing.spawn import start_processes
 from torch.nn.parallel import DistributedDataParallel
 
-from info_nce import InfoNCE, info_nce
+from info_nce import InfoNCE, NTXent, info_nce, nt_xent
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-10  # float64, relative and absolute
@@ -45,13 +46,7 @@ WORLD_SIZES = (2, 3)
 GLOO_TIMEOUT = timedelta(seconds=60)  # a collective that hangs fails instead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only cost time here, a lot of it on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)
@@ -72,6 +67,7 @@ class Case:
     backward_twice: bool = False  # backward(retain_graph=True) twice: the gradients double
     frozen_query: bool = False  # the queries carry no gradient (a frozen query encoder)
     no_grad: bool = False  # forward under torch.no_grad() (evaluation): the loss only
+    views: int = 0  # V >= 2: NTXent / nt_xent over V views (the encoders' outputs) instead
 
 
 CASES = [
@@ -187,6 +183,28 @@ CASES = [
         unequal=True,
         unequal_negatives=True,
     ),
+    # NT-Xent over V views: each rank's anchors against all ranks' embeddings.
+    Case("nt-xent", views=2),
+    Case("nt-xent-V3-labels-ddp", views=3, labels=True, ddp=True),
+    Case("nt-xent-first-fixed-temperature", {"anchors": "first"}, views=2, learn_temperature=False),
+    Case("nt-xent-blockwise-no-normalize", {"chunk_size": 2, "normalize": False}, views=2),
+    Case("nt-xent-sum-unequal-V3", views=3, reduction="sum", unequal=True),
+    Case(
+        "nt-xent-none-unequal-labels-blockwise",
+        {"chunk_size": 3},
+        views=2,
+        labels=True,
+        reduction="none",
+        unequal=True,
+    ),
+    Case(
+        "nt-xent-none-unequal-first-fixed-temperature",
+        {"anchors": "first"},
+        views=3,
+        reduction="none",
+        unequal=True,
+        learn_temperature=False,
+    ),
     Case(
         "none-unequal-blockwise-paired-in-batch-mask-ddp",
         {"chunk_size": 2, "in_batch_negatives": True},
@@ -226,9 +244,17 @@ class TwoTower(nn.Module):
         negative_mode: Literal["unpaired", "paired"] = (
             "paired" if case.negatives == "paired" else "unpaired"
         )
-        self.criterion: InfoNCE | None = None
+        self.views = case.views
+        self.criterion: InfoNCE | NTXent | None = None
         self.functional_options: dict[str, Any] = {}
-        if case.learn_temperature:
+        if case.views:
+            self.criterion = None
+            options = dict(reduction=case.reduction, gather_distributed=gather, **case.options)
+            if case.learn_temperature:
+                self.criterion = NTXent(TEMPERATURE, learn_temperature=True, **options)
+            else:
+                self.functional_options = dict(temperature=TEMPERATURE, **options)
+        elif case.learn_temperature:
             self.criterion = InfoNCE(
                 TEMPERATURE,
                 case.reduction,
@@ -255,6 +281,12 @@ class TwoTower(nn.Module):
         mask: Tensor | None,
     ) -> Tensor:
         query, positive_key = self.query_net(x), self.key_net(y)  # (B, EMBEDDING)
+        if self.views:
+            views = [query, positive_key, self.query_net(y), self.key_net(x)][: self.views]
+            if isinstance(self.criterion, NTXent):
+                ntxent_loss: Tensor = self.criterion(*views, labels=labels)
+                return ntxent_loss
+            return nt_xent(views, labels, **self.functional_options)
         if self.frozen_query:
             query = query.detach()
         negative_keys = None if negatives is None else self.key_net(negatives)
@@ -424,25 +456,8 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str
     }
 
 
-def assert_close(actual: Tensor, expected: Tensor, what: str) -> None:
-    """Elementwise |actual - expected| <= TOLERANCE * (1 + |expected|); names the worst element."""
-    assert actual.shape == expected.shape, (
-        f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
-    )
-    error = (actual - expected).abs()
-    excess = torch.nan_to_num(error - TOLERANCE * (1 + expected.abs()), nan=float("inf"))
-    if bool((excess > 0).any()):
-        worst = int(excess.argmax())
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), actual.shape))
-        note = ""
-        if not bool(torch.isfinite(expected).all()):
-            note = "; the expected value (one process, no process group) is itself not finite"
-        raise AssertionError(
-            f"{what}: worst element {index}: got {actual.flatten()[worst].item()!r}, "
-            f"expected {expected.flatten()[worst].item()!r} "
-            f"(|difference| {error.flatten()[worst].item():.3g}, tolerance {TOLERANCE:g} relative"
-            f" and absolute; max |difference| {error.max().item():.3g}{note})"
-        )
+# Elementwise |actual - expected| <= TOLERANCE * (1 + |expected|); names the worst element.
+assert_close = functools.partial(assert_close_scaled, rtol=TOLERANCE, atol=TOLERANCE, scale=1.0)
 
 
 def identical(actual: Tensor, expected: Tensor) -> bool:
@@ -486,13 +501,15 @@ def test_ranks_match_one_process(
     if case.reduction == "none":
         sizes = local_sizes(case, world)
         for rank, loss in enumerate(losses):
-            rows = reference["loss"][rows_of(sizes, rank)]
-            assert_close(loss, rows, f"{what}: rank {rank}'s rows of reduction='none'")
+            rows = reference["loss"][..., rows_of(sizes, rank)]  # (B,) or NT-Xent's (V, B)
+            assert_close(loss, rows, name=f"{what}: rank {rank}'s rows of reduction='none'")
     elif case.reduction == "sum":
-        assert_close(torch.stack(losses).sum(), reference["loss"], f"{what}: sum of ranks' losses")
+        assert_close(
+            torch.stack(losses).sum(), reference["loss"], name=f"{what}: sum of ranks' losses"
+        )
     else:
         assert_close(
-            torch.stack(losses).mean(), reference["loss"], f"{what}: mean of ranks' losses"
+            torch.stack(losses).mean(), reference["loss"], name=f"{what}: mean of ranks' losses"
         )
 
     averaged = "summed" if case.reduction != "mean" else "averaged"
@@ -502,7 +519,7 @@ def test_ranks_match_one_process(
             assert_close(
                 result["grads"][name],
                 grad,
-                f"{what}: rank {rank}'s {averaged} gradient of {name}",
+                name=f"{what}: rank {rank}'s {averaged} gradient of {name}",
             )
 
 
