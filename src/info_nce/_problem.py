@@ -18,59 +18,14 @@ engine walks, and nothing else decides it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from info_nce import _normalize
 from info_nce._validation import Reduction
 from info_nce.distributed import Gatherer
+from info_nce.engine import Positives, Problem, Walk
 from info_nce.engine.function import PairedOptions, paired_logits
-
-
-@dataclass(frozen=True)
-class Walk:
-    """One engine pass: rows against key segments, and how its columns relate to its rows.
-
-    The walk's loss is ``row_scale * row_loss + column_scale * column_term``
-    per row (see `info_nce.engine.function.LogSumExpOptions`).
-    """
-
-    rows: Tensor  # (R, D) raw
-    segments: tuple[Tensor, ...]  # (N_k, D) raw, shared by all rows
-    extra: tuple[Tensor, ...] = ()  # (R, E_k) logits of per-row candidates, first in each row
-    target_offset: int | None = None  # row i's target: key offset + i of segments[0]
-    target_extra: bool = False  # row i's target: its first extra column
-    exclude_offset: int | None = None  # row i's key exclude_offset + i of segments[0] is excluded
-    column_keys: int = 0  # leading keys of segments[0] scored against all rows (symmetric)
-    row_scale: float = 1.0
-    column_scale: float = 0.0
-
-
-@dataclass(frozen=True)
-class Positives:
-    """A term subtracted from the loss: ``weight * rows_i . mean(keys with i's label)``."""
-
-    rows: Tensor  # (R, D) normalised (as in the logits), one side carrying 1 / t
-    keys: Tensor  # (N, D) normalised, the other side
-    labels: Tensor  # (N,) the keys' labels
-    offset: int  # row i is key offset + i
-    exclude_self: bool  # row i is not its own positive
-    weight: float
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Everything the engine needs; the loss is the walks' sum minus the positives' terms."""
-
-    walks: tuple[Walk, ...]
-    positives: tuple[Positives, ...]
-    temperature: float | Tensor
-    reduction: Reduction
-    normalize: bool
-    eps: float
-    chunk_size: int | None
 
 
 def info_nce_problem(

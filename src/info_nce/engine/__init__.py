@@ -1,8 +1,9 @@
 """The exact blockwise engine: the loss without any (B, N) logits matrix.
 
-`run` takes a `Problem` from the problem builder and walks each of its walks
-through the `LogSumExp` Function (`function`), whose forward and backward are
-the block walker's two passes (`walker`); the loss of each row of a block is
+`run` takes a `Problem` (built by `info_nce._problem`, the only reader of the
+losses' flags) and walks each of its walks through the `LogSumExp` Function
+(`function`), whose forward and backward are the block walker's two passes
+(`walker`); the loss of each row of a block is
 the objective's (`info_nce.objectives`). Normalisation and temperature are
 row and column factors (`scales`); the symmetric loss's column statistics are
 in `columns`. Positives that are not a target column are class sums, O((B +
@@ -11,18 +12,59 @@ classes) * D) autograd ops.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from info_nce._validation import reduce_loss
+from info_nce._validation import Reduction, reduce_loss
 from info_nce.engine.function import LogSumExpOptions, log_sum_exp
 from info_nce.engine.walker import default_block_rows
 from info_nce.objectives import mean_positive_logit
 
-if TYPE_CHECKING:  # the builder uses the engine's Functions: no import cycle at run time
-    from info_nce._problem import Problem, Walk
+
+@dataclass(frozen=True)
+class Walk:
+    """One engine pass: rows against key segments, and how its columns relate to its rows.
+
+    The walk's loss is ``row_scale * row_loss + column_scale * column_term``
+    per row (see `info_nce.engine.function.LogSumExpOptions`).
+    """
+
+    rows: Tensor  # (R, D) raw
+    segments: tuple[Tensor, ...]  # (N_k, D) raw, shared by all rows
+    extra: tuple[Tensor, ...] = ()  # (R, E_k) logits of per-row candidates, first in each row
+    target_offset: int | None = None  # row i's target: key offset + i of segments[0]
+    target_extra: bool = False  # row i's target: its first extra column
+    exclude_offset: int | None = None  # row i's key exclude_offset + i of segments[0] is excluded
+    column_keys: int = 0  # leading keys of segments[0] scored against all rows (symmetric)
+    row_scale: float = 1.0
+    column_scale: float = 0.0
+
+
+@dataclass(frozen=True)
+class Positives:
+    """A term subtracted from the loss: ``weight * rows_i . mean(keys with i's label)``."""
+
+    rows: Tensor  # (R, D) normalised (as in the logits), one side carrying 1 / t
+    keys: Tensor  # (N, D) normalised, the other side
+    labels: Tensor  # (N,) the keys' labels
+    offset: int  # row i is key offset + i
+    exclude_self: bool  # row i is not its own positive
+    weight: float
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything the engine needs; the loss is the walks' sum minus the positives' terms."""
+
+    walks: tuple[Walk, ...]
+    positives: tuple[Positives, ...]
+    temperature: float | Tensor
+    reduction: Reduction
+    normalize: bool
+    eps: float
+    chunk_size: int | None
 
 
 def run(problem: Problem) -> Tensor:
