@@ -8,8 +8,9 @@ single run:
 * ``reference``: info-nce-pytorch 0.1.4 loaded from its wheel when available
   (``--reference-wheel``), else this package's dense path; for the symmetric
   configuration a dense CLIP loss, for labels a dense supervised contrastive
-  loss with a (B, B) mask;
-* ``ours``: ``info_nce.info_nce`` with its defaults (automatic dispatch);
+  loss with a (B, B) mask, for NT-Xent the usual dense formula (one masked
+  (2B, 2B) logits matrix and ``F.cross_entropy``);
+* ``ours``: ``info_nce.info_nce`` (or ``nt_xent``) with its defaults (automatic dispatch);
 * ``floor``: only the matrix products any exact implementation must do
   (logits, and the two gradient products), timed alone.
 
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from info_nce import info_nce
+from info_nce import info_nce, nt_xent
 from info_nce._normalize import unit
 from info_nce.dense import dense_info_nce
 
@@ -65,8 +66,11 @@ class Config:
     symmetric: bool = False  # reference: a dense CLIP loss
     classes: int = 0  # labels with this many classes; reference: dense SupCon with a (B, B) mask
     processes: int = 1  # fresh processes per implementation (more for sub-millisecond timings)
+    views: int = 0  # NT-Xent over this many views of B samples (the two inputs); reference: dense
 
     def describe(self) -> str:
+        if self.views:
+            return f"nt_xent V={self.views}, B={self.batch}, D={self.dim}"
         shape = f"B={self.batch}"
         if self.mode != "in-batch":
             shape += f", M={self.negatives}"
@@ -87,6 +91,7 @@ CONFIGS = {
         Config("C5", "in-batch", 65536, 0, 128, repeats=3, reference_fits=False),
         Config("C6", "in-batch", 8192, 0, 768, repeats=5, symmetric=True, processes=3),
         Config("C7", "in-batch", 8192, 0, 128, repeats=5, classes=10, processes=3),
+        Config("C8", "in-batch", 8192, 0, 128, repeats=3, processes=3, views=2),
     )
 }
 
@@ -122,7 +127,17 @@ def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Calla
     negatives = inputs[2] if len(inputs) > 2 else None
     mode = _negative_mode(config)
     labels = torch.arange(config.batch) % config.classes if config.classes else None
-    if implementation == "ours":
+    if implementation == "ours" and config.views:
+
+        def loss() -> Tensor:
+            return nt_xent([query, positive])
+
+    elif implementation == "reference" and config.views:
+
+        def loss() -> Tensor:
+            return _dense_nt_xent(query, positive)
+
+    elif implementation == "ours":
 
         def loss() -> Tensor:
             return info_nce(
@@ -190,9 +205,20 @@ def _dense_supervised_contrastive_loss(
     return (-(mask * log_probs).sum(dim=1) / mask.sum(dim=1)).mean()
 
 
+def _dense_nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+    """SimCLR's NT-Xent as usually written: one masked (2B, 2B) matrix and `F.cross_entropy`."""
+    z = unit(torch.cat([z1, z2]))  # (2B, D)
+    logits = z @ z.T / temperature  # (2B, 2B)
+    itself = torch.eye(len(z), dtype=torch.bool)
+    targets = torch.arange(len(z)).roll(len(z1))  # (v, i)'s positive is (1 - v, i)
+    return F.cross_entropy(logits.masked_fill(itself, float("-inf")), targets)
+
+
 def _floor_step(config: Config, inputs: list[Tensor]) -> Callable[[], None]:
     """The three matrix products of forward+backward, alone, on plain tensors."""
     query, positive = (x.detach() for x in inputs[:2])
+    if config.views:  # every embedding against all: (2B)^2 logits
+        query = positive = torch.cat([query, positive])
     if config.mode == "paired":
         negatives = inputs[2].detach()
 
