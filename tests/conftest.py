@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
+from reference import single_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED_WHEEL_ENV = "INFO_NCE_SEED_WHEEL"
@@ -55,8 +55,6 @@ def info_nce_pytorch() -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """Tiny tensors: thread hand-offs only cost time, a lot of it on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """Tiny tensors: one intra-op thread for the whole module (`reference.single_thread`)."""
+    with single_thread():
+        yield

@@ -9,7 +9,8 @@ The tests compare the package's loss and gradients with it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -286,3 +287,14 @@ def assert_matches(
 def dtype_id(dtype: torch.dtype) -> str:
     """A readable pytest id for a dtype: 'float32'."""
     return str(dtype).removeprefix("torch.")
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: on tiny tensors thread hand-offs only cost time (a lot when busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -10,12 +10,11 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from reference import single_thread
 
 from info_nce import info_nce
 from info_nce.cli.__main__ import main
@@ -59,16 +58,6 @@ SMALL_CONFIG = DemoConfig(
 )
 TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "steps_per_second"}
 REQUIRED_KEYS = {"r2_before", "r2_after", "steps", "batch_size", "seconds"}
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_demo(output_dir: Path, *extra: str) -> dict[str, object]:
@@ -132,7 +121,7 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
             del metrics[key]
     assert first == second
     assert first["options"]["seed"] == 5  # type: ignore[index]
-    with _one_thread():
+    with single_thread():
         other = train(dataclasses.replace(SMALL_CONFIG, seed=6))
     assert other is not None
     assert other.after.r2 != first["r2_after"]
@@ -155,7 +144,7 @@ def test_nproc_2_trains(tmp_path: Path) -> None:
     # Keys gathered from the other rank: each query has as many candidates as in
     # one process on the whole batch, so the losses match. Without the gather a
     # rank's queries would see half the candidates: about log(2) = 0.69 lower.
-    with _one_thread():
+    with single_thread():
         single = train(SMALL_CONFIG)
     assert single is not None
     history = metrics["loss_history"]
@@ -298,7 +287,7 @@ def test_linear_readout_scores_held_out_half() -> None:
 
 def test_learned_temperature_moves_and_symmetric_trains() -> None:
     config = dataclasses.replace(SMALL_CONFIG, learn_temperature=True, symmetric=True)
-    with _one_thread():
+    with single_thread():
         result = train(config)
     assert result is not None
     final_temperature = result.temperature_history[-1][1]

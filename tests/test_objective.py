@@ -12,14 +12,17 @@ that each path really ran.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
 import pytest
 import torch
+from reference import assert_close as assert_close_scaled
+from reference import upstream_gradient
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
@@ -34,13 +37,7 @@ PATHS = ("auto", "chunk=1", "chunk=7", "chunk=B-1", "chunk=B+3")
 RTOL, ATOL = 1e-9, 1e-11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: thread hand-offs only cost time, a lot of it on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- The float64 reference ---------------------------------------------------
@@ -118,26 +115,8 @@ def reduce(values: Tensor, reduction: str) -> Tensor:
 # --- Helpers -------------------------------------------------------------------
 
 
-def assert_close(
-    actual: Tensor, expected: Tensor, *, rtol: float = RTOL, atol: float = ATOL, what: str = ""
-) -> None:
-    """allclose that reports the worst element."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    actual64, expected64 = actual.detach().double(), expected.detach().double()
-    error = (actual64 - expected64).abs()
-    allowed = atol + rtol * expected64.abs()
-    within = error <= allowed  # False where either side is NaN
-    if bool(within.all()):
-        return
-    excess = torch.where(within, -math.inf, torch.nan_to_num(error - allowed, nan=math.inf))
-    worst = int(excess.flatten().argmax())
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), error.shape))
-    raise AssertionError(
-        f"{what}: worst element {index}: got {actual64.flatten()[worst].item()!r}, "
-        f"expected {expected64.flatten()[worst].item()!r}, "
-        f"abs error {error.flatten()[worst].item():.3e} (rtol={rtol}, atol={atol}); "
-        f"{int((~within).sum())} of {error.numel()} elements differ"
-    )
+# Errors relative to each expected value plus an absolute floor (no scale).
+assert_close = functools.partial(assert_close_scaled, rtol=RTOL, atol=ATOL, scale=1.0)
 
 
 def scalar(x: Tensor) -> float:
@@ -176,14 +155,9 @@ def run_info_nce(
     return loss
 
 
-def upstream_gradient(loss: Tensor, generator: torch.Generator) -> Tensor:
-    """A random upstream gradient (random per sample for reduction='none')."""
-    return torch.randn(loss.shape, generator=generator, dtype=loss.dtype) + 0.5
-
-
 @dataclass(frozen=True)
 class Case:
-    """One option combination; `make_inputs` builds its tensors."""
+    """One option combination; `case_inputs` builds its tensors."""
 
     batch: int = 5
     dim: int = 3
@@ -217,7 +191,7 @@ def make_mask(kind: str, batch: int, num_negatives: int, generator: torch.Genera
     return mask
 
 
-def make_inputs(case: Case, seed: int = 0) -> dict[str, Any]:
+def case_inputs(case: Case, seed: int = 0) -> dict[str, Any]:
     """Float64 leaf tensors (requiring gradients) and options of `case`."""
     generator = torch.Generator().manual_seed(seed)
     batch, dim, m = case.batch, case.dim, case.num_negatives
@@ -343,13 +317,13 @@ def assert_matches_reference(inputs: dict[str, Any], path: str, reduction: str) 
     """Loss and all gradients against the reference; returns the loss."""
     loss, expected = implementation_and_reference(inputs, path, reduction)
     assert loss.dtype == torch.float64
-    assert_close(loss, expected, what="loss")
-    upstream = upstream_gradient(expected, inputs["generator"])
+    assert_close(loss, expected, name="loss")
+    upstream = upstream_gradient(expected.shape)
     tensors = leaves(inputs)
     actual_grads = gradients(loss, upstream, tensors)
     expected_grads = gradients(expected, upstream, tensors)
     for name in tensors:
-        assert_close(actual_grads[name], expected_grads[name], what=f"gradient of {name}")
+        assert_close(actual_grads[name], expected_grads[name], name=f"gradient of {name}")
     return loss
 
 
@@ -360,7 +334,7 @@ def assert_matches_reference(inputs: dict[str, Any], path: str, reduction: str) 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_loss_and_gradients_match_reference(case: Case, path: str, reduction: str) -> None:
-    assert_matches_reference(make_inputs(case), path, reduction)
+    assert_matches_reference(case_inputs(case), path, reduction)
 
 
 # Symmetric cases whose key-to-query statistics are columns of the main pass
@@ -392,13 +366,13 @@ def test_symmetric_engine_across_column_chunks(case: Case, path: str, reduction:
         mock.patch.object(columns, "COLUMN_CHUNK_ELEMENTS", 2),
         mock.patch.object(columns, "column_chunks", column_chunks),
     ):
-        assert_matches_reference(make_inputs(case), path, reduction)
+        assert_matches_reference(case_inputs(case), path, reduction)
     assert max(chunk_counts) > 1, "the column statistics never took more than one chunk"
 
 
 def test_reference_is_the_seed_loss() -> None:
     # The reference itself, on the one case with a closed form elsewhere.
-    inputs = make_inputs(Case(batch=6, dim=4))
+    inputs = case_inputs(Case(batch=6, dim=4))
     q, p = _unit(inputs["query"]), _unit(inputs["positive_key"])
     expected = torch.nn.functional.cross_entropy(q @ p.T / 0.1, torch.arange(6))
     actual = reference_per_sample(inputs["query"], inputs["positive_key"], temperature=0.1)
@@ -418,7 +392,7 @@ def test_reference_is_the_seed_loss() -> None:
     ids=["plain", "symmetric", "unpaired", "paired-symmetric", "paired-mask"],
 )
 def test_distinct_labels_equal_the_plain_loss(case: Case, path: str) -> None:
-    inputs = make_inputs(case, seed=1)
+    inputs = case_inputs(case, seed=1)
     options = dict(inputs["options"], in_batch_negatives=True)
     tensors = leaves(inputs)
     labels = torch.randperm(case.batch, generator=inputs["generator"]) * 3 + 11
@@ -435,17 +409,17 @@ def test_distinct_labels_equal_the_plain_loss(case: Case, path: str) -> None:
         )
 
     with_labels, plain = loss_of(labels), loss_of(None)
-    assert_close(with_labels, plain, what="loss")
-    upstream = upstream_gradient(plain, inputs["generator"])
+    assert_close(with_labels, plain, name="loss")
+    upstream = upstream_gradient(plain.shape)
     labelled_grads = gradients(with_labels, upstream, tensors)
     plain_grads = gradients(plain, upstream, tensors)
     for name in tensors:
-        assert_close(labelled_grads[name], plain_grads[name], what=f"gradient of {name}")
+        assert_close(labelled_grads[name], plain_grads[name], name=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_labels_of_any_integer_dtype(path: str) -> None:
-    inputs = make_inputs(Case(batch=9, labels="repeated", symmetric=True))
+    inputs = case_inputs(Case(batch=9, labels="repeated", symmetric=True))
     options = inputs["options"]
     losses = [
         run_info_nce(
@@ -464,7 +438,7 @@ def test_labels_of_any_integer_dtype(path: str) -> None:
 
 def test_with_negatives_and_no_labels_the_default_is_not_in_batch() -> None:
     # The seed's behaviour: explicit negatives replace the in-batch candidates.
-    inputs = make_inputs(Case(negatives="unpaired"))
+    inputs = case_inputs(Case(negatives="unpaired"))
     q, p, n = inputs["query"], inputs["positive_key"], inputs["negative_keys"]
     default = info_nce(q, p, n, reduction="none")
     assert torch.equal(default, info_nce(q, p, n, reduction="none", in_batch_negatives=False))
@@ -484,7 +458,7 @@ def test_with_negatives_and_no_labels_the_default_is_not_in_batch() -> None:
 def test_all_padding_row_is_as_if_it_had_no_negatives(
     path: str, in_batch: bool, symmetric: bool
 ) -> None:
-    inputs = make_inputs(Case(negatives="paired", mask="empty-row", symmetric=symmetric))
+    inputs = case_inputs(Case(negatives="paired", mask="empty-row", symmetric=symmetric))
     q, p, n = inputs["query"], inputs["positive_key"], inputs["negative_keys"]
     options = dict(inputs["options"], in_batch_negatives=in_batch)
     empty = len(q) // 2
@@ -500,7 +474,7 @@ def test_all_padding_row_is_as_if_it_had_no_negatives(
         both_directions = info_nce(q, p, reduction="none", symmetric=True)
         query_to_key = info_nce(q, p, reduction="none")
         without_negatives = (2 * both_directions - query_to_key)[empty] / 2
-    assert_close(loss[empty], without_negatives, what="loss of the all-padding row")
+    assert_close(loss[empty], without_negatives, name="loss of the all-padding row")
     grad_query, grad_negatives = torch.autograd.grad(loss.sum(), [q, n])
     assert bool(torch.isfinite(grad_query).all())
     assert torch.count_nonzero(grad_negatives[empty]) == 0
@@ -514,14 +488,14 @@ def test_all_padding_row_is_as_if_it_had_no_negatives(
 def test_masked_negative_gets_exactly_zero_gradient(
     path: str, in_batch: bool, symmetric: bool
 ) -> None:
-    inputs = make_inputs(Case(batch=7, negatives="paired", mask="random", num_negatives=5))
+    inputs = case_inputs(Case(batch=7, negatives="paired", mask="random", num_negatives=5))
     q, p, n = inputs["query"], inputs["positive_key"], inputs["negative_keys"]
     options = dict(inputs["options"], in_batch_negatives=in_batch, symmetric=symmetric)
     mask = options["negative_mask"]
     assert bool(mask.any())
     assert not bool(mask.all())
     loss = run_info_nce(path, q, p, n, reduction="none", **options)
-    (grad,) = torch.autograd.grad(loss, [n], upstream_gradient(loss, inputs["generator"]))
+    (grad,) = torch.autograd.grad(loss, [n], upstream_gradient(loss.shape))
     assert torch.count_nonzero(grad[~mask]) == 0
     assert bool((grad[mask].abs().sum(dim=-1) > 0).all())  # valid negatives do get one
     # A masked negative's value does not matter: any padding gives the same loss.
@@ -550,7 +524,7 @@ GRADCHECK_CASES = {
 @pytest.mark.parametrize("path", ["auto", "chunk=1", "chunk=B-1"])
 @pytest.mark.parametrize("case", list(GRADCHECK_CASES.values()), ids=list(GRADCHECK_CASES))
 def test_gradcheck(case: Case, path: str, reduction: str) -> None:
-    inputs = make_inputs(case, seed=2)
+    inputs = case_inputs(case, seed=2)
     negative_keys = inputs["negative_keys"]
     options = inputs["options"]
 
@@ -578,7 +552,7 @@ def test_gradcheck(case: Case, path: str, reduction: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("path", PATHS)
 def test_float_and_tensor_temperature_give_identical_losses(path: str, dtype: torch.dtype) -> None:
-    inputs = make_inputs(Case(batch=6, negatives="unpaired", labels="repeated", symmetric=True))
+    inputs = case_inputs(Case(batch=6, negatives="unpaired", labels="repeated", symmetric=True))
     q, p, n = (
         inputs[name].detach().to(dtype) for name in ("query", "positive_key", "negative_keys")
     )
@@ -591,7 +565,7 @@ def test_float_and_tensor_temperature_give_identical_losses(path: str, dtype: to
 
 
 def test_one_element_temperature_gets_gradient_of_its_shape() -> None:
-    inputs = make_inputs(Case(symmetric=True))
+    inputs = case_inputs(Case(symmetric=True))
     temperature = torch.tensor([0.2], dtype=torch.float64, requires_grad=True)
     info_nce(inputs["query"], inputs["positive_key"], temperature=temperature).backward()
     assert temperature.grad is not None
@@ -626,7 +600,7 @@ LEARNABLE_CASES = {
 def test_learnable_temperature_gradient_matches_reference(
     case: Case, path: str, reduction: str
 ) -> None:
-    inputs = make_inputs(case)
+    inputs = case_inputs(case)
     q, p, n = inputs["query"], inputs["positive_key"], inputs["negative_keys"]
     options = inputs["options"]
     module = InfoNCE(
@@ -643,11 +617,11 @@ def test_learnable_temperature_gradient_matches_reference(
     expected = reduce(
         reference_per_sample(q, p, n, temperature=torch.exp(-logit_scale), **options), reduction
     )
-    assert_close(loss, expected, what="loss")
-    upstream = upstream_gradient(expected, inputs["generator"])
+    assert_close(loss, expected, name="loss")
+    upstream = upstream_gradient(expected.shape)
     (actual_grad,) = torch.autograd.grad(loss, [module.logit_scale], upstream)
     (expected_grad,) = torch.autograd.grad(expected, [logit_scale], upstream)
-    assert_close(actual_grad, expected_grad, what="gradient of logit_scale")
+    assert_close(actual_grad, expected_grad, name="gradient of logit_scale")
     assert scalar(actual_grad) != 0
 
 
@@ -664,7 +638,7 @@ def test_learnable_temperature_clamp(
     module = InfoNCE(
         learn_temperature=True, symmetric=True, chunk_size=chunk_size_for(path, 6), **settings
     )
-    inputs = make_inputs(Case(batch=6, dim=8))
+    inputs = case_inputs(Case(batch=6, dim=8))
     q, p = (inputs[name].detach().float() for name in ("query", "positive_key"))
 
     # Below the clamp the gradient flows ...
@@ -681,7 +655,7 @@ def test_learnable_temperature_clamp(
     assert scalar(module.temperature) == pytest.approx(floor, rel=1e-6)
     loss = module(q, p)
     expected = info_nce(q, p, temperature=floor, symmetric=True)
-    assert_close(loss, expected, rtol=1e-5, atol=0, what="clamped loss")
+    assert_close(loss, expected, rtol=1e-5, atol=0, name="clamped loss")
     loss.backward()
     assert module.logit_scale.grad is not None
     assert scalar(module.logit_scale.grad) == 0.0
@@ -696,13 +670,13 @@ def test_learnable_temperature_state_dict_round_trip() -> None:
     fresh.load_state_dict(trained.state_dict())
     assert torch.equal(fresh.logit_scale, trained.logit_scale)
     assert scalar(fresh.temperature) == pytest.approx(0.03, rel=1e-6)
-    inputs = make_inputs(Case(batch=6, dim=8))
+    inputs = case_inputs(Case(batch=6, dim=8))
     q, p = inputs["query"].detach().float(), inputs["positive_key"].detach().float()
     assert torch.equal(fresh(q, p), trained(q, p))
 
 
 def test_fixed_temperature_is_reassignable_and_learnable_is_not() -> None:
-    inputs = make_inputs(Case(batch=6, dim=8))
+    inputs = case_inputs(Case(batch=6, dim=8))
     q, p = inputs["query"].detach(), inputs["positive_key"].detach()
     fixed = InfoNCE(temperature=0.1, symmetric=True)
     assert list(fixed.parameters()) == []
@@ -721,7 +695,7 @@ def test_fixed_temperature_is_reassignable_and_learnable_is_not() -> None:
 
 
 def test_module_passes_every_option_on() -> None:
-    inputs = make_inputs(Case(batch=7, negatives="paired", labels="singleton", mask="random"))
+    inputs = case_inputs(Case(batch=7, negatives="paired", labels="singleton", mask="random"))
     q, p, n = inputs["query"], inputs["positive_key"], inputs["negative_keys"]
     options = inputs["options"]
     settings = dict(
@@ -789,9 +763,9 @@ def test_half_precision_at_low_temperature(
         assert loss.dtype == torch.float32
         assert bool(torch.isfinite(loss).all())
         if reduction == "mean":
-            assert_close(loss, expected, rtol=2e-2, atol=0, what="mean loss")
+            assert_close(loss, expected, rtol=2e-2, atol=0, name="mean loss")
         else:
-            assert_close(loss, expected, rtol=0, atol=logit_error, what="per-sample loss")
+            assert_close(loss, expected, rtol=0, atol=logit_error, name="per-sample loss")
     grads = torch.autograd.grad(loss.sum(), half)
     for grad, x in zip(grads, half, strict=True):
         assert grad.dtype == x.dtype == dtype
