@@ -62,22 +62,23 @@ def info_nce_problem(
     if symmetric and not columns_in_walk:
         column_queries = query if gatherer is None else gatherer(query)
 
-    scaled_query = None  # (B, D), only where a logit is computed outside the walk
+    unit_query = None  # (B, D), only where a logit is computed outside the walk
     if labels is not None or not in_batch or paired:
-        scaled_query = unit(query) / temperature
+        unit_query = unit(query)
     positives: list[Positives] = []
     if all_labels is not None:
-        assert scaled_query is not None
+        assert unit_query is not None
         positives.append(
-            Positives(scaled_query, unit(all_keys), all_labels, offset, False, row_scale)
+            Positives(unit_query, unit(all_keys), all_labels, offset, False, row_scale)
         )
         if symmetric:
-            scaled_queries = (
-                scaled_query if column_queries is None else unit(column_queries) / temperature
-            )
+            all_queries = unit_query if column_queries is None else unit(column_queries)
             positives.append(
-                Positives(unit(positive_key), scaled_queries, all_labels, offset, False, 0.5)
+                Positives(unit(positive_key), all_queries, all_labels, offset, False, 0.5)
             )
+    scaled_query = None  # (B, D) for the own positive's and the paired negatives' logits
+    if unit_query is not None and (not in_batch or paired):
+        scaled_query = unit_query / temperature
 
     segments: list[Tensor] = []
     extra: list[Tensor] = []
@@ -162,10 +163,9 @@ def nt_xent_problem(
     all_labels = labels if gatherer is None else gatherer(labels)
     rows = embeddings[:batch] if first_view_only else embeddings  # (R, D)
 
-    unit = _normalize.unit_fn(normalize)
-    unit_keys = unit(keys)
+    unit_keys = _normalize.unit_fn(normalize)(keys)
     positives = Positives(
-        unit_keys[offset : offset + len(rows)] / temperature,
+        unit_keys[offset : offset + len(rows)],
         unit_keys,
         all_labels,
         offset,

@@ -44,10 +44,10 @@ class Walk:
 
 @dataclass(frozen=True)
 class Positives:
-    """A term subtracted from the loss: ``weight * rows_i . mean(keys with i's label)``."""
+    """A term subtracted from the loss: ``weight * rows_i . mean(keys with i's label) / t``."""
 
-    rows: Tensor  # (R, D) normalised (as in the logits), one side carrying 1 / t
-    keys: Tensor  # (N, D) normalised, the other side
+    rows: Tensor  # (R, D) normalised as in the logits
+    keys: Tensor  # (N, D) normalised as in the logits
     labels: Tensor  # (N,) the keys' labels
     offset: int  # row i is key offset + i
     exclude_self: bool  # row i is not its own positive
@@ -79,6 +79,7 @@ def run(problem: Problem) -> Tensor:
             positives.keys,
             positives.labels,
             positives.offset,
+            problem.temperature,
             exclude_self=positives.exclude_self,
         )
         assert loss is not None

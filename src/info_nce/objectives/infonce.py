@@ -78,37 +78,39 @@ def _subtract_targets_(
 
 
 def mean_positive_logit(
-    scaled_rows: Tensor,
-    unit_keys: Tensor,
+    rows: Tensor,
+    keys: Tensor,
     labels: Tensor,
     offset: int,
+    temperature: float | Tensor,
     *,
     exclude_self: bool,
 ) -> Tensor:
     """Each row's mean logit over the keys that share its label. (R,)
 
-    Row i (key row ``offset + i``, all keys being ``unit_keys`` with their
-    ``labels``) has the positives ``{j : labels[j] == labels[offset + i]}``,
-    without ``j = offset + i`` itself if ``exclude_self``; their mean logit is
-    ``x_i . (class sum - own key) / (class size - 1)``, computed from per-class
-    sums without an (R, N) mask.
+    Row i (key row ``offset + i`` of ``keys``, which carry ``labels``) has the
+    positives ``{j : labels[j] == labels[offset + i]}``, without
+    ``j = offset + i`` itself if ``exclude_self``. Their mean logit is
+    ``(x_i . class_sum - x_i . k_i) / ((class size - 1) t)`` (without the
+    ``- 1`` and ``k_i`` terms when the row is not excluded), from per-class
+    sums: no (R, N) mask, and the temperature divides the (R,) result.
 
     Args:
-        scaled_rows: (R, D) rows, normalised and divided by the temperature.
-        unit_keys: (N, D) keys, normalised (as in the logits).
+        rows: (R, D) rows, normalised as in the logits.
+        keys: (N, D) keys, normalised as in the logits.
         labels: (N,) integer labels of the keys.
         offset: local row i is key ``offset + i``.
+        temperature: the logits' temperature.
         exclude_self: a row is not its own positive (NT-Xent, where the rows
-            are among the keys). Every class then needs at least two members.
+            are among the keys). Every class then has at least two members.
     """
     _, label_index, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    local = slice(offset, offset + len(scaled_rows))
-    sizes = counts[label_index[local]].to(scaled_rows.dtype).unsqueeze(1)  # (R, 1)
-    sums = unit_keys.new_zeros(len(counts), unit_keys.shape[1]).index_add(
-        0, label_index, unit_keys
-    )  # (classes, D)
-    positive_sum = sums[label_index[local]]  # (R, D)
+    local = label_index[offset : offset + len(rows)]  # (R,) each row's class
+    sums = keys.new_zeros(len(counts), keys.shape[1]).index_add(0, label_index, keys)  # (C, D)
+    dots = torch.sum(rows * sums[local], dim=1)  # (R,) x_i . class sum
+    sizes = counts[local].to(rows.dtype)  # (R,)
     if exclude_self:
-        positive_sum = positive_sum - unit_keys[local]
+        dots = dots - torch.sum(rows * keys[offset : offset + len(rows)], dim=1)
         sizes = sizes - 1
-    return torch.sum(scaled_rows * (positive_sum / sizes), dim=1)
+    mean: Tensor = dots / (sizes * temperature)
+    return mean
