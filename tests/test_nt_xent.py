@@ -569,6 +569,30 @@ def test_a_frozen_key_segment_costs_no_gradient_product() -> None:
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_frozen_queries_cost_no_row_gradient_product(symmetric: bool, reduction: str) -> None:
+    # A frozen query tower: the keys' gradient needs one product less.
+    batch, dim = 24, 8
+    generator = torch.Generator().manual_seed(22)
+    query, positive_key = (torch.randn(batch, dim, generator=generator) for _ in range(2))
+
+    def products(query_needs_grad: bool) -> int:
+        q = query.clone().requires_grad_(query_needs_grad)
+        p = positive_key.clone().requires_grad_()
+        with MatrixProducts() as counter:
+            loss = info_nce(q, p, symmetric=symmetric, reduction=reduction, chunk_size=8)
+            loss.backward(torch.ones_like(loss))
+        assert (q.grad is not None) == query_needs_grad
+        return counter.multiply_adds
+
+    # Gradients built in forward (one-way, scalar): 3 products; otherwise a
+    # statistics pass, then a gradient pass of 3.
+    passes = 4 if symmetric or reduction == "none" else 3
+    assert products(True) == passes * batch * batch * dim
+    assert products(False) == products(True) - batch * batch * dim
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_frozen_segment_gradients_are_still_exact(reduction: str) -> None:
     generator = torch.Generator().manual_seed(21)
     query, positive_key = (

@@ -23,14 +23,32 @@ from info_nce._validation import (
 from info_nce.functional import info_nce, nt_xent
 
 
-class _Temperature(nn.Module):
-    """A fixed temperature (reassignable, validated) or a learnable one, CLIP's ``logit_scale``."""
+class _LossModule(nn.Module):
+    """The settings every loss module holds, checked once.
 
-    def __init__(self, temperature: float, learn_temperature: bool, max_logit_scale: float) -> None:
+    The temperature is fixed (reassignable, validated) or learnable, CLIP's
+    ``logit_scale``.
+    """
+
+    def __init__(
+        self,
+        temperature: float,
+        reduction: Reduction,
+        *,
+        normalize: bool,
+        learn_temperature: bool,
+        max_logit_scale: float,
+        chunk_size: int | None,
+        gather_distributed: bool,
+    ) -> None:
         super().__init__()
         initial_temperature = check_temperature(temperature)
         if isinstance(initial_temperature, Tensor):
             initial_temperature = float(initial_temperature.detach().cpu())
+        self.reduction = check_reduction(reduction)
+        self.normalize = check_bool("normalize", normalize)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         self.learn_temperature = check_bool("learn_temperature", learn_temperature)
         self.max_logit_scale = check_positive_number("max_logit_scale", max_logit_scale)
         self.logit_scale: nn.Parameter | None = None
@@ -68,7 +86,7 @@ class _Temperature(nn.Module):
         return f"temperature={temperature:g}"
 
 
-class InfoNCE(_Temperature):
+class InfoNCE(_LossModule):
     """InfoNCE loss for contrastive learning (van den Oord et al., 2018).
 
     Pulls each query towards its positive key and pushes it away from negative
@@ -144,16 +162,20 @@ class InfoNCE(_Temperature):
         chunk_size: int | None = None,
         gather_distributed: bool = False,
     ) -> None:
-        super().__init__(temperature, learn_temperature, max_logit_scale)
-        self.reduction = check_reduction(reduction)
+        super().__init__(
+            temperature,
+            reduction,
+            normalize=normalize,
+            learn_temperature=learn_temperature,
+            max_logit_scale=max_logit_scale,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
+        )
         self.negative_mode = check_negative_mode(negative_mode)
         self.symmetric = check_bool("symmetric", symmetric)
         if in_batch_negatives is not None:
             check_bool("in_batch_negatives", in_batch_negatives)
         self.in_batch_negatives = in_batch_negatives
-        self.normalize = check_bool("normalize", normalize)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.gather_distributed = check_bool("gather_distributed", gather_distributed)
 
     def forward(
         self,
@@ -188,7 +210,7 @@ class InfoNCE(_Temperature):
         )
 
 
-class NTXent(_Temperature):
+class NTXent(_LossModule):
     """NT-Xent loss over V views (SimCLR, Chen et al. 2020; SupCon with labels).
 
     Every embedding is an anchor against all the others, itself excluded; its
@@ -246,12 +268,16 @@ class NTXent(_Temperature):
         chunk_size: int | None = None,
         gather_distributed: bool = False,
     ) -> None:
-        super().__init__(temperature, learn_temperature, max_logit_scale)
-        self.reduction = check_reduction(reduction)
+        super().__init__(
+            temperature,
+            reduction,
+            normalize=normalize,
+            learn_temperature=learn_temperature,
+            max_logit_scale=max_logit_scale,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
+        )
         self.anchors = check_anchors(anchors)
-        self.normalize = check_bool("normalize", normalize)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.gather_distributed = check_bool("gather_distributed", gather_distributed)
 
     def forward(self, *views: Tensor, labels: Tensor | None = None) -> Tensor:
         stacked: Tensor | Sequence[Tensor] = views[0] if len(views) == 1 else views

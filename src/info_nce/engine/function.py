@@ -111,6 +111,7 @@ class LogSumExp(torch.autograd.Function):
     ) -> Tensor:
         needs_grad = ctx.needs_input_grad  # type: ignore[attr-defined]
         segment_grads = tuple(needs_grad[4:])
+        row_grads = needs_grad[0] or needs_grad[2]  # the temperature's comes from the rows'
         t = options.temperature if temperature is None else temperature
         factors = sc.scales(rows, segments, t, normalize=options.normalize, eps=options.eps)
         walked, column_scales = segments, factors.columns
@@ -134,6 +135,7 @@ class LogSumExp(torch.autograd.Function):
             column_scales=column_scales,
             compute_grads=options.grads_in_forward,
             segment_grads=segment_grads,
+            row_grads=row_grads,
         )
         ctx.options = options  # type: ignore[attr-defined]
         ctx.num_rows = len(rows)  # type: ignore[attr-defined]
@@ -195,6 +197,7 @@ class LogSumExp(torch.autograd.Function):
             row_weight=row_weight,
             column_weight=column_weight,
             segment_grads=tuple(ctx.needs_input_grad[4:]),
+            row_grads=ctx.needs_input_grad[0] or ctx.needs_input_grad[2],
         )
         grad_temperature = _input_grads(
             rows, segments, result, factors, options, ctx.needs_input_grad[2]
@@ -218,8 +221,8 @@ def _input_grads(
     temperature_grad: bool,
 ) -> Tensor | None:
     """The rows' and segments' gradients through their scales, in place; the temperature's."""
-    if result.grad_rows is None:  # no segments: the rows are in no logit of the walk
-        return None
+    if result.grad_rows is None:  # no rows' gradient asked for, or the rows are in no logit
+        temperature_grad = False
     return sc.input_grads_(
         rows,
         segments,

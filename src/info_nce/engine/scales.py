@@ -70,7 +70,7 @@ def unit_backward_(grad: Tensor, x: Tensor, norms: Tensor, dot: Tensor, eps: flo
 def input_grads_(
     rows: Tensor,
     segments: tuple[Tensor, ...],
-    grad_rows: Tensor,
+    grad_rows: Tensor | None,
     grad_segments: list[Tensor | None],
     factors: Scales,
     *,
@@ -83,13 +83,16 @@ def input_grads_(
     ``u_i = dL/dx_i``, the gradient at fixed norms is ``s_i u_i``, the norms add
     ``-q_i (q_i . s_i u_i) / |q_i|^2``, and ``dL/dt = -sum_i q_i . s_i u_i / t``.
     ``grad_segments`` arrive at fixed column norms; the norms' share is the same.
+    ``grad_rows`` is None where the rows need no gradient (then neither does
+    the temperature).
 
     Returns:
         The temperature's gradient (a 0-dim tensor) if ``temperature_grad``, else None.
     """
-    grad_rows.mul_(factors.rows.unsqueeze(1))
     grad_temperature = None
-    if factors.row_norms is not None or temperature_grad:
+    if grad_rows is not None:
+        grad_rows.mul_(factors.rows.unsqueeze(1))
+    if grad_rows is not None and (factors.row_norms is not None or temperature_grad):
         dot = row_dot(rows, grad_rows)  # (B,)
         if temperature_grad:
             grad_temperature = -dot.sum() / factors.temperature

@@ -30,7 +30,8 @@ Two passes:
   probabilities, a cache-sized chunk of columns at a time.
 
 Gradient products are taken only for what needs them: the rows, each segment
-whose ``segment_grads`` flag is set (a frozen segment costs none), the extra.
+whose ``segment_grads`` flag is set (a frozen segment costs none), the extra;
+the rows' own product only with ``row_grads`` (a frozen query tower costs none).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class BlockPass:
     row_loss: Tensor | None = None  # (B,), in a statistics pass
     column_lse: Tensor | None = None  # (C,), in a statistics pass with columns
     target_logit: Tensor | None = None  # (B,), in a statistics pass with targets
-    grad_rows: Tensor | None = None  # (B, D): of the scaled rows (None without segments)
+    grad_rows: Tensor | None = None  # (B, D): of the scaled rows (None: not asked, or no segments)
     grad_segments: list[Tensor | None] = field(default_factory=list)  # (N_k, D), fixed scales
     grad_extra: Tensor | None = None  # (B, E)
 
@@ -115,6 +116,7 @@ class _Blocks:
         *,
         grads: bool,
         segment_grads: tuple[bool, ...],
+        row_grads: bool,
     ) -> None:
         self.rows, self.segments, self.extra, self.layout = rows, segments, extra, layout
         self.width = 0 if extra is None else extra.shape[1]
@@ -129,7 +131,7 @@ class _Blocks:
         self.grad_extra: Tensor | None = None
         if grads:
             wanted = [k for k, flag in zip(segments, segment_grads, strict=True) if flag]
-            grad_rows, grad_keys = _gradient_buffers(rows, wanted, bool(segments))
+            grad_rows, grad_keys = _gradient_buffers(rows, wanted, row_grads and bool(segments))
             self.grad_rows = grad_rows
             it = iter(grad_keys)
             self.grad_segments = [next(it) if flag else None for flag in segment_grads]
@@ -166,7 +168,8 @@ class _Blocks:
             grad_keys = self.grad_segments[k]
             if grad_keys is not None:
                 grad_keys.addmm_(piece.T, row_block)
-            assert self.grad_rows is not None
+            if self.grad_rows is None:
+                continue
             if k == 0:
                 torch.mm(piece, keys, out=self.grad_rows[span])
             else:
@@ -192,6 +195,7 @@ def statistics_pass(
     column_scales: list[Tensor | None],
     compute_grads: bool = False,
     segment_grads: tuple[bool, ...] | None = None,
+    row_grads: bool = True,
 ) -> BlockPass:
     """Row statistics and loss of every block (and column statistics), in one pass.
 
@@ -208,6 +212,7 @@ def statistics_pass(
         column_scales: per segment, (N_k,) factors of its keys (e.g. 1 / norm) or None.
         compute_grads: also build the gradients.
         segment_grads: per segment, whether it gets a gradient (default: all).
+        row_grads: whether the rows get a gradient.
 
     Returns:
         A BlockPass; its gradients are with respect to the scaled rows, the
@@ -215,7 +220,9 @@ def statistics_pass(
     """
     assert not (compute_grads and layout.column_keys), "columns need every row first"
     flags = segment_grads if segment_grads is not None else (True,) * len(segments)
-    blocks = _Blocks(rows, segments, extra, layout, grads=compute_grads, segment_grads=flags)
+    blocks = _Blocks(
+        rows, segments, extra, layout, grads=compute_grads, segment_grads=flags, row_grads=row_grads
+    )
     num_rows = len(rows)
     row_stat, row_loss = rows.new_empty(num_rows), rows.new_empty(num_rows)  # (B,) each
     has_target = layout.target_offset is not None or layout.target_extra
@@ -268,6 +275,7 @@ def gradient_pass(
     row_weight: Tensor | None = None,
     column_weight: Tensor | float = 1.0,
     segment_grads: tuple[bool, ...] | None = None,
+    row_grads: bool = True,
 ) -> BlockPass:
     """Gradients of ``sum_i row_weight[i] * row_loss[i] + sum_j column_weight[j] * column_term[j]``.
 
@@ -283,7 +291,9 @@ def gradient_pass(
         column_weight: (C,) weights of the column terms, or one for all.
     """
     flags = segment_grads if segment_grads is not None else (True,) * len(segments)
-    blocks = _Blocks(rows, segments, extra, layout, grads=True, segment_grads=flags)
+    blocks = _Blocks(
+        rows, segments, extra, layout, grads=True, segment_grads=flags, row_grads=row_grads
+    )
     column_keys = layout.column_keys
     column_lse = statistics.column_lse
     chunk = max(1, col.COLUMN_CHUNK_ELEMENTS // max(1, len(blocks.buffer)))
@@ -362,7 +372,7 @@ def _gradient_buffers(
     One allocation of the largest results keeps them off the general heap
     (large blocks are mapped and returned to the system as a whole when freed),
     so a step's peak memory does not depend on how earlier steps left the heap.
-    Without segments the rows get no gradient from the walk (None).
+    Without ``rows_need_buffer`` the rows' gradient is None.
     """
     num_rows = len(rows) if rows_need_buffer else 0
     total = num_rows + sum(len(keys) for keys in segments)
