@@ -12,7 +12,7 @@ classes) * D) autograd ops.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from torch import Tensor
 from info_nce._validation import Reduction, reduce_loss
 from info_nce.engine.function import LogSumExpOptions, log_sum_exp
 from info_nce.engine.walker import default_block_rows
-from info_nce.objectives import mean_positive_logit
+from info_nce.objectives import InfoNCEObjective, RowObjective, mean_positive_logit
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Walk:
     column_keys: int = 0  # leading keys of segments[0] scored against all rows (symmetric)
     row_scale: float = 1.0
     column_scale: float = 0.0
+    objective: RowObjective = field(default_factory=InfoNCEObjective)  # each row's loss
 
 
 @dataclass(frozen=True)
@@ -113,5 +114,6 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         eps=problem.eps,
         temperature=1.0 if isinstance(temperature, Tensor) or not has_keys else temperature,
         grads_in_forward=needs_grad and problem.reduction != "none" and not walk.column_keys,
+        objective=walk.objective,
     )
     return log_sum_exp(walk.rows, walk.segments, extra, tensor_temperature, options)

@@ -17,8 +17,9 @@ Two ways in, as the walker has two passes:
   statistics saved by ``forward_``: the logits of those columns become
   ``weight * d loss / d logits``.
 
-Adding an objective means one file here that implements this protocol, and
-its registration in `info_nce.objectives`.
+Adding an objective means one file here that implements this protocol, its
+export from `info_nce.objectives`, and the problem builder (`info_nce._problem`)
+setting it as a walk's ``objective`` where the user's flags ask for it.
 """
 
 from __future__ import annotations
