@@ -40,6 +40,7 @@ from reference import (
 from torch import Tensor
 
 from info_nce import InfoNCE, info_nce
+from info_nce.dense import dense_info_nce
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -507,3 +508,15 @@ def test_readme_shows_the_seed_examples() -> None:
     blocks = {block.strip() for block in readme_python_blocks()}
     missing = [name for name, code in SEED_README_EXAMPLES.items() if code.strip() not in blocks]
     assert not missing, f"README.md lacks the seed's usage examples: {missing}"
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["no-labels", "labels"])
+@pytest.mark.parametrize("mode", ["unpaired", "paired"])
+def test_dense_default_in_batch_resolves_as_the_public_api(mode: str, labels: bool) -> None:
+    # dense_info_nce(in_batch=None) must mean what info_nce(in_batch_negatives=None) means.
+    inputs = make_inputs(mode, 6, 4, 3, seed=21)  # type: ignore[arg-type]
+    label_tensor = torch.tensor([0, 1, 0, 2, 1, 0]) if labels else None
+    units = [x / x.norm(dim=-1, keepdim=True) for x in inputs]
+    dense = dense_info_nce(*units, 0.1, "none", mode, labels=label_tensor)  # type: ignore[arg-type]
+    public = info_nce(*inputs, negative_mode=mode, labels=label_tensor, reduction="none")
+    assert_close(dense, public, rtol=1e-12, atol=1e-12, name="loss")

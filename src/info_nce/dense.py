@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from info_nce._validation import NegativeMode, Reduction, reduce_loss
+from info_nce._validation import NegativeMode, Reduction, check_in_batch_negatives, reduce_loss
 
 
 def _float32_at_least(logits: Tensor) -> Tensor:
@@ -45,8 +45,8 @@ def dense_info_nce(
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         negative_mode: ``'unpaired'`` or ``'paired'``.
         symmetric: average with the key-to-query loss over all B queries.
-        in_batch: the B positive keys are candidates of every query (default:
-            only when there are no negative keys).
+        in_batch: the B positive keys are candidates of every query (default,
+            as in `info_nce.info_nce`: when there are no negative keys, or labels).
         labels: (B,) ints; keys with a query's label are its positives.
         negative_mask: (B, M) bool, paired only: False marks padding.
 
@@ -54,8 +54,8 @@ def dense_info_nce(
         The loss: a scalar, or (B,) for ``reduction='none'``; float32 for
         float16/bfloat16 inputs, else the input dtype.
     """
-    if in_batch is None:
-        in_batch = negative_keys is None
+    if in_batch is None:  # as the public API resolves it
+        in_batch = check_in_batch_negatives(None, negative_keys, labels)
     seed_options = not symmetric and labels is None and negative_mask is None
     if seed_options and in_batch == (negative_keys is None):
         return _seed_loss(query, positive_key, negative_keys, temperature, reduction, negative_mode)
