@@ -825,3 +825,56 @@ def test_gradient_buffers_are_one_allocation_of_disjoint_pieces() -> None:
         for other, before in zip(pieces, others, strict=True):
             if other is not piece:
                 assert torch.equal(other, before), "gradient buffers overlap"
+
+
+TWO_SEGMENT_CASES = [
+    pytest.param(
+        rule,
+        in_forward,
+        reduction,
+        id=f"{rule}-{reduction}-{'forward' if in_forward else 'backward'}",
+    )
+    for rule in ("target-extra", "exclude")
+    for reduction in REDUCTIONS
+    for in_forward in (False, True)
+    if not (in_forward and reduction == "none")  # gradients in forward: scalar reductions
+]
+
+
+@pytest.mark.parametrize(("rule", "grads_in_forward", "reduction"), TWO_SEGMENT_CASES)
+def test_log_sum_exp_function_over_two_segments_gradcheck(
+    rule: str, grads_in_forward: bool, reduction: str
+) -> None:
+    # Two key segments (the second frozen: no gradient asked for), and either
+    # each row's target in its first extra column or its own key excluded.
+    generator = torch.Generator().manual_seed(23)
+    rows = torch.randn(5, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    frozen = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    extra = torch.randn(5, 2, generator=generator, dtype=torch.float64).requires_grad_()
+    temperature = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    options = LogSumExpOptions(
+        reduction=reduction,  # type: ignore[arg-type]
+        block_rows=2,
+        target_extra=rule == "target-extra",
+        exclude_offset=0 if rule == "exclude" else None,
+        normalize=True,
+        grads_in_forward=grads_in_forward,
+    )
+
+    def function(rows: Tensor, extra: Tensor, temperature: Tensor) -> Tensor:
+        # The rows are also the first segment (as in NT-Xent): gradients add up.
+        return LogSumExp.apply(rows, extra, temperature, options, rows, frozen)  # type: ignore[no-any-return]
+
+    def explicit(rows: Tensor, extra: Tensor, temperature: Tensor) -> Tensor:
+        units = rows / rows.norm(dim=1, keepdim=True)
+        keys = torch.cat([units, frozen / frozen.norm(dim=1, keepdim=True)])
+        key_logits = units @ keys.T / temperature  # (5, 9)
+        if rule == "exclude":
+            key_logits = key_logits.masked_fill(torch.eye(5, 9, dtype=torch.bool), float("-inf"))
+        logits = torch.cat([extra, key_logits], dim=1)
+        value = logits.logsumexp(dim=1) - (extra[:, 0] if rule == "target-extra" else 0.0)
+        return {"mean": value.mean(), "sum": value.sum(), "none": value}[reduction]
+
+    inputs = (rows, extra, temperature)
+    assert_close(function(*inputs), explicit(*inputs), rtol=1e-12, atol=1e-12, name="value")
+    assert torch.autograd.gradcheck(function, inputs)
