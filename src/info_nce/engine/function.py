@@ -112,8 +112,7 @@ class LogSumExp(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad  # type: ignore[attr-defined]
         segment_grads = tuple(needs_grad[4:])
         row_grads = needs_grad[0] or needs_grad[2]  # the temperature's comes from the rows'
-        t = options.temperature if temperature is None else temperature
-        factors = sc.scales(rows, segments, t, normalize=options.normalize, eps=options.eps)
+        factors = _factors(rows, segments, temperature, options)
         walked, column_scales = segments, factors.columns
         if options.grads_in_forward and options.normalize:
             # A scaled copy of the keys saves two passes over every logits block.
@@ -183,8 +182,7 @@ class LogSumExp(torch.autograd.Function):
             # Every row weighs alike: weigh the columns relative to the rows and
             # scale the gradients once instead of every (R, N) block.
             column_weight = options.column_scale / options.row_scale
-        t = options.temperature if temperature is None else temperature
-        factors = sc.scales(rows, segments, t, normalize=options.normalize, eps=options.eps)
+        factors = _factors(rows, segments, temperature, options)
         result = walker.gradient_pass(
             rows,
             segments,
@@ -210,6 +208,17 @@ class LogSumExp(torch.autograd.Function):
         if grad_temperature is not None:
             grad_temperature = grad_temperature.reshape(ctx.temperature_shape)
         return grad_rows, grad_extra, grad_temperature, None, *grad_segments
+
+
+def _factors(
+    rows: Tensor,
+    segments: tuple[Tensor, ...],
+    temperature: Tensor | None,
+    options: LogSumExpOptions,
+) -> sc.Scales:
+    """The row and column factors, with the temperature tensor or the options' one."""
+    t = options.temperature if temperature is None else temperature
+    return sc.scales(rows, segments, t, normalize=options.normalize, eps=options.eps)
 
 
 def _input_grads(

@@ -115,7 +115,7 @@ class _Blocks:
         layout: Layout,
         *,
         grads: bool,
-        segment_grads: tuple[bool, ...],
+        segment_grads: tuple[bool, ...] | None,
         row_grads: bool,
     ) -> None:
         self.rows, self.segments, self.extra, self.layout = rows, segments, extra, layout
@@ -126,6 +126,10 @@ class _Blocks:
             self.bounds.append(slice(start, start + len(keys)))
             start += len(keys)
         self.buffer = rows.new_empty(min(layout.block_rows, len(rows)), start)
+        # Key columns per elementwise step of the column work.
+        self.chunk = max(1, col.COLUMN_CHUNK_ELEMENTS // max(1, len(self.buffer)))
+        if segment_grads is None:
+            segment_grads = (True,) * len(segments)
         self.grad_rows: Tensor | None = None
         self.grad_segments: list[Tensor | None] = [None] * len(segments)
         self.grad_extra: Tensor | None = None
@@ -152,6 +156,12 @@ class _Blocks:
         for keys, columns in zip(self.segments, self.bounds, strict=True):
             torch.mm(row_block, keys.T, out=block[:, columns])
         return block, row_block
+
+    def scale_columns_(self, block: Tensor, column_scales: list[Tensor | None]) -> None:
+        """In place: each segment's columns of the block times its column scales."""
+        for scales, columns in zip(column_scales, self.bounds, strict=True):
+            if scales is not None:
+                block[:, columns].mul_(scales)
 
     def exclude_(self, piece: Tensor, span: slice, first_key: int) -> None:
         """Set the excluded entries of a slice of segment 0 (keys from ``first_key``) to -inf."""
@@ -219,9 +229,14 @@ def statistics_pass(
         segments with their column scales held fixed, and the extra logits.
     """
     assert not (compute_grads and layout.column_keys), "columns need every row first"
-    flags = segment_grads if segment_grads is not None else (True,) * len(segments)
     blocks = _Blocks(
-        rows, segments, extra, layout, grads=compute_grads, segment_grads=flags, row_grads=row_grads
+        rows,
+        segments,
+        extra,
+        layout,
+        grads=compute_grads,
+        segment_grads=segment_grads,
+        row_grads=row_grads,
     )
     num_rows = len(rows)
     row_stat, row_loss = rows.new_empty(num_rows), rows.new_empty(num_rows)  # (B,) each
@@ -229,13 +244,11 @@ def statistics_pass(
     target_logit = rows.new_empty(num_rows) if has_target else None  # (B,)
     column_keys = layout.column_keys
     column_stats = rows.new_full((column_keys,), float("-inf")) if column_keys else None  # (C,)
-    chunk = max(1, col.COLUMN_CHUNK_ELEMENTS // max(1, len(blocks.buffer)))
+    chunk = blocks.chunk
 
     for span in blocks.spans():
         block, row_block = blocks.logits(span, row_scales)
-        for scales, columns in zip(column_scales, blocks.bounds, strict=True):
-            if scales is not None:
-                block[:, columns].mul_(scales)
+        blocks.scale_columns_(block, column_scales)
         if segments:
             blocks.exclude_(block[:, blocks.bounds[0]], span, 0)
         context = layout.context(span.start, blocks.width)
@@ -248,9 +261,7 @@ def statistics_pass(
         if not compute_grads:
             continue
         objective.gradient_from_forward_(block, context, 1.0)
-        for scales, columns in zip(column_scales, blocks.bounds, strict=True):
-            if scales is not None:
-                block[:, columns].mul_(scales)
+        blocks.scale_columns_(block, column_scales)
         blocks.gradient_products(block, row_block, span)
 
     if column_stats is not None and col.needs_separate_pass(column_stats, row_stat):
@@ -290,13 +301,12 @@ def gradient_pass(
         row_weight: (B,) weights of the row losses (None: 1).
         column_weight: (C,) weights of the column terms, or one for all.
     """
-    flags = segment_grads if segment_grads is not None else (True,) * len(segments)
     blocks = _Blocks(
-        rows, segments, extra, layout, grads=True, segment_grads=flags, row_grads=row_grads
+        rows, segments, extra, layout, grads=True, segment_grads=segment_grads, row_grads=row_grads
     )
     column_keys = layout.column_keys
     column_lse = statistics.column_lse
-    chunk = max(1, col.COLUMN_CHUNK_ELEMENTS // max(1, len(blocks.buffer)))
+    chunk = blocks.chunk
     # (segment, first key, columns in the block) of each chunk; segment 0 is
     # split after its column keys.
     chunks: list[tuple[int, int, slice]] = []
