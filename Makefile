@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # info-nce-pytorch 0.1.4, the implementation we are a drop-in replacement for.
 # Its import name is also `info_nce`, so the tests load it from its wheel
-# instead of installing it.
+# instead of installing it. lightly 1.6.0's DCL loss is read from its wheel too
+# (the package itself pulls torchvision, pytorch-lightning and hydra).
 REFERENCE_DIR := $(VENV)/reference
 STAMP := $(VENV)/.installed
 
@@ -19,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/pip download --quiet --no-deps info-nce-pytorch==0.1.4 -d $(REFERENCE_DIR)
+	$(BIN)/pip download --quiet --no-deps lightly==1.6.0 -d $(REFERENCE_DIR)
 	touch $@
 
 demo: $(STAMP)

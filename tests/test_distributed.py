@@ -214,6 +214,59 @@ CASES = [
         unequal=True,
         ddp=True,
     ),
+    # The objective variants: the decoupled loss with labels (every positive out
+    # of the denominator, across ranks), the debiased and hard-negative losses
+    # with N counting every rank's negatives.
+    Case(
+        "decoupled-symmetric-labels-ddp",
+        {"decoupled": True, "symmetric": True},
+        labels=True,
+        ddp=True,
+    ),
+    Case(
+        "decoupled-blockwise-paired-in-batch-mask-sum-unequal",
+        {"decoupled": True, "chunk_size": 2, "in_batch_negatives": True},
+        negatives="paired",
+        mask=True,
+        reduction="sum",
+        unequal=True,
+    ),
+    Case("decoupled-nt-xent-V3-labels", {"decoupled": True}, views=3, labels=True),
+    Case(
+        "decoupled-nt-xent-blockwise-none-unequal",
+        {"decoupled": True, "chunk_size": 3},
+        views=2,
+        reduction="none",
+        unequal=True,
+    ),
+    Case("debiased-symmetric", {"false_negative_rate": 0.1, "symmetric": True}),
+    Case(
+        "debiased-blockwise-unpaired-unequal-shares",
+        {"false_negative_rate": 0.1, "chunk_size": 2},
+        negatives="unpaired",
+        unequal_negatives=True,
+    ),
+    Case(
+        "hard-negative-blockwise-symmetric-ddp",
+        {"false_negative_rate": 0.1, "hard_negative_beta": 1.0, "chunk_size": 2, "symmetric": True},
+        ddp=True,
+    ),
+    Case(
+        "hard-negative-paired-in-batch-mask-none-unequal",
+        {"false_negative_rate": 0.1, "hard_negative_beta": 1.0, "in_batch_negatives": True},
+        negatives="paired",
+        mask=True,
+        reduction="none",
+        unequal=True,
+    ),
+    Case(
+        "hard-negative-nt-xent-blockwise-sum-unequal",
+        {"false_negative_rate": 0.1, "hard_negative_beta": 1.0, "chunk_size": 3},
+        views=2,
+        reduction="sum",
+        unequal=True,
+    ),
+    Case("hard-negative-nt-xent-first", {"hard_negative_beta": 0.5, "anchors": "first"}, views=2),
 ]
 CASE_IDS = [case.name for case in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS), "case names must be unique"

@@ -13,7 +13,13 @@ engine walks, and nothing else decides it:
 * positives that are not one target column (labels, other views), as class
   sums;
 * for the symmetric loss, the key-to-query direction: columns of the same
-  walk where both directions see the same rows, else a walk of its own.
+  walk where both directions see the same rows (InfoNCE's objective only:
+  its column statistics come from its row probabilities), else a walk of
+  its own;
+* each walk's objective (`info_nce.objectives`), from the variant: the
+  decoupled loss excludes the positives from the candidates; the debiased
+  one excludes the target and adds the clamp logit ``-1/t`` as the last
+  extra column.
 """
 
 from __future__ import annotations
@@ -22,10 +28,34 @@ import torch
 from torch import Tensor
 
 from info_nce import _normalize
-from info_nce._validation import Reduction
+from info_nce._validation import Reduction, Variant
 from info_nce.distributed import Gatherer
-from info_nce.engine import Positives, Problem, Walk
+from info_nce.engine import Diagonal, Positives, Problem, Walk
 from info_nce.engine.function import PairedOptions, paired_logits
+from info_nce.objectives import (
+    DebiasedObjective,
+    DecoupledObjective,
+    InfoNCEObjective,
+    RowObjective,
+)
+
+
+def _objective(variant: Variant, extra_width: int) -> RowObjective:
+    """The walk's objective; the debiased one finds its clamp in the last extra column."""
+    if variant.decoupled:
+        return DecoupledObjective()
+    if variant.debiased:
+        return DebiasedObjective(
+            variant.false_negative_rate, variant.hard_negative_beta, clamp_column=extra_width - 1
+        )
+    return InfoNCEObjective()
+
+
+def _clamp_logits(rows: Tensor, temperature: float | Tensor) -> Tensor:
+    """(R, 1) the debiased estimator's clamp logit ``-1/t`` (cosine -1), with autograd."""
+    if isinstance(temperature, Tensor):
+        return (-1.0 / temperature).reshape(1, 1).expand(len(rows), 1)
+    return rows.new_full((len(rows), 1), -1.0 / temperature)
 
 
 def info_nce_problem(
@@ -44,6 +74,7 @@ def info_nce_problem(
     chunk_size: int | None,
     gather: bool,
     eps: float,
+    variant: Variant,
 ) -> Problem:
     """The problem of `info_nce.info_nce` on (B, D) query and positive keys in the compute dtype."""
     unit = _normalize.unit_fn(normalize)
@@ -57,7 +88,8 @@ def info_nce_problem(
     row_scale = 0.5 if symmetric else 1.0
     # The key-to-query direction in the same walk as the rows needs the same
     # queries on both sides: not so once keys come from other ranks.
-    columns_in_walk = symmetric and in_batch and gatherer is None
+    plain = not (variant.decoupled or variant.debiased)
+    columns_in_walk = symmetric and in_batch and gatherer is None and plain
     column_queries = None  # (B_all, D) all queries, for a walk of the key-to-query direction
     if symmetric and not columns_in_walk:
         column_queries = query if gatherer is None else gatherer(query)
@@ -104,7 +136,15 @@ def info_nce_problem(
             negatives = Gatherer(len(negatives), negatives.device)(negatives)
         segments.append(negatives)
 
+    if variant.debiased:
+        extra.append(_clamp_logits(query, temperature))
     targets_in_walk = all_labels is None
+    local_labels = None if all_labels is None else all_labels[offset : offset + len(query)]
+    exclude_labels = None  # the decoupled loss's rule under labels: no positive is a candidate
+    if variant.decoupled and local_labels is not None and in_batch:
+        assert all_labels is not None
+        exclude_labels = (local_labels, all_labels)
+    exclude_target = not plain and targets_in_walk
     walks = [
         Walk(
             rows=query,
@@ -112,19 +152,27 @@ def info_nce_problem(
             extra=tuple(extra),
             target_offset=offset if in_batch and targets_in_walk else None,
             target_extra=not in_batch,
+            exclude_target=exclude_target,
+            exclude_labels=exclude_labels,
             column_keys=len(query) if columns_in_walk else 0,
             row_scale=row_scale,
             column_scale=0.5 if columns_in_walk else 0.0,
+            objective=_objective(variant, sum(e.shape[1] for e in extra)),
         )
     ]
     if column_queries is not None:
         # The key-to-query direction on its own: each key against all queries.
+        column_extra = (_clamp_logits(positive_key, temperature),) if variant.debiased else ()
         walks.append(
             Walk(
                 rows=positive_key,
                 segments=(column_queries,),
+                extra=column_extra,
                 target_offset=offset if targets_in_walk else None,
+                exclude_target=exclude_target,
+                exclude_labels=exclude_labels,  # key i has query i's label
                 row_scale=0.5,
+                objective=_objective(variant, len(column_extra)),
             )
         )
     return Problem(
@@ -143,6 +191,7 @@ def nt_xent_problem(
     chunk_size: int | None,
     gather: bool,
     eps: float,
+    variant: Variant,
 ) -> Problem:
     """The problem of `info_nce.nt_xent` on (V, B, D) views in the compute dtype.
 
@@ -156,14 +205,35 @@ def nt_xent_problem(
     embeddings = views.reshape(num_views * batch, dim)  # (V * B, D), view-major
     gatherer = Gatherer(len(embeddings), views.device) if gather else None
     offset = 0 if gatherer is None else gatherer.offset
-    if labels is None:  # sample i's index over all ranks (every rank has V views)
-        labels = torch.arange(batch, device=views.device) + offset // num_views
-    labels = labels.repeat(num_views)  # (V * B,)
     keys = embeddings if gatherer is None else gatherer(embeddings)  # (N, D) all ranks
-    all_labels = labels if gatherer is None else gatherer(labels)
     rows = embeddings[:batch] if first_view_only else embeddings  # (R, D)
+    unit = _normalize.unit_fn(normalize)
+    itself = Diagonal(offset)
 
-    unit_keys = _normalize.unit_fn(normalize)(keys)
+    if variant.debiased:  # V = 2, no labels: one positive per anchor, the other view
+        # Its logit is the first extra column, the clamp's the last; the other
+        # view is no candidate (nor, as always, the anchor itself).
+        local = unit(embeddings)  # (2B, D)
+        positive_logit = torch.sum(local * local.roll(batch, 0), dim=1, keepdim=True)[: len(rows)]
+        extra = (positive_logit / temperature, _clamp_logits(rows, temperature))
+        others = (Diagonal(offset + batch, 0, batch), Diagonal(offset - batch, batch, 2 * batch))
+        walk = Walk(
+            rows=rows,
+            segments=(keys,),
+            extra=extra,
+            target_extra=True,
+            exclude_target=True,
+            exclusions=(itself, *others[: 1 if first_view_only else 2]),
+            objective=_objective(variant, 2),
+        )
+        return Problem((walk,), (), temperature, reduction, normalize, eps, chunk_size)
+
+    sample_labels = labels
+    if sample_labels is None:  # sample i's index over all ranks (every rank has V views)
+        sample_labels = torch.arange(batch, device=views.device) + offset // num_views
+    view_labels = sample_labels.repeat(num_views)  # (V * B,)
+    all_labels = view_labels if gatherer is None else gatherer(view_labels)
+    unit_keys = unit(keys)
     positives = Positives(
         unit_keys[offset : offset + len(rows)],
         unit_keys,
@@ -172,5 +242,22 @@ def nt_xent_problem(
         exclude_self=True,
         weight=1.0,
     )
-    walk = Walk(rows=rows, segments=(keys,), exclude_offset=offset)
+    exclusions: tuple[Diagonal, ...] = (itself,)
+    exclude_labels = None
+    if variant.decoupled and labels is not None:  # every key with the anchor's label
+        exclude_labels = (view_labels[: len(rows)], all_labels)
+    elif variant.decoupled:  # the anchor's other views: index rules, no comparison
+        exclusions += tuple(
+            Diagonal(offset + (other - view) * batch, view * batch, (view + 1) * batch)
+            for view in range(len(rows) // batch)
+            for other in range(num_views)
+            if other != view
+        )
+    walk = Walk(
+        rows=rows,
+        segments=(keys,),
+        exclusions=exclusions,
+        exclude_labels=exclude_labels,
+        objective=_objective(variant, 0),
+    )
     return Problem((walk,), (positives,), temperature, reduction, normalize, eps, chunk_size)

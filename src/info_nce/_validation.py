@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Real
 from typing import Literal, cast, get_args
 
@@ -291,3 +292,73 @@ def check_views(views: object) -> Tensor:
             f"got shape {tuple(stacked.shape)}"
         )
     return stacked
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which row objective the losses use: InfoNCE's, the decoupled one, or the debiased one."""
+
+    decoupled: bool = False
+    false_negative_rate: float = 0.0  # tau+ of Chuang et al., in [0, 1)
+    hard_negative_beta: float = 0.0  # beta of Robinson et al., >= 0
+
+    @property
+    def debiased(self) -> bool:
+        """The debiased estimator of the negatives (with or without hard-negative weights)."""
+        return self.false_negative_rate > 0 or self.hard_negative_beta > 0
+
+
+def _check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_variant(
+    decoupled: object, false_negative_rate: object, hard_negative_beta: object, *, normalize: bool
+) -> Variant:
+    """The objective options: each in range, and only combinations that are defined."""
+    decoupled = check_bool("decoupled", decoupled)
+    rate = _check_real("false_negative_rate", false_negative_rate)
+    if not 0.0 <= rate < 1.0:  # also refuses NaN
+        raise ValueError(f"false_negative_rate must be in [0, 1), got {false_negative_rate!r}")
+    beta = _check_real("hard_negative_beta", hard_negative_beta)
+    if not (math.isfinite(beta) and beta >= 0.0):
+        raise ValueError(
+            f"hard_negative_beta must be a finite number >= 0, got {hard_negative_beta!r}"
+        )
+    variant = Variant(decoupled, rate, beta)
+    if decoupled and variant.debiased:
+        raise ValueError(
+            "decoupled=True does not combine with the debiased estimator: got "
+            f"false_negative_rate={rate!r} and hard_negative_beta={beta!r}; the debiased "
+            "loss keeps the positive in the denominator"
+        )
+    if variant.debiased and not normalize:
+        raise ValueError(
+            f"false_negative_rate={rate!r} / hard_negative_beta={beta!r} need normalize=True "
+            "(the estimator's clamp assumes cosine similarities >= -1), got normalize=False"
+        )
+    return variant
+
+
+def check_variant_inputs(
+    variant: Variant, labels: Tensor | None, num_views: int | None = None
+) -> None:
+    """The debiased estimator needs exactly one positive per anchor."""
+    if not variant.debiased:
+        return
+    options = (
+        f"false_negative_rate={variant.false_negative_rate!r} / "
+        f"hard_negative_beta={variant.hard_negative_beta!r}"
+    )
+    if labels is not None:
+        raise ValueError(
+            f"{options} need exactly one positive per anchor and do not combine with labels, "
+            "got labels"
+        )
+    if num_views is not None and num_views != 2:
+        raise ValueError(
+            f"{options} need exactly one positive per anchor: with nt_xent, V = 2 views, "
+            f"got V = {num_views}"
+        )

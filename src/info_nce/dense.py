@@ -7,11 +7,19 @@ labels, a (B, B) mask), so its memory grows with B * N.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from info_nce._validation import NegativeMode, Reduction, check_in_batch_negatives, reduce_loss
+from info_nce._validation import (
+    NegativeMode,
+    Reduction,
+    Variant,
+    check_in_batch_negatives,
+    reduce_loss,
+)
 
 
 def _float32_at_least(logits: Tensor) -> Tensor:
@@ -31,6 +39,7 @@ def dense_info_nce(
     in_batch: bool | None = None,
     labels: Tensor | None = None,
     negative_mask: Tensor | None = None,
+    variant: Variant | None = None,
 ) -> Tensor:
     """InfoNCE on (already normalised) embeddings, with a logits matrix.
 
@@ -49,6 +58,7 @@ def dense_info_nce(
             as in `info_nce.info_nce`: when there are no negative keys, or labels).
         labels: (B,) ints; keys with a query's label are its positives.
         negative_mask: (B, M) bool, paired only: False marks padding.
+        variant: the row objective (decoupled, debiased), see `row_loss`.
 
     Returns:
         The loss: a scalar, or (B,) for ``reduction='none'``; float32 for
@@ -57,7 +67,8 @@ def dense_info_nce(
     if in_batch is None:  # as the public API resolves it
         in_batch = check_in_batch_negatives(None, negative_keys, labels)
     seed_options = not symmetric and labels is None and negative_mask is None
-    if seed_options and in_batch == (negative_keys is None):
+    variant = variant or Variant()
+    if seed_options and variant == Variant() and in_batch == (negative_keys is None):
         return _seed_loss(query, positive_key, negative_keys, temperature, reduction, negative_mode)
 
     raw_logits = _candidate_logits(query, positive_key, negative_keys, negative_mode, in_batch)
@@ -81,14 +92,69 @@ def dense_info_nce(
     positive_logit = (
         torch.sum(positives * logits[:, :batch], dim=1) if in_batch else logits[:, 0]
     )  # (B,)
-    loss = torch.logsumexp(logits, dim=1) - positive_logit  # (B,)
+    is_positive = torch.zeros_like(logits, dtype=torch.bool)  # (B, candidates)
+    if in_batch:
+        is_positive[:, :batch] = positives > 0
+    else:
+        is_positive[:, 0] = True
+    loss = row_loss(logits, is_positive, positive_logit, variant, temperature)  # (B,)
     if symmetric:
         # All queries against all positive keys: (B, B), already computed when in-batch.
         similarity = raw_logits[:, : len(query)] if in_batch else query @ positive_key.T
         key_logits = _float32_at_least(similarity).T / temperature  # (B keys, B queries)
-        key_loss = torch.logsumexp(key_logits, dim=1) - torch.sum(positives * key_logits, dim=1)
+        key_positive = torch.sum(positives * key_logits, dim=1)
+        key_loss = row_loss(key_logits, positives > 0, key_positive, variant, temperature)
         loss = (loss + key_loss) / 2
     return reduce_loss(loss, reduction)
+
+
+def row_loss(
+    logits: Tensor,
+    is_positive: Tensor,
+    positive_logit: Tensor,
+    variant: Variant,
+    temperature: float | Tensor,
+) -> Tensor:
+    """Each row's loss from its candidates' logits (non-candidates at -inf). (B,)
+
+    * InfoNCE: ``logsumexp(logits) - positive_logit``.
+    * decoupled: ``logsumexp(negatives) - positive_logit``, the negatives being
+      the candidates that are not positives; 0 for a row without negatives.
+    * debiased (one positive ``s+``, N negatives ``s_j``): ``log(exp(s+) + Ng) -
+      s+`` with ``Ng = max(N (mean - tau exp(s+)) / (1 - tau), N exp(-1/t))``,
+      ``mean`` the negatives' mean of ``exp(s_j)`` weighted by ``exp(beta s_j)``.
+
+    Args:
+        logits: (B, C) logits, divided by the temperature.
+        is_positive: (B, C) bool, the positives' columns.
+        positive_logit: (B,) the (mean) positive logit.
+        variant: the objective.
+        temperature: the temperature (the clamp is ``-1/t``).
+    """
+    if not (variant.decoupled or variant.debiased):
+        return torch.logsumexp(logits, dim=1) - positive_logit
+    negatives = logits.masked_fill(is_positive, float("-inf"))
+    empty = torch.isneginf(negatives).all(dim=1, keepdim=True)  # (B, 1) no negatives
+    negatives = negatives.masked_fill(empty, 0.0)  # finite, so that no NaN reaches a gradient
+    empty = empty.squeeze(1)
+    if variant.decoupled:
+        loss = torch.logsumexp(negatives, dim=1) - positive_logit
+        return loss.masked_fill(empty, 0.0)
+    beta, tau = variant.hard_negative_beta, variant.false_negative_rate
+    count = torch.isfinite(negatives).sum(dim=1).to(logits.dtype)  # N
+    log_weights = (
+        torch.logsumexp(beta * negatives, dim=1) if beta else count.log()
+    )  # log sum_j exp(beta s_j)
+    log_mean = torch.logsumexp((1 + beta) * negatives, dim=1) - log_weights
+    estimate = log_mean  # log((mean - tau exp(s+)) / (1 - tau)), NaN if negative
+    if tau:
+        ratio = tau * torch.exp(positive_logit - log_mean)
+        estimate = log_mean + torch.log1p(-ratio) - math.log1p(-tau)
+    clamp = -1.0 / temperature  # the logit of cosine -1
+    clamp = clamp * torch.ones_like(estimate)
+    log_negatives = count.log() + torch.where(estimate > clamp, estimate, clamp)  # log Ng
+    loss = F.softplus(log_negatives - positive_logit)
+    return loss.masked_fill(empty, 0.0)
 
 
 def _seed_loss(
@@ -141,16 +207,19 @@ def dense_nt_xent(
     temperature: float | Tensor,
     reduction: Reduction,
     first_view_only: bool,
+    variant: Variant | None = None,
 ) -> Tensor:
     """NT-Xent on (already normalised) (V, B, D) views, with a (V * B)^2 logits matrix.
 
     Embedding (v, i) is row ``v * B + i``. Row a's candidates are all other
     rows; its positives are the other rows of its sample (or, with labels, of
-    its label). Its loss is ``logsumexp(candidates) - mean(positives)``.
+    its label). Its loss is ``logsumexp(candidates) - mean(positives)``, or
+    the variant's (`row_loss`).
 
     Returns:
         A scalar, or for ``reduction='none'`` (V, B) (``first_view_only``: (B,)).
     """
+    variant = variant or Variant()
     num_views, batch, dim = views.shape
     embeddings = views.reshape(num_views * batch, dim)  # (V * B, D)
     logits = _float32_at_least(embeddings @ embeddings.T) / temperature  # (V * B, V * B)
@@ -163,7 +232,7 @@ def dense_nt_xent(
     if first_view_only:
         logits, positives = logits[:batch], positives[:batch]
     positive_logit = torch.where(positives, logits, 0.0).sum(dim=1) / positives.sum(dim=1)
-    loss = torch.logsumexp(logits, dim=1) - positive_logit  # (anchors,)
+    loss = row_loss(logits, positives, positive_logit, variant, temperature)  # (anchors,)
     if reduction == "none" and not first_view_only:
         return loss.view(num_views, batch)
     return reduce_loss(loss, reduction)

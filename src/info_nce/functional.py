@@ -22,6 +22,8 @@ from info_nce._validation import (
     check_negative_mode,
     check_reduction,
     check_temperature,
+    check_variant,
+    check_variant_inputs,
     check_views,
 )
 from info_nce.dense import dense_info_nce, dense_nt_xent
@@ -49,6 +51,9 @@ def info_nce(
     normalize: bool = True,
     chunk_size: int | None = None,
     gather_distributed: bool = False,
+    decoupled: bool = False,
+    false_negative_rate: float = 0.0,
+    hard_negative_beta: float = 0.0,
 ) -> Tensor:
     """InfoNCE loss of queries against their positive keys and negative keys.
 
@@ -165,6 +170,8 @@ def info_nce(
     labels = check_labels(labels, query)
     negative_mask = check_negative_mask(negative_mask, negative_keys, negative_mode)
     in_batch = check_in_batch_negatives(in_batch_negatives, negative_keys, labels)
+    variant = check_variant(decoupled, false_negative_rate, hard_negative_beta, normalize=normalize)
+    check_variant_inputs(variant, labels)
 
     compute_dtype = _compute_dtype(query)
     if isinstance(temperature, Tensor):
@@ -195,6 +202,7 @@ def info_nce(
             in_batch=in_batch,
             labels=labels,
             negative_mask=negative_mask,
+            variant=variant,
         )
     problem = _problem.info_nce_problem(
         query.to(compute_dtype),
@@ -211,6 +219,7 @@ def info_nce(
         chunk_size=chunk_size,
         gather=gather,
         eps=_normalize.normalization_eps(query.dtype),
+        variant=variant,
     )
     return engine.run(problem)
 
@@ -225,6 +234,9 @@ def nt_xent(
     normalize: bool = True,
     chunk_size: int | None = None,
     gather_distributed: bool = False,
+    decoupled: bool = False,
+    false_negative_rate: float = 0.0,
+    hard_negative_beta: float = 0.0,
 ) -> Tensor:
     """NT-Xent (SimCLR) over V views: every embedding against all the others, itself excluded.
 
@@ -308,6 +320,8 @@ def nt_xent(
     gather_distributed = check_bool("gather_distributed", gather_distributed)
     stacked = check_views(views)
     labels = check_labels(labels, stacked[0])
+    variant = check_variant(decoupled, false_negative_rate, hard_negative_beta, normalize=normalize)
+    check_variant_inputs(variant, labels, num_views=len(stacked))
 
     compute_dtype = _compute_dtype(stacked)
     if isinstance(temperature, Tensor):
@@ -321,7 +335,9 @@ def nt_xent(
     )
     if use_dense:
         unit = _normalize.unit_fn(normalize)
-        return dense_nt_xent(unit(stacked), labels, temperature, reduction, first_view_only)
+        return dense_nt_xent(
+            unit(stacked), labels, temperature, reduction, first_view_only, variant=variant
+        )
     problem = _problem.nt_xent_problem(
         stacked.to(compute_dtype),
         labels,
@@ -332,6 +348,7 @@ def nt_xent(
         chunk_size=chunk_size,
         gather=gather,
         eps=_normalize.normalization_eps(stacked.dtype),
+        variant=variant,
     )
     loss = engine.run(problem)
     if reduction == "none" and not first_view_only:

@@ -19,6 +19,7 @@ from info_nce._validation import (
     check_positive_number,
     check_reduction,
     check_temperature,
+    check_variant,
 )
 from info_nce.functional import info_nce, nt_xent
 
@@ -40,6 +41,9 @@ class _LossModule(nn.Module):
         max_logit_scale: float,
         chunk_size: int | None,
         gather_distributed: bool,
+        decoupled: bool,
+        false_negative_rate: float,
+        hard_negative_beta: float,
     ) -> None:
         super().__init__()
         initial_temperature = check_temperature(temperature)
@@ -51,6 +55,12 @@ class _LossModule(nn.Module):
         self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         self.learn_temperature = check_bool("learn_temperature", learn_temperature)
         self.max_logit_scale = check_positive_number("max_logit_scale", max_logit_scale)
+        variant = check_variant(
+            decoupled, false_negative_rate, hard_negative_beta, normalize=self.normalize
+        )
+        self.decoupled = variant.decoupled
+        self.false_negative_rate = variant.false_negative_rate
+        self.hard_negative_beta = variant.hard_negative_beta
         self.logit_scale: nn.Parameter | None = None
         self._temperature: float = initial_temperature
         if learn_temperature:
@@ -85,6 +95,15 @@ class _LossModule(nn.Module):
             temperature = float(temperature.detach().cpu())
         return f"temperature={temperature:g}"
 
+    def _variant_repr(self) -> str:
+        """The objective options that differ from their defaults, as ``, name=value``."""
+        text = ", decoupled=True" if self.decoupled else ""
+        if self.false_negative_rate:
+            text += f", false_negative_rate={self.false_negative_rate:g}"
+        if self.hard_negative_beta:
+            text += f", hard_negative_beta={self.hard_negative_beta:g}"
+        return text
+
 
 class InfoNCE(_LossModule):
     """InfoNCE loss for contrastive learning (van den Oord et al., 2018).
@@ -116,6 +135,9 @@ class InfoNCE(_LossModule):
             group, score each rank's queries against all ranks' candidates, with
             gradients that reach the owning rank (see `info_nce.info_nce` for the
             contract).
+        decoupled, false_negative_rate, hard_negative_beta: keyword-only; the
+            decoupled, debiased and hard-negative objectives (see
+            `info_nce.info_nce`).
 
     Shape:
         - query: (B, D), B queries of D features.
@@ -161,6 +183,9 @@ class InfoNCE(_LossModule):
         max_logit_scale: float = 100.0,
         chunk_size: int | None = None,
         gather_distributed: bool = False,
+        decoupled: bool = False,
+        false_negative_rate: float = 0.0,
+        hard_negative_beta: float = 0.0,
     ) -> None:
         super().__init__(
             temperature,
@@ -170,6 +195,9 @@ class InfoNCE(_LossModule):
             max_logit_scale=max_logit_scale,
             chunk_size=chunk_size,
             gather_distributed=gather_distributed,
+            decoupled=decoupled,
+            false_negative_rate=false_negative_rate,
+            hard_negative_beta=hard_negative_beta,
         )
         self.negative_mode = check_negative_mode(negative_mode)
         self.symmetric = check_bool("symmetric", symmetric)
@@ -200,6 +228,9 @@ class InfoNCE(_LossModule):
             normalize=self.normalize,
             chunk_size=self.chunk_size,
             gather_distributed=self.gather_distributed,
+            decoupled=self.decoupled,
+            false_negative_rate=self.false_negative_rate,
+            hard_negative_beta=self.hard_negative_beta,
         )
 
     def extra_repr(self) -> str:
@@ -207,6 +238,7 @@ class InfoNCE(_LossModule):
             f"{self._temperature_repr()}, reduction={self.reduction!r}, "
             f"negative_mode={self.negative_mode!r}, symmetric={self.symmetric}, "
             f"learn_temperature={self.learn_temperature}, chunk_size={self.chunk_size}"
+            f"{self._variant_repr()}"
         )
 
 
@@ -231,6 +263,9 @@ class NTXent(_LossModule):
             implementation, a positive int forces the blockwise engine.
         gather_distributed: keyword-only; score each rank's anchors against all
             ranks' embeddings (see `info_nce.nt_xent`).
+        decoupled, false_negative_rate, hard_negative_beta: keyword-only; the
+            decoupled, debiased and hard-negative objectives (see
+            `info_nce.nt_xent`).
 
     Shape:
         - views: V tensors (B, D) as positional arguments, or one (V, B, D) tensor.
@@ -267,6 +302,9 @@ class NTXent(_LossModule):
         max_logit_scale: float = 100.0,
         chunk_size: int | None = None,
         gather_distributed: bool = False,
+        decoupled: bool = False,
+        false_negative_rate: float = 0.0,
+        hard_negative_beta: float = 0.0,
     ) -> None:
         super().__init__(
             temperature,
@@ -276,6 +314,9 @@ class NTXent(_LossModule):
             max_logit_scale=max_logit_scale,
             chunk_size=chunk_size,
             gather_distributed=gather_distributed,
+            decoupled=decoupled,
+            false_negative_rate=false_negative_rate,
+            hard_negative_beta=hard_negative_beta,
         )
         self.anchors = check_anchors(anchors)
 
@@ -290,11 +331,14 @@ class NTXent(_LossModule):
             normalize=self.normalize,
             chunk_size=self.chunk_size,
             gather_distributed=self.gather_distributed,
+            decoupled=self.decoupled,
+            false_negative_rate=self.false_negative_rate,
+            hard_negative_beta=self.hard_negative_beta,
         )
 
     def extra_repr(self) -> str:
         return (
             f"{self._temperature_repr()}, reduction={self.reduction!r}, "
             f"anchors={self.anchors!r}, learn_temperature={self.learn_temperature}, "
-            f"chunk_size={self.chunk_size}"
+            f"chunk_size={self.chunk_size}{self._variant_repr()}"
         )

@@ -19,8 +19,10 @@ from torch import Tensor
 
 from info_nce._validation import Reduction, reduce_loss
 from info_nce.engine.function import LogSumExpOptions, log_sum_exp
-from info_nce.engine.walker import default_block_rows
+from info_nce.engine.walker import Diagonal, default_block_rows
 from info_nce.objectives import InfoNCEObjective, RowObjective, mean_positive_logit
+
+__all__ = ["Diagonal", "Positives", "Problem", "Walk", "run"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,9 @@ class Walk:
     extra: tuple[Tensor, ...] = ()  # (R, E_k) logits of per-row candidates, first in each row
     target_offset: int | None = None  # row i's target: key offset + i of segments[0]
     target_extra: bool = False  # row i's target: its first extra column
-    exclude_offset: int | None = None  # row i's key exclude_offset + i of segments[0] is excluded
+    exclusions: tuple[Diagonal, ...] = ()  # keys of segments[0] that are no candidate of their rows
+    exclude_target: bool = False  # the target is no candidate (the decoupled and debiased losses)
+    exclude_labels: tuple[Tensor, Tensor] | None = None  # (R,), (N_0,): same label, no candidate
     column_keys: int = 0  # leading keys of segments[0] scored against all rows (symmetric)
     row_scale: float = 1.0
     column_scale: float = 0.0
@@ -109,7 +113,9 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         column_scale=walk.column_scale,
         target_offset=walk.target_offset,
         target_extra=walk.target_extra,
-        exclude_offset=walk.exclude_offset,
+        exclusions=walk.exclusions,
+        exclude_target=walk.exclude_target,
+        exclude_labels=walk.exclude_labels,
         normalize=problem.normalize and has_keys,
         eps=problem.eps,
         temperature=1.0 if isinstance(temperature, Tensor) or not has_keys else temperature,

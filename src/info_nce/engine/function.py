@@ -39,8 +39,12 @@ class LogSumExpOptions:
         target_offset: row i's positive is key ``target_offset + i`` of the
             first segment (None: see ``target_extra``).
         target_extra: row i's positive is its first extra column.
-        exclude_offset: row i's key ``exclude_offset + i`` of the first
-            segment is not a candidate (None: none excluded).
+        exclusions: keys of the first segment that are no candidate of
+            their rows (`walker.Diagonal` rules).
+        exclude_target: the target is no candidate (its logit still enters
+            the objective).
+        exclude_labels: (B,) row labels and (N_0,) labels of the first
+            segment: a key with the row's label is no candidate.
         normalize: L2-normalise the rows and the keys (by their norms, at
             least ``eps``).
         eps: smallest norm divided by, as in `F.normalize`.
@@ -57,7 +61,9 @@ class LogSumExpOptions:
     column_scale: float = 0.0
     target_offset: int | None = None
     target_extra: bool = False
-    exclude_offset: int | None = None
+    exclusions: tuple[walker.Diagonal, ...] = ()
+    exclude_target: bool = False
+    exclude_labels: tuple[Tensor, Tensor] | None = None
     normalize: bool = False
     eps: float = 1e-12
     temperature: float = 1.0
@@ -71,7 +77,9 @@ class LogSumExpOptions:
             column_keys=self.column_keys,
             target_offset=self.target_offset,
             target_extra=self.target_extra,
-            exclude_offset=self.exclude_offset,
+            exclusions=self.exclusions,
+            exclude_target=self.exclude_target,
+            exclude_labels=self.exclude_labels,
         )
 
 

@@ -13,10 +13,14 @@ holds per-row candidates' logits computed by the caller (a query's own
 positive, its paired negatives). Each segment's product is written straight
 into its column slice of the block; no keys are concatenated.
 
-Index rules instead of masks: row r's key ``exclude_offset + r`` of segment 0
-is not a candidate (its entry is -inf; NT-Xent's self-similarity), and its
-target is key ``target_offset + r`` of segment 0 (in-batch positives) or the
-first extra column (its own positive).
+Index rules instead of masks: row r's target is key ``target_offset + r`` of
+segment 0 (in-batch positives) or the first extra column (its own positive),
+and its logit is read before any exclusion. Excluded candidates' entries are
+-inf: keys of segment 0 on `Diagonal` rules (NT-Xent's self-similarity, the
+other views of a sample), the target itself with ``exclude_target`` (the
+decoupled and debiased losses score the positive outside the denominator),
+and with ``exclude_labels`` every key of segment 0 that shares the row's label
+(the only rule that compares: the decoupled loss under labels).
 
 Two passes:
 
@@ -42,7 +46,7 @@ import torch
 from torch import Tensor
 
 from info_nce.engine import columns as col
-from info_nce.objectives.base import RowContext, RowObjective
+from info_nce.objectives.base import RowContext, RowObjective, target_entries
 
 # Rows per logits block, chosen by measurement (docs/benchmarks.md): at least
 # 256 rows, and up to ~4M logits per block. Each block's product with the
@@ -65,6 +69,15 @@ def default_block_rows(num_rows: int, num_candidates: int) -> int:
 
 
 @dataclass(frozen=True)
+class Diagonal:
+    """An exclusion rule: rows ``start <= r < stop`` exclude key ``key_offset + r`` of segment 0."""
+
+    key_offset: int
+    start: int = 0
+    stop: int | None = None  # None: up to the last row
+
+
+@dataclass(frozen=True)
 class Layout:
     """The rules of one walk: block size, special columns, column statistics.
 
@@ -74,28 +87,38 @@ class Layout:
             (the symmetric loss; column j pairs with row j, so C is 0 or B).
         target_offset: row r's target is key ``target_offset + r`` of segment 0.
         target_extra: row r's target is its first extra column.
-        exclude_offset: row r's key ``exclude_offset + r`` of segment 0 is no candidate.
+        exclusions: keys of segment 0 that are no candidate of their rows.
+        exclude_target: the target is no candidate either (its logit is still read).
+        exclude_labels: (B,) row labels and (N_0,) labels of segment 0: a key
+            with the row's label is no candidate.
     """
 
     block_rows: int
     column_keys: int = 0
     target_offset: int | None = None
     target_extra: bool = False
-    exclude_offset: int | None = None
+    exclusions: tuple[Diagonal, ...] = ()
+    exclude_target: bool = False
+    exclude_labels: tuple[Tensor, Tensor] | None = None
 
-    def context(self, first_row: int, width: int) -> RowContext:
+    @property
+    def has_target(self) -> bool:
+        return self.target_offset is not None or self.target_extra
+
+    def context(self, first_row: int, width: int, candidates: Tensor | None = None) -> RowContext:
         if self.target_extra:
-            return RowContext(first_row, target_start=0, target_step=0)
+            return RowContext(first_row, target_start=0, target_step=0, candidates=candidates)
         if self.target_offset is not None:
-            return RowContext(first_row, target_start=width + self.target_offset)
-        return RowContext(first_row)
+            start = width + self.target_offset
+            return RowContext(first_row, target_start=start, candidates=candidates)
+        return RowContext(first_row, candidates=candidates)
 
 
 @dataclass
 class BlockPass:
     """What one pass over the blocks produces."""
 
-    row_stat: Tensor  # (B,) the objective's row statistic (InfoNCE: the row log-sum-exp)
+    row_stat: Tensor  # (B, K) the objective's row statistics (InfoNCE: the row log-sum-exp)
     row_loss: Tensor | None = None  # (B,), in a statistics pass
     column_lse: Tensor | None = None  # (C,), in a statistics pass with columns
     target_logit: Tensor | None = None  # (B,), in a statistics pass with targets
@@ -117,6 +140,7 @@ class _Blocks:
         grads: bool,
         segment_grads: tuple[bool, ...] | None,
         row_grads: bool,
+        candidates: bool = False,
     ) -> None:
         self.rows, self.segments, self.extra, self.layout = rows, segments, extra, layout
         self.width = 0 if extra is None else extra.shape[1]
@@ -141,6 +165,25 @@ class _Blocks:
             self.grad_segments = [next(it) if flag else None for flag in segment_grads]
             if extra is not None:
                 self.grad_extra = rows.new_empty(len(rows), self.width)  # (B, E)
+        self.candidates = self._count_candidates() if candidates else None  # (B,)
+
+    def _count_candidates(self) -> Tensor:
+        """Each row's number of candidates, from the rules (no pass over the logits)."""
+        layout = self.layout
+        assert layout.exclude_labels is None, "candidates are counted without label rules"
+        total = self.width + sum(len(keys) for keys in self.segments)
+        counts = self.rows.new_full((len(self.rows),), float(total))  # (B,)
+        if self.extra is not None:
+            counts -= torch.isneginf(self.extra).sum(dim=1)  # padding
+        for rule in layout.exclusions:
+            counts[rule.start : rule.stop] -= 1
+        if layout.exclude_target and layout.has_target:
+            counts -= 1
+        return counts
+
+    def context(self, span: slice) -> RowContext:
+        candidates = None if self.candidates is None else self.candidates[span]
+        return self.layout.context(span.start, self.width, candidates)
 
     def spans(self) -> list[slice]:
         """The blocks' row ranges."""
@@ -165,9 +208,26 @@ class _Blocks:
 
     def exclude_(self, piece: Tensor, span: slice, first_key: int) -> None:
         """Set the excluded entries of a slice of segment 0 (keys from ``first_key``) to -inf."""
-        if self.layout.exclude_offset is not None:
-            offset = self.layout.exclude_offset + span.start - first_key
+        layout = self.layout
+        for rule in layout.exclusions:
+            start = max(span.start, rule.start)
+            stop = span.stop if rule.stop is None else min(span.stop, rule.stop)
+            if start < stop:
+                rows = piece[start - span.start : stop - span.start]
+                diagonal = rule.key_offset + start - first_key
+                torch.diagonal(rows, offset=diagonal).fill_(float("-inf"))
+        if layout.exclude_target and layout.target_offset is not None:
+            offset = layout.target_offset + span.start - first_key
             torch.diagonal(piece, offset=offset).fill_(float("-inf"))
+        if layout.exclude_labels is not None:
+            row_labels, key_labels = layout.exclude_labels
+            keys = key_labels[first_key : first_key + piece.shape[1]]
+            piece.masked_fill_(row_labels[span].unsqueeze(1) == keys, float("-inf"))
+
+    def exclude_extra_(self, piece: Tensor) -> None:
+        """Set the excluded entries of the extra columns to -inf: the target, if excluded."""
+        if self.layout.exclude_target and self.layout.target_extra:
+            piece[:, 0] = float("-inf")
 
     def gradient_products(self, block: Tensor, row_block: Tensor, span: slice) -> None:
         """The block holds d loss / d logits times the column scales: accumulate the gradients."""
@@ -237,11 +297,12 @@ def statistics_pass(
         grads=compute_grads,
         segment_grads=segment_grads,
         row_grads=row_grads,
+        candidates=objective.needs_candidates,
     )
     num_rows = len(rows)
-    row_stat, row_loss = rows.new_empty(num_rows), rows.new_empty(num_rows)  # (B,) each
-    has_target = layout.target_offset is not None or layout.target_extra
-    target_logit = rows.new_empty(num_rows) if has_target else None  # (B,)
+    row_stat = rows.new_empty(num_rows, objective.num_stats)  # (B, K)
+    row_loss = rows.new_empty(num_rows)  # (B,)
+    target_logit = rows.new_empty(num_rows) if layout.has_target else None  # (B,)
     column_keys = layout.column_keys
     column_stats = rows.new_full((column_keys,), float("-inf")) if column_keys else None  # (C,)
     chunk = blocks.chunk
@@ -249,22 +310,26 @@ def statistics_pass(
     for span in blocks.spans():
         block, row_block = blocks.logits(span, row_scales)
         blocks.scale_columns_(block, column_scales)
+        context = blocks.context(span)
+        targets = None
+        if target_logit is not None:
+            targets = target_logit[span]
+            targets.copy_(target_entries(block, context, 0)[0])
+        blocks.exclude_extra_(block[:, : blocks.width])
         if segments:
             blocks.exclude_(block[:, blocks.bounds[0]], span, 0)
-        context = layout.context(span.start, blocks.width)
-        targets = None if target_logit is None else target_logit[span]
         row_loss[span] = objective.forward_(block, context, row_stat[span], targets)
         if column_stats is not None:
             probabilities = block[:, blocks.bounds[0]][:, :column_keys]  # (R, C)
-            block_lse = col.column_lse(probabilities, row_stat[span], chunk)
+            block_lse = col.column_lse(probabilities, row_stat[span, 0], chunk)
             torch.logaddexp(column_stats, block_lse, out=column_stats)
         if not compute_grads:
             continue
-        objective.gradient_from_forward_(block, context, 1.0)
+        objective.gradient_from_forward_(block, context, row_stat[span], 1.0)
         blocks.scale_columns_(block, column_scales)
         blocks.gradient_products(block, row_block, span)
 
-    if column_stats is not None and col.needs_separate_pass(column_stats, row_stat):
+    if column_stats is not None and col.needs_separate_pass(column_stats, row_stat[:, 0]):
         column_stats = col.column_lse_pass(
             rows, segments[0], row_scales, column_scales[0], column_keys, blocks.buffer, chunk
         )
@@ -320,11 +385,13 @@ def gradient_pass(
 
     for span in blocks.spans():
         block, row_block = blocks.logits(span, row_scales)
-        context = layout.context(span.start, blocks.width)
-        shift = statistics.row_stat[span].unsqueeze(1)  # (R, 1)
+        context = blocks.context(span)
+        stats = statistics.row_stat[span]  # (R, K)
         weight: Tensor | float = 1.0 if row_weight is None else row_weight[span].unsqueeze(1)
         if extra is not None:
-            objective.gradient_(block[:, : blocks.width], context, 0, shift, weight)
+            extra_block = block[:, : blocks.width]
+            blocks.exclude_extra_(extra_block)
+            objective.gradient_(extra_block, context, 0, stats, weight)
         for k, first_key, columns in chunks:
             logits = block[:, columns]  # (R, chunk) view
             scales = column_scales[k]
@@ -342,7 +409,7 @@ def gradient_pass(
                     column_probs.mul_(column_weight[keys])
                 elif column_weight != 1.0:
                     column_probs.mul_(column_weight)
-            objective.gradient_(logits, context, columns.start, shift, weight)
+            objective.gradient_(logits, context, columns.start, stats, weight)
             if column_probs is not None:
                 logits.add_(column_probs)
             if scales is not None:

@@ -4,6 +4,15 @@ One file per objective family; each implements `RowObjective`.
 """
 
 from info_nce.objectives.base import RowContext, RowObjective
+from info_nce.objectives.debiased import DebiasedObjective
+from info_nce.objectives.decoupled import DecoupledObjective
 from info_nce.objectives.infonce import InfoNCEObjective, mean_positive_logit
 
-__all__ = ["InfoNCEObjective", "RowContext", "RowObjective", "mean_positive_logit"]
+__all__ = [
+    "DebiasedObjective",
+    "DecoupledObjective",
+    "InfoNCEObjective",
+    "RowContext",
+    "RowObjective",
+    "mean_positive_logit",
+]

@@ -1,21 +1,26 @@
 """What an objective is: a loss of full rows of logits, and its gradient, written in place.
 
 The block walker (`info_nce.engine.walker`) computes a block of logits for R
-consecutive rows against all their candidates, applies the exclusion rules
-(the entry is -inf), and hands the block to the objective together with a
+consecutive rows against all their candidates, reads each row's target logit,
+applies the exclusion rules (the entry is -inf; with ``exclude_target`` the
+target too), and hands the block to the objective together with a
 `RowContext`. The objective does everything that depends on the loss itself:
 the per-row statistics and loss, and ``d loss / d logits`` written into the
-block. It never sees a key, an embedding or a temperature.
+block. It never sees a key or an embedding.
 
 Two ways in, as the walker has two passes:
 
 * ``forward_`` on a whole block (the statistics pass): record each row's
-  statistics and loss, and leave in the block whatever ``gradient_from_forward_``
-  needs (InfoNCE: the row's softmax). The walker may read those leftovers
-  (the symmetric loss takes its column sums from the row probabilities).
+  ``num_stats`` statistics and its loss, and leave in the block whatever
+  ``gradient_from_forward_`` needs (InfoNCE: the row's softmax). The walker
+  may read those leftovers (the symmetric loss takes its column sums from
+  InfoNCE's row probabilities).
 * ``gradient_`` on a slice of a block's columns (the gradient pass), with the
   statistics saved by ``forward_``: the logits of those columns become
   ``weight * d loss / d logits``.
+
+The gradient with respect to an excluded target is the objective's to write
+(it is the only entry of an excluded column that is not 0).
 
 Adding an objective means one file here that implements this protocol, its
 export from `info_nce.objectives`, and the problem builder (`info_nce._problem`)
@@ -27,7 +32,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
+
+# Elementwise work over several steps is done this many logits at a time, so
+# that a slice of columns stays in cache between the steps.
+CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class RowContext:
     first_row: int  # the block's first row
     target_start: int | None = None
     target_step: int = 1
+    candidates: Tensor | None = None  # (R,) each row's number of candidates, if asked for
 
     def target_diagonal(self, first_column: int) -> int | None:
         """Offset of the targets' diagonal in a slice whose first column is ``first_column``."""
@@ -54,6 +65,16 @@ class RowContext:
 class RowObjective(Protocol):
     """A loss of full rows of logits; see the module docstring."""
 
+    @property
+    def num_stats(self) -> int:
+        """How many statistics per row ``forward_`` records for ``gradient_``."""
+        ...
+
+    @property
+    def needs_candidates(self) -> bool:
+        """Whether ``forward_`` needs ``context.candidates``."""
+        ...
+
     def forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
     ) -> Tensor:
@@ -62,9 +83,10 @@ class RowObjective(Protocol):
         Args:
             block: (R, W) logits, excluded entries at -inf.
             context: where the block's rows have their targets.
-            row_stat: (R,) out: the statistic ``gradient_`` needs (InfoNCE:
-                the row log-sum-exp).
-            target_logit: (R,) out, or None: each row's target logit.
+            row_stat: (R, num_stats) out: the statistics ``gradient_`` needs
+                (InfoNCE: the row log-sum-exp).
+            target_logit: (R,) each row's target logit (read before any
+                exclusion), or None without targets.
 
         Returns:
             (R,) the rows' loss.
@@ -72,7 +94,7 @@ class RowObjective(Protocol):
         ...
 
     def gradient_from_forward_(
-        self, block: Tensor, context: RowContext, weight: Tensor | float
+        self, block: Tensor, context: RowContext, row_stat: Tensor, weight: Tensor | float
     ) -> None:
         """In place: ``forward_``'s leftovers in ``block`` become ``weight * d loss / d logits``."""
         ...
@@ -87,8 +109,39 @@ class RowObjective(Protocol):
     ) -> None:
         """In place: (R, k) logits become ``weight * d loss / d logits``.
 
-        The logits are the block's columns from ``first_column`` on.
-        ``row_stat`` is (R, 1), what ``forward_`` recorded; ``weight`` is (R, 1)
-        or a number.
+        The logits are the block's columns from ``first_column`` on, excluded
+        entries at -inf. ``row_stat`` is (R, num_stats), what ``forward_``
+        recorded; ``weight`` is (R, 1) or a number.
         """
         ...
+
+
+def column_slices(block: Tensor) -> list[slice]:
+    """The block's columns in cache-sized slices (`CHUNK_ELEMENTS` logits each)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, len(block)))
+    return [slice(a, min(a + step, block.shape[1])) for a in range(0, block.shape[1], step)]
+
+
+def target_entries(block: Tensor, context: RowContext, first_column: int) -> tuple[Tensor, slice]:
+    """A view of the targets that fall in a slice of columns, and the rows they belong to."""
+    if context.target_start is None:
+        return block[:0, 0], slice(0, 0)
+    if context.target_step == 0:
+        column = context.target_start - first_column
+        if 0 <= column < block.shape[1]:
+            return block[:, column], slice(0, len(block))
+        return block[:0, 0], slice(0, 0)
+    offset = context.target_diagonal(first_column)
+    assert offset is not None
+    diagonal = torch.diagonal(block, offset=offset)  # entries (r, r + offset)
+    first = max(0, -offset)
+    return diagonal, slice(first, first + len(diagonal))
+
+
+def add_to_targets_(
+    block: Tensor, context: RowContext, first_column: int, values: Tensor | float
+) -> None:
+    """In place: ``values`` ((R,) or a number) added at each row's target in a column slice."""
+    targets, rows = target_entries(block, context, first_column)
+    if targets.numel():
+        targets.add_(values[rows] if isinstance(values, Tensor) else values)

@@ -12,31 +12,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from info_nce.objectives.base import RowContext
+from info_nce.objectives.base import RowContext, add_to_targets_
 
 
 class InfoNCEObjective:
     """Cross-entropy of each row's logits with its target column (none: the log-sum-exp alone)."""
 
+    num_stats = 1  # the row log-sum-exp
+    needs_candidates = False
+
     def forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
     ) -> Tensor:
-        if target_logit is not None:
-            targets, _ = _target_entries(block, context, 0)
-            target_logit.copy_(targets)
+        lse = row_stat[:, 0]
         row_max = block.amax(dim=1)  # (R,)
         torch.ops.aten._softmax.out(block, 1, False, out=block)  # probabilities, in place
         # The row's largest probability, at its largest logit, is
         # 1 / sum(exp(logit - max)) >= 1 / W: no underflow.
-        torch.sub(row_max, block.amax(dim=1).log_(), out=row_stat)
-        return row_stat if target_logit is None else row_stat - target_logit
+        torch.sub(row_max, block.amax(dim=1).log_(), out=lse)
+        return lse if target_logit is None else lse - target_logit
 
     def gradient_from_forward_(
-        self, block: Tensor, context: RowContext, weight: Tensor | float
+        self, block: Tensor, context: RowContext, row_stat: Tensor, weight: Tensor | float
     ) -> None:
         if isinstance(weight, Tensor):
             block.mul_(weight)
-        _subtract_targets_(block, context, 0, weight)
+        add_to_targets_(block, context, 0, _negated(weight))
 
     def gradient_(
         self,
@@ -49,32 +50,12 @@ class InfoNCEObjective:
         logits.sub_(row_stat).exp_()
         if isinstance(weight, Tensor):
             logits.mul_(weight)
-        _subtract_targets_(logits, context, first_column, weight)
+        add_to_targets_(logits, context, first_column, _negated(weight))
 
 
-def _target_entries(block: Tensor, context: RowContext, first_column: int) -> tuple[Tensor, slice]:
-    """A view of the targets that fall in a slice of columns, and the rows they belong to."""
-    if context.target_start is None:
-        return block[:0, 0], slice(0, 0)
-    if context.target_step == 0:
-        column = context.target_start - first_column
-        if 0 <= column < block.shape[1]:
-            return block[:, column], slice(0, len(block))
-        return block[:0, 0], slice(0, 0)
-    offset = context.target_diagonal(first_column)
-    assert offset is not None
-    diagonal = torch.diagonal(block, offset=offset)  # entries (r, r + offset)
-    first = max(0, -offset)
-    return diagonal, slice(first, first + len(diagonal))
-
-
-def _subtract_targets_(
-    block: Tensor, context: RowContext, first_column: int, weight: Tensor | float
-) -> None:
-    """In place: the one-hot part of the gradient, ``-weight`` at each row's target."""
-    targets, rows = _target_entries(block, context, first_column)
-    if targets.numel():
-        targets.sub_(weight[rows, 0] if isinstance(weight, Tensor) else weight)
+def _negated(weight: Tensor | float) -> Tensor | float:
+    """``-weight`` per row: (R,) from an (R, 1) weight, or a number."""
+    return -weight[:, 0] if isinstance(weight, Tensor) else -weight
 
 
 def mean_positive_logit(

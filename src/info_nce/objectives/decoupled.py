@@ -1,0 +1,58 @@
+"""Decoupled contrastive learning (Yeh et al., ECCV 2022): no positive in the denominator.
+
+Row i's loss is ``logsumexp(logits of its negatives) - logit of its
+positive``: InfoNCE's objective on a row whose positives the walker has
+excluded (``exclude_target``, or the positives' labels), so the gradient
+is still ``softmax(negatives) - onehot(target)``. The one difference is a
+row left with no negative at all (every paired negative padded, a batch of
+one, one label for all): its loss is 0 and it has no gradient, where
+InfoNCE's formula would give -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from info_nce.objectives.base import RowContext
+from info_nce.objectives.infonce import InfoNCEObjective
+
+
+class DecoupledObjective(InfoNCEObjective):
+    """InfoNCE over the negatives alone; a row without negatives costs 0."""
+
+    def forward_(
+        self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
+    ) -> Tensor:
+        empty = torch.isneginf(block.amax(dim=1))  # (R,) rows without a negative
+        if not bool(empty.any()):  # one host sync per block
+            return super().forward_(block, context, row_stat, target_logit)
+        block[empty] = 0.0  # any finite row: its softmax is discarded below
+        loss = super().forward_(block, context, row_stat, target_logit)
+        block[empty] = 0.0  # no gradient
+        # +inf makes exp(logit - statistic) 0 in the gradient pass, and marks the row.
+        row_stat[empty] = float("inf")
+        return loss.masked_fill(empty, 0.0)
+
+    def gradient_from_forward_(
+        self, block: Tensor, context: RowContext, row_stat: Tensor, weight: Tensor | float
+    ) -> None:
+        super().gradient_from_forward_(block, context, row_stat, _alive(row_stat, weight))
+
+    def gradient_(
+        self,
+        logits: Tensor,
+        context: RowContext,
+        first_column: int,
+        row_stat: Tensor,
+        weight: Tensor | float,
+    ) -> None:
+        super().gradient_(logits, context, first_column, row_stat, _alive(row_stat, weight))
+
+
+def _alive(row_stat: Tensor, weight: Tensor | float) -> Tensor | float:
+    """The rows' weights, 0 for rows without negatives (their statistic is +inf)."""
+    empty = torch.isposinf(row_stat[:, :1])  # (R, 1)
+    if not bool(empty.any()):
+        return weight
+    return torch.where(empty, 0.0, weight)
