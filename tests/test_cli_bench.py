@@ -7,6 +7,7 @@ import statistics
 import pytest
 import torch
 
+from info_nce import nt_xent
 from info_nce.cli import bench
 from info_nce.cli.__main__ import main
 
@@ -40,6 +41,27 @@ def test_symmetric_and_label_references_are_the_dense_losses() -> None:
     config_labels = bench.Config("T", "in-batch", 8, 0, 4, repeats=1, classes=3)
     for config in (config_symmetric, config_labels):
         assert bench.measure(config, "reference", None)["median_s"] > 0  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("name", ["C8", "C9", "C10"])
+def test_nt_xent_references_compute_the_benchmarked_loss(name: str) -> None:
+    # The dense loss each NT-Xent configuration is timed against is the loss
+    # that `ours` computes there (float64, both of our paths).
+    config = bench.CONFIGS[name]
+    reference = {
+        "": bench._dense_nt_xent,
+        "decoupled": bench._dense_decoupled_nt_xent,
+        "hard-negative": bench._dense_hard_negative_loss,
+    }[config.objective]
+    generator = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(2, 13, 5, generator=generator, dtype=torch.float64)
+    expected = reference(z1, z2, config.temperature)
+    options = bench.OBJECTIVE_OPTIONS[config.objective]
+    for chunk_size in (None, 4):
+        loss = nt_xent([z1, z2], temperature=config.temperature, chunk_size=chunk_size, **options)  # type: ignore[arg-type]
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    plain = nt_xent([z1, z2], temperature=config.temperature)
+    assert config.objective == "" or not torch.allclose(plain, expected)
 
 
 def test_combine_takes_the_median_of_process_medians_and_the_largest_peak() -> None:
@@ -78,7 +100,8 @@ def test_unknown_configuration_is_refused(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_every_issue_configuration_is_defined() -> None:
-    assert {"C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"} <= set(bench.CONFIGS)
+    assert {f"C{k}" for k in range(11)} <= set(bench.CONFIGS)
+    assert bench.CONFIGS["C10"].temperature == 0.5
     assert bench.CONFIGS["C2"].batch == 16384
     assert not bench.CONFIGS["C5"].reference_fits
 

@@ -9,7 +9,10 @@ single run:
   (``--reference-wheel``), else this package's dense path; for the symmetric
   configuration a dense CLIP loss, for labels a dense supervised contrastive
   loss with a (B, B) mask, for NT-Xent the usual dense formula (one masked
-  (2B, 2B) logits matrix and ``F.cross_entropy``);
+  (2B, 2B) logits matrix and ``F.cross_entropy``), for the decoupled NT-Xent
+  the same matrix with the positives masked out of the log-sum-exp, and for
+  the hard-negative loss its authors' estimator (exp space, a (2B, 2B - 2)
+  matrix of negatives);
 * ``ours``: ``info_nce.info_nce`` (or ``nt_xent``) with its defaults (automatic dispatch);
 * ``floor``: only the matrix products any exact implementation must do
   (logits, and the two gradient products), timed alone.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import resource
@@ -67,10 +71,17 @@ class Config:
     classes: int = 0  # labels with this many classes; reference: dense SupCon with a (B, B) mask
     processes: int = 1  # fresh processes per implementation (more for sub-millisecond timings)
     views: int = 0  # NT-Xent over this many views of B samples (the two inputs); reference: dense
+    objective: str = ""  # with views: "decoupled" or "hard-negative" (see OBJECTIVE_OPTIONS)
+    temperature: float = 0.1
 
     def describe(self) -> str:
         if self.views:
-            return f"nt_xent V={self.views}, B={self.batch}, D={self.dim}"
+            options = "".join(
+                f", {name}={value}" for name, value in OBJECTIVE_OPTIONS[self.objective].items()
+            )
+            if self.temperature != 0.1:
+                options += f", temperature={self.temperature}"
+            return f"nt_xent V={self.views}{options}, B={self.batch}, D={self.dim}"
         shape = f"B={self.batch}"
         if self.mode != "in-batch":
             shape += f", M={self.negatives}"
@@ -92,7 +103,29 @@ CONFIGS = {
         Config("C6", "in-batch", 8192, 0, 768, repeats=5, symmetric=True, processes=3),
         Config("C7", "in-batch", 8192, 0, 128, repeats=5, classes=10, processes=3),
         Config("C8", "in-batch", 8192, 0, 128, repeats=3, processes=3, views=2),
+        Config(
+            "C9", "in-batch", 8192, 0, 128, repeats=3, processes=3, views=2, objective="decoupled"
+        ),
+        Config(
+            "C10",
+            "in-batch",
+            8192,
+            0,
+            128,
+            repeats=3,
+            processes=3,
+            views=2,
+            objective="hard-negative",
+            temperature=0.5,
+        ),
     )
+}
+
+# The nt_xent options of each objective a configuration may name.
+OBJECTIVE_OPTIONS: dict[str, dict[str, float | bool]] = {
+    "": {},
+    "decoupled": {"decoupled": True},
+    "hard-negative": {"hard_negative_beta": 1.0, "false_negative_rate": 0.1},
 }
 
 
@@ -127,15 +160,22 @@ def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Calla
     negatives = inputs[2] if len(inputs) > 2 else None
     mode = _negative_mode(config)
     labels = torch.arange(config.batch) % config.classes if config.classes else None
+    temperature = config.temperature
     if implementation == "ours" and config.views:
+        options = OBJECTIVE_OPTIONS[config.objective]
 
         def loss() -> Tensor:
-            return nt_xent([query, positive])
+            return nt_xent([query, positive], temperature=temperature, **options)  # type: ignore[arg-type]
 
     elif implementation == "reference" and config.views:
+        dense_loss = {
+            "": _dense_nt_xent,
+            "decoupled": _dense_decoupled_nt_xent,
+            "hard-negative": _dense_hard_negative_loss,
+        }[config.objective]
 
         def loss() -> Tensor:
-            return _dense_nt_xent(query, positive)
+            return dense_loss(query, positive, temperature)
 
     elif implementation == "ours":
 
@@ -212,6 +252,39 @@ def _dense_nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     itself = torch.eye(len(z), dtype=torch.bool)
     targets = torch.arange(len(z)).roll(len(z1))  # (v, i)'s positive is (1 - v, i)
     return F.cross_entropy(logits.masked_fill(itself, float("-inf")), targets)
+
+
+def _dense_decoupled_nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+    """The decoupled NT-Xent written plainly: the (2B, 2B) matrix, positives masked out."""
+    z = unit(torch.cat([z1, z2]))  # (2B, D)
+    logits = z @ z.T / temperature  # (2B, 2B)
+    index = torch.arange(len(z))
+    other = index.roll(len(z1))  # (v, i)'s positive is (1 - v, i)
+    not_negative = torch.eye(len(z), dtype=torch.bool)
+    not_negative[index, other] = True
+    negatives = logits.masked_fill(not_negative, float("-inf"))
+    return (torch.logsumexp(negatives, dim=1) - logits[index, other]).mean()
+
+
+def _dense_hard_negative_loss(
+    z1: Tensor, z2: Tensor, temperature: float = 0.5, beta: float = 1.0, tau: float = 0.1
+) -> Tensor:
+    """Robinson et al.'s hard-negative estimator as their code computes it: in exp space."""
+    batch = len(z1)
+    z = unit(torch.cat([z1, z2]))  # (2B, D)
+    similarity = torch.exp(z @ z.T / temperature)  # (2B, 2B)
+    index = torch.arange(2 * batch)
+    is_negative = torch.ones(2 * batch, 2 * batch, dtype=torch.bool)
+    is_negative[index, index] = False
+    is_negative[index, index.roll(batch)] = False
+    negatives = similarity.masked_select(is_negative).view(2 * batch, -1)  # (2B, 2B - 2)
+    positive = torch.exp(torch.sum(z[:batch] * z[batch:], dim=-1) / temperature).repeat(2)  # (2B,)
+    count = 2 * batch - 2
+    importance = negatives**beta
+    reweighted = (importance * negatives).sum(dim=-1) / importance.mean(dim=-1)
+    estimate = (reweighted - tau * count * positive) / (1 - tau)
+    estimate = torch.clamp(estimate, min=count * math.exp(-1 / temperature))
+    return -torch.log(positive / (positive + estimate)).mean()
 
 
 def _floor_step(config: Config, inputs: list[Tensor]) -> Callable[[], None]:
