@@ -58,6 +58,11 @@ from info_nce.objectives.base import RowContext, RowObjective, target_entries
 MIN_BLOCK_ROWS = 256
 TARGET_BLOCK_ELEMENTS = 1 << 22
 MAX_BLOCK_ELEMENTS = 1 << 24
+# The keys' columns start on this boundary of the block's rows. Behind one or
+# two extra columns, at an odd offset, the block's matrix products ran about
+# 15% slower (nt_xent's debiased loss, B=8192, D=128: 0.3 s of 2.3 s); the
+# padding columns in between hold -inf, as padded extra columns do.
+KEY_ALIGN_BYTES = 64
 
 
 def default_block_rows(num_rows: int, num_candidates: int) -> int:
@@ -105,11 +110,13 @@ class Layout:
     def has_target(self) -> bool:
         return self.target_offset is not None or self.target_extra
 
-    def context(self, first_row: int, width: int, candidates: Tensor | None = None) -> RowContext:
+    def context(
+        self, first_row: int, key_start: int, candidates: Tensor | None = None
+    ) -> RowContext:
         if self.target_extra:
             return RowContext(first_row, target_start=0, target_step=0, candidates=candidates)
         if self.target_offset is not None:
-            start = width + self.target_offset
+            start = key_start + self.target_offset
             return RowContext(first_row, target_start=start, candidates=candidates)
         return RowContext(first_row, candidates=candidates)
 
@@ -144,8 +151,10 @@ class _Blocks:
     ) -> None:
         self.rows, self.segments, self.extra, self.layout = rows, segments, extra, layout
         self.width = 0 if extra is None else extra.shape[1]
+        align = max(1, KEY_ALIGN_BYTES // rows.element_size())
+        start = -(-self.width // align) * align if segments else self.width
+        self.key_start = start  # the first key column; -inf padding from `width` on
         self.bounds: list[slice] = []  # each segment's columns in the block
-        start = self.width
         for keys in segments:
             self.bounds.append(slice(start, start + len(keys)))
             start += len(keys)
@@ -183,7 +192,7 @@ class _Blocks:
 
     def context(self, span: slice) -> RowContext:
         candidates = None if self.candidates is None else self.candidates[span]
-        return self.layout.context(span.start, self.width, candidates)
+        return self.layout.context(span.start, self.key_start, candidates)
 
     def spans(self) -> list[slice]:
         """The blocks' row ranges."""
@@ -195,6 +204,7 @@ class _Blocks:
         block = self.buffer[: span.stop - span.start]
         if self.extra is not None:
             block[:, : self.width] = self.extra[span]
+            block[:, self.width : self.key_start] = float("-inf")
         row_block = self.rows[span] * row_scales[span].unsqueeze(1)  # (R, D)
         for keys, columns in zip(self.segments, self.bounds, strict=True):
             torch.mm(row_block, keys.T, out=block[:, columns])

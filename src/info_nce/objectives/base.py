@@ -4,7 +4,9 @@ The block walker (`info_nce.engine.walker`) computes a block of logits for R
 consecutive rows against all their candidates, reads each row's target logit,
 applies the exclusion rules (the entry is -inf; with ``exclude_target`` the
 target too), and hands the block to the objective together with a
-`RowContext`. The objective does everything that depends on the loss itself:
+`RowContext`. The block's columns are the extra columns (e.g. a query's own
+positive), a few -inf padding columns that align the keys, then the keys; an
+entry at -inf is no candidate. The objective does everything that depends on the loss itself:
 the per-row statistics and loss, and ``d loss / d logits`` written into the
 block. It never sees a key or an embedding.
 
