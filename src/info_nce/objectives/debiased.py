@@ -17,9 +17,9 @@ Gradients flow through the weights (they are not detached, as in the
 authors' code). Where the clamp is not active, with ``a = 1 / (1 - tau
 exp(s+ - log mean))`` and ``sigma = sigmoid(log Ng - s+)``:
 
-    d loss / d s_j = sigma a ((1 + beta) p_j - beta q_j),  d loss / d s+ = -sigma a,
+    d loss / d s_j = sigma a ((1 + beta) P_j - beta Q_j),  d loss / d s+ = -sigma a,
 
-``p`` and ``q`` being the softmaxes of ``(1 + beta) s`` and ``beta s`` over
+``P`` and ``Q`` being the softmaxes of ``(1 + beta) s`` and ``beta s`` over
 the negatives. Where it is, ``Ng`` depends on t alone: ``d loss / d s+ =
 -sigma`` and the clamp's logit ``-1/t`` gets ``sigma``.
 
@@ -27,17 +27,18 @@ The walker excludes the target from the candidates, so the block holds the
 negatives; the clamp's logit ``-1/t`` arrives as one more extra column (at
 ``clamp_column``), computed by the problem builder with autograd, so a
 learnable temperature receives the clamp's share of the gradient as it does
-an extra logit's. Each row keeps five statistics: its largest negative logit
-``m`` (the shift), ``alpha = sigma a (1 + beta) / sum_j exp((1 + beta)(s_j -
-m))``, ``gamma = sigma a beta / sum_j exp(beta (s_j - m))``, and the
-positive's and the clamp's gradients; a negative's gradient is then
-``exp(beta (s_j - m)) (alpha exp(s_j - m) - gamma)``.
+an extra logit's. ``forward_`` computes ``P`` in the block and ``Q`` in a
+second buffer of the block's size (only for ``beta > 0``) with the fused
+softmax kernel, and leaves ``d loss / d s_j`` in the block. Each row keeps
+six statistics for the gradient pass: ``lse((1 + beta) s)``, ``lse(beta s)``,
+the coefficients ``sigma a (1 + beta)`` and ``sigma a beta`` of ``P`` and
+``Q``, and the positive's and the clamp's gradients.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from info_nce.objectives.base import RowContext, add_to_targets_, column_slices
 
-_SHIFT, _ALPHA, _GAMMA, _POSITIVE, _CLAMP = range(5)
+_LSE_P, _LSE_Q, _COEF_P, _COEF_Q, _POSITIVE, _CLAMP = range(6)
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,10 @@ class DebiasedObjective:
     false_negative_rate: float
     hard_negative_beta: float
     clamp_column: int
+    # Q's buffer, reused from block to block within one loss call.
+    _scratch: list[Tensor] = field(default_factory=list, compare=False, repr=False)
 
-    num_stats = 5
+    num_stats = 6
     needs_candidates = True
 
     def forward_(
@@ -75,21 +78,25 @@ class DebiasedObjective:
         clamp = block[:, self.clamp_column].clone()  # (R,) -1/t
         block[:, self.clamp_column] = float("-inf")
         count = context.candidates - 1  # (R,) the negatives: the clamp column is none
-        shift = block.amax(dim=1)  # (R,)
-        shift.masked_fill_(torch.isneginf(shift), 0.0)  # rows without negatives
-        sum_p = block.new_zeros(len(block))  # (R,) sum_j exp((1 + beta)(s_j - m))
-        sum_q = block.new_zeros(len(block)) if beta else None  # sum_j exp(beta (s_j - m))
-        for columns in column_slices(block):
-            piece = block[:, columns].sub_(shift.unsqueeze(1))  # the block keeps s - m
-            exp = torch.exp(piece)
-            if sum_q is not None:
-                weights = torch.mul(piece, beta).exp_()
-                sum_q += weights.sum(dim=1)
-                exp.mul_(weights)
-            sum_p += exp.sum(dim=1)
+        empty = count == 0  # no negatives: Ng = 0, loss 0, no gradient
+        # A row without negatives holds only -inf; one finite entry keeps its
+        # softmaxes finite (its coefficients below are 0).
+        block[:, 0].masked_fill_(empty, 0.0)
+        shift = block.amax(dim=1)  # (R,) the largest negative logit
+        softmax_ = torch.ops.aten._softmax.out
+        # Each softmax's largest entry, at the largest logit, is 1 / sum_j
+        # exp(c (s_j - max)) >= 1 / W: its log gives the log-sum-exp.
+        q = None
+        if beta:
+            q = torch.mul(block, beta, out=self._buffer(block))
+            softmax_(q, 1, False, out=q)  # Q
+            log_q = beta * shift - q.amax(dim=1).log()  # lse(beta s)
+            block.mul_(1 + beta)
+        else:
+            log_q = count.log().masked_fill(empty, 0.0)  # lse(0 s) = log N
+        softmax_(block, 1, False, out=block)  # P
+        log_p = (1 + beta) * shift - block.amax(dim=1).log()  # lse((1 + beta) s)
 
-        log_p = sum_p.log() + (1 + beta) * shift  # lse((1 + beta) s)
-        log_q = count.log() if sum_q is None else sum_q.log() + beta * shift  # lse(beta s)
         log_mean = log_p - log_q
         tau = self.false_negative_rate
         slope = torch.ones_like(log_mean)  # a
@@ -102,22 +109,34 @@ class DebiasedObjective:
         z = count.log() + torch.where(clamped, clamp, log_estimate) - target_logit  # log Ng - s+
         loss = F.softplus(z)
         sigma = torch.sigmoid(z)
-        empty = count == 0  # no negatives: Ng = 0, loss 0, no gradient
         negatives = torch.where(clamped | empty, 0.0, sigma * slope)  # sigma a, where it applies
-        row_stat[:, _SHIFT] = shift
-        row_stat[:, _ALPHA] = negatives * (1 + beta) / sum_p.masked_fill(empty, 1.0)
-        row_stat[:, _GAMMA] = 0.0
-        if sum_q is not None:
-            row_stat[:, _GAMMA] = negatives * beta / sum_q.masked_fill(empty, 1.0)
+        row_stat[:, _LSE_P] = log_p
+        row_stat[:, _LSE_Q] = log_q
+        row_stat[:, _COEF_P] = negatives * (1 + beta)
+        row_stat[:, _COEF_Q] = negatives * beta
         row_stat[:, _POSITIVE] = -torch.where(clamped, sigma, sigma * slope).masked_fill(empty, 0.0)
         row_stat[:, _CLAMP] = torch.where(clamped & ~empty, sigma, 0.0)
+        # The block's leftover: d loss / d s_j of the negatives, unweighted.
+        block.mul_(row_stat[:, _COEF_P : _COEF_P + 1])
+        if q is not None:
+            block.addcmul_(q, row_stat[:, _COEF_Q : _COEF_Q + 1], value=-1.0)
         return loss.masked_fill(empty, 0.0)
+
+    def _buffer(self, block: Tensor) -> Tensor:
+        """A tensor of the block's shape, dtype and device, reused where possible."""
+        if self._scratch and self._scratch[0].numel() >= block.numel():
+            old = self._scratch[0]
+            if old.dtype == block.dtype and old.device == block.device:
+                return old.view(-1)[: block.numel()].view(block.shape)
+        self._scratch[:] = [torch.empty_like(block, memory_format=torch.contiguous_format)]
+        return self._scratch[0]
 
     def gradient_from_forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, weight: Tensor | float
     ) -> None:
-        # The block holds s - m (the target and the clamp column at -inf).
-        self._negatives_(block, row_stat, weight, shifted=True)
+        # The block holds the negatives' gradients; the target and the clamp column 0.
+        if isinstance(weight, Tensor) or weight != 1.0:
+            block.mul_(weight)
         self._specials_(block, context, 0, row_stat, weight)
 
     def gradient_(
@@ -131,26 +150,20 @@ class DebiasedObjective:
         clamp = self.clamp_column - first_column
         if 0 <= clamp < logits.shape[1]:
             logits[:, clamp] = float("-inf")
-        self._negatives_(logits, row_stat, weight, shifted=False)
-        self._specials_(logits, context, first_column, row_stat, weight)
-
-    def _negatives_(
-        self, logits: Tensor, row_stat: Tensor, weight: Tensor | float, *, shifted: bool
-    ) -> None:
-        """In place: each negative's logit becomes ``weight * d loss / d s_j``."""
         beta = self.hard_negative_beta
-        alpha = row_stat[:, _ALPHA : _ALPHA + 1] * weight  # (R, 1)
-        gamma = row_stat[:, _GAMMA : _GAMMA + 1] * weight
-        shift = row_stat[:, _SHIFT : _SHIFT + 1]
+        log_p = row_stat[:, _LSE_P : _LSE_P + 1]  # (R, 1)
+        log_q = row_stat[:, _LSE_Q : _LSE_Q + 1]
+        coef_p = row_stat[:, _COEF_P : _COEF_P + 1] * weight
+        coef_q = row_stat[:, _COEF_Q : _COEF_Q + 1] * weight
         for columns in column_slices(logits):
             piece = logits[:, columns]
-            if not shifted:
-                piece.sub_(shift)
             if beta:
-                weights = torch.mul(piece, beta).exp_()
-                piece.exp_().mul_(alpha).sub_(gamma).mul_(weights)
+                q = torch.mul(piece, beta).sub_(log_q).exp_()  # Q
+                piece.mul_(1 + beta).sub_(log_p).exp_().mul_(coef_p)  # the P term
+                piece.addcmul_(q, coef_q, value=-1.0)
             else:
-                piece.exp_().mul_(alpha)
+                piece.sub_(log_p).exp_().mul_(coef_p)
+        self._specials_(logits, context, first_column, row_stat, weight)
 
     def _specials_(
         self,
