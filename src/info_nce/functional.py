@@ -122,6 +122,25 @@ def info_nce(
             return this rank's sum and rows, so unequal local batch sizes are
             handled exactly by scaling a sum. Without a process group, or with
             W = 1, it changes nothing.
+        decoupled: decoupled contrastive learning (Yeh et al. 2022): the
+            positives leave the denominator, so query i's loss is
+            ``logsumexp(negatives' logits) - mean(positives' logits)``. Works
+            with every other option (symmetric: both directions decoupled;
+            labels: every positive leaves the denominator). A row left with no
+            negative (e.g. all its paired negatives masked) has loss 0 and no
+            gradient. Not with the two options below.
+        false_negative_rate: tau+ in [0, 1) of debiased contrastive learning
+            (Chuang et al. 2020), the probability that a sampled negative shares
+            the anchor's class. With positive logit ``s+`` and N negatives'
+            logits ``s_j``, ``Ng = max((sum_j exp(s_j) - tau+ N exp(s+)) /
+            (1 - tau+), N exp(-1/t))`` and the loss is ``log(exp(s+) + Ng) -
+            s+``, computed in log space. 0 (default) is the plain loss.
+        hard_negative_beta: beta >= 0 of hard negative sampling (Robinson et
+            al. 2021): in ``Ng`` above, ``sum_j exp(s_j)`` becomes ``N * sum_j
+            w_j exp(s_j) / sum_j w_j`` with ``w_j = exp(beta s_j)``; gradients
+            flow through the weights. 0 (default) is the debiased loss. This
+            and ``false_negative_rate`` need one positive per query (no
+            ``labels``) and ``normalize=True``; N counts valid negatives only.
 
     Shape:
         - query: (B, D), B queries of D features.
@@ -140,8 +159,10 @@ def info_nce(
             a bool, or the temperature is not a number.
         ValueError: wrong shapes, empty inputs, different devices, an unknown
             ``reduction``/``negative_mode``, a temperature that is not finite
-            and > 0, a ``chunk_size`` that is not a positive int, or options
-            that do not fit together.
+            and > 0, a ``chunk_size`` that is not a positive int, a
+            ``false_negative_rate`` outside [0, 1) or a negative
+            ``hard_negative_beta``, or options that do not fit together (the
+            message names both).
 
     Examples:
         >>> import torch
@@ -156,6 +177,10 @@ def info_nce(
         >>> labels = torch.randint(0, 4, (32,))
         >>> info_nce(query, positive_key, labels=labels, symmetric=True, reduction="none").shape
         torch.Size([32])
+        >>> info_nce(query, positive_key, decoupled=True).shape
+        torch.Size([])
+        >>> debiased = info_nce(query, positive_key, false_negative_rate=0.1)
+        >>> hard = info_nce(query, positive_key, false_negative_rate=0.1, hard_negative_beta=1.0)
     """
     reduction = check_reduction(reduction)
     negative_mode = check_negative_mode(negative_mode)
@@ -279,6 +304,14 @@ def nt_xent(
             scored against all ranks' embeddings, with gradients reaching the
             owning rank: the contract of `info_nce`'s ``gather_distributed``.
             Every rank must pass the same V; local batch sizes may differ.
+        decoupled: the positives leave the denominator: anchor (v, i)'s loss is
+            ``logsumexp(negatives' logits) - mean(positives' logits)``. With V = 2
+            and no labels this is lightly's ``DCLLoss`` (without a weighting
+            function). See `info_nce`.
+        false_negative_rate: tau+ in [0, 1) of the debiased loss (see
+            `info_nce`); only for V = 2 without labels.
+        hard_negative_beta: beta >= 0 of the hard-negative loss (see
+            `info_nce`); only for V = 2 without labels.
 
     Shape:
         - views: (V, B, D), V views of B samples with D features, or V tensors (B, D).
@@ -298,7 +331,8 @@ def nt_xent(
             a sequence element that is not 2-D or a tensor that is not 3-D,
             empty views, labels of the wrong shape, an unknown
             ``anchors``/``reduction``, a temperature that is not finite and > 0,
-            a ``chunk_size`` that is not a positive int.
+            a ``chunk_size`` that is not a positive int, a variant option out of
+            its range or outside its scope (the message names both options).
 
     Examples:
         >>> import torch
@@ -311,6 +345,9 @@ def nt_xent(
         torch.Size([4, 32])
         >>> nt_xent(views, anchors="first", reduction="none").shape
         torch.Size([32])
+        >>> nt_xent([z1, z2], temperature=0.5, decoupled=True).shape
+        torch.Size([])
+        >>> hcl = nt_xent([z1, z2], hard_negative_beta=1.0, false_negative_rate=0.1)
     """
     reduction = check_reduction(reduction)
     temperature = check_temperature(temperature)
