@@ -477,6 +477,51 @@ def test_block_pass_statistics_match_logsumexp() -> None:
     assert_close(result.target_logit, expected_targets, rtol=0, atol=1e-14, name="target_logit")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [1, 2, 8, 16, 17])
+def test_keys_start_aligned_behind_the_extra_columns(dtype: torch.dtype, width: int) -> None:
+    # The objective sees the extra columns, -inf padding up to a 64-byte
+    # boundary, then the keys; the padding changes no statistic.
+    generator = torch.Generator().manual_seed(width)
+    query = torch.randn(5, 3, generator=generator, dtype=dtype)
+    keys = torch.randn(6, 3, generator=generator, dtype=dtype)
+    extra = torch.randn(5, width, generator=generator, dtype=dtype)
+    seen: list[Tensor] = []
+    pointers: list[int] = []
+
+    class Recording(InfoNCEObjective):
+        def forward_(
+            self, block: Tensor, context: Any, row_stat: Tensor, target_logit: Tensor | None
+        ) -> Tensor:
+            seen.append(block.clone())
+            pointers.append(block.data_ptr())
+            return super().forward_(block, context, row_stat, target_logit)
+
+    layout = walker.Layout(2, target_offset=0)
+    result = walker.statistics_pass(
+        query,
+        (keys,),
+        extra,
+        Recording(),
+        layout,
+        row_scales=torch.ones(5, dtype=dtype),
+        column_scales=[None],
+    )
+    align = 64 // query.element_size()
+    key_start = -(-width // align) * align
+    block = torch.cat(seen)  # (5, key_start + 6)
+    assert block.shape == (5, key_start + 6)
+    # Row 0's first key sits on a 64-byte boundary of the walker's buffer.
+    assert all((pointer + key_start * query.element_size()) % 64 == 0 for pointer in pointers)
+    assert torch.isneginf(block[:, width:key_start]).all()
+    assert_close(block[:, :width], extra, rtol=0, atol=0, name="extra")
+    assert_close(block[:, key_start:], query @ keys.T, rtol=1e-6, atol=1e-6, name="keys")
+    logits = torch.cat([extra, query @ keys.T], dim=1)
+    assert_close(result.row_stat[:, 0], logits.logsumexp(1), rtol=1e-6, atol=1e-6, name="lse")
+    assert result.target_logit is not None
+    assert_close(result.target_logit, (query * keys[:5]).sum(1), rtol=1e-6, atol=1e-6, name="t")
+
+
 @pytest.fixture
 def separate_column_passes(monkeypatch: pytest.MonkeyPatch) -> mock.Mock:
     """A spy on the engine's separate pass for column statistics (`column_lse_pass`)."""
