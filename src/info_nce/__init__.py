@@ -3,5 +3,6 @@
 from info_nce._version import __version__
 from info_nce.functional import info_nce, nt_xent
 from info_nce.module import InfoNCE, NTXent
+from info_nce.queue import MemoryQueue
 
-__all__ = ["InfoNCE", "NTXent", "__version__", "info_nce", "nt_xent"]
+__all__ = ["InfoNCE", "MemoryQueue", "NTXent", "__version__", "info_nce", "nt_xent"]

@@ -362,3 +362,53 @@ def check_variant_inputs(
             f"{options} need exactly one positive per anchor: with nt_xent, V = 2 views, "
             f"got V = {num_views}"
         )
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_storage_dtype(dtype: object) -> torch.dtype:
+    if dtype not in FLOATING_DTYPES:
+        raise TypeError(
+            "dtype must be a floating-point dtype (torch.float16, torch.bfloat16, "
+            f"torch.float32 or torch.float64), got {dtype!r}"
+        )
+    return dtype
+
+
+def check_push(
+    keys: object, labels: object, *, dim: int, with_labels: bool, device: torch.device
+) -> tuple[Tensor, Tensor | None]:
+    """A batch for `MemoryQueue.push`: (b, dim) floating keys, and labels as the queue has them."""
+    keys = _check_tensor("keys", keys)
+    if keys.dim() != 2 or keys.shape[1] != dim:
+        raise ValueError(
+            f"<keys> must have shape (b, dim) = (b, {dim}), got shape {tuple(keys.shape)}"
+        )
+    if keys.device != device:
+        raise ValueError(f"<keys> must be on the queue's device ({device}), got {keys.device}")
+    if not with_labels:
+        if labels is not None:
+            raise ValueError(
+                "labels were pushed to a MemoryQueue built without labels; build it with "
+                "labels=True, or push keys alone"
+            )
+        return keys, None
+    if labels is None:
+        raise ValueError(
+            "this MemoryQueue was built with labels=True: push(keys, labels) needs labels, got None"
+        )
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if tuple(labels.shape) != (len(keys),):
+        raise ValueError(
+            f"labels must have shape (b,) = ({len(keys)},), got shape {tuple(labels.shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"labels must be on the queue's device ({device}), got {labels.device}")
+    return keys, labels

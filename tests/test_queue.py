@@ -1,0 +1,302 @@
+"""`MemoryQueue`: ring semantics, state, dtypes, errors, identical queues across ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.multiprocessing.spawn import start_processes
+
+from info_nce import MemoryQueue, info_nce
+
+
+def batches(sizes: list[int], dim: int = 3, seed: int = 0) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, dim, generator=generator) for b in sizes]
+
+
+def expected_keys(pushed: list[Tensor], size: int) -> Tensor:
+    """The newest ``size`` pushed rows, oldest first: the queue's contract, written plainly."""
+    everything = torch.cat(pushed) if pushed else torch.zeros(0, 3)
+    return everything[max(0, len(everything) - size) :]
+
+
+@pytest.mark.parametrize(
+    ("size", "sizes"),
+    [
+        (7, [3, 3, 3, 3, 3]),  # wraps at 7, b does not divide size
+        (6, [3, 3, 3, 3]),  # b divides size: the oldest returns to slot 0
+        (4, [10]),  # b > size: only the newest 4
+        (5, [2, 9, 1, 0, 4]),  # b > size mid-run, and an empty push
+        (1, [1, 2, 1]),
+        (8, [3]),  # never full
+    ],
+)
+def test_keys_are_the_newest_entries_oldest_first(size: int, sizes: list[int]) -> None:
+    queue = MemoryQueue(size, 3, normalize=False)
+    pushed: list[Tensor] = []
+    for batch in batches(sizes):
+        queue.push(batch)
+        pushed.append(batch)
+        want = expected_keys(pushed, size)
+        assert torch.equal(queue.keys, want)
+        assert len(queue) == len(want)
+        assert queue.is_full == (len(want) == size)
+
+
+def test_keys_are_normalised_and_detached() -> None:
+    queue = MemoryQueue(10, 3)
+    batch = (torch.randn(4, 3) * 5).requires_grad_()
+    queue.push(batch)
+    assert not queue.keys.requires_grad
+    torch.testing.assert_close(queue.keys, F.normalize(batch.detach(), dim=1))
+    queue.push(torch.zeros(1, 3))  # a zero vector stays zero, no NaN
+    assert torch.equal(queue.keys[-1], torch.zeros(3))
+
+
+def test_keys_are_a_view_until_the_ring_wraps() -> None:
+    queue = MemoryQueue(5, 3, normalize=False)
+    queue.push(torch.randn(3, 3))
+    assert queue.keys.data_ptr() == queue.entries.data_ptr()  # no copy
+    queue.push(torch.randn(2, 3))  # exactly full: oldest at slot 0, still a view
+    assert queue.keys.data_ptr() == queue.entries.data_ptr()
+    queue.push(torch.randn(1, 3))  # oldest at slot 1: the entries in order are a copy
+    assert queue.keys.data_ptr() != queue.entries.data_ptr()
+
+
+def test_labels_follow_their_keys() -> None:
+    queue = MemoryQueue(5, 3, labels=True, normalize=False)
+    pushed, pushed_labels = [], []
+    for k, batch in enumerate(batches([2, 3, 4])):
+        labels = torch.arange(len(batch)) + 10 * k
+        queue.push(batch, labels.to(torch.int32))  # any integer dtype; stored as int64
+        pushed.append(batch)
+        pushed_labels.append(labels)
+    assert queue.labels is not None
+    assert torch.equal(queue.labels, torch.cat(pushed_labels)[-5:])
+    assert queue.labels.dtype == torch.long
+    assert torch.equal(queue.keys, torch.cat(pushed)[-5:])
+    assert MemoryQueue(5, 3).labels is None
+
+
+def test_reset_empties_the_queue() -> None:
+    queue = MemoryQueue(4, 3, labels=True)
+    queue.push(torch.randn(6, 3), torch.arange(6))
+    queue.reset()
+    assert len(queue) == 0
+    assert not queue.is_full
+    assert queue.keys.shape == (0, 3)
+    assert queue.labels is not None
+    assert queue.labels.shape == (0,)
+    queue.push(torch.ones(1, 3), torch.tensor([7]))
+    assert len(queue) == 1
+    assert int(queue.labels[0]) == 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_storage_dtype(dtype: torch.dtype) -> None:
+    queue = MemoryQueue(8, 3, dtype=dtype)
+    batch = torch.randn(5, 3)
+    queue.push(batch)
+    assert queue.keys.dtype == dtype
+    assert torch.equal(queue.keys, F.normalize(batch, dim=1).to(dtype))
+    assert queue.entries.element_size() == torch.empty(0, dtype=dtype).element_size()
+
+
+def test_to_moves_the_buffers_and_keeps_the_state() -> None:
+    queue = MemoryQueue(4, 3, labels=True)
+    queue.push(torch.randn(6, 3), torch.arange(6))
+    before = queue.keys.clone()
+    queue = queue.to(torch.float64)  # a dtype move keeps positions and labels
+    assert queue.keys.dtype == torch.float64
+    assert torch.equal(queue.keys, before.double())
+    assert queue.labels is not None
+    assert torch.equal(queue.labels, torch.arange(2, 6))
+
+
+class Holder(nn.Module):
+    """A model that holds a queue, as a training module would."""
+
+    def __init__(self, queue: MemoryQueue) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.queue = queue
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_state_dict_round_trip_continues_bit_identically(labels: bool) -> None:
+    steps = batches([3, 4, 2, 5, 3, 3, 1], seed=1)
+
+    def push(queue: MemoryQueue, k: int) -> None:
+        queue.push(steps[k], torch.arange(len(steps[k])) + 100 * k if labels else None)
+
+    original = Holder(MemoryQueue(7, 3, labels=labels))
+    for k in range(3):
+        push(original.queue, k)
+    state = {name: value.clone() for name, value in original.state_dict().items()}
+    assert {"queue.entries", "queue.position", "queue.count"} <= set(state)
+    assert ("queue.entry_labels" in state) == labels
+
+    resumed = Holder(MemoryQueue(7, 3, labels=labels))
+    resumed.load_state_dict(state)
+    assert len(resumed.queue) == len(original.queue)
+    for k in range(3, len(steps)):
+        push(original.queue, k)
+        push(resumed.queue, k)
+        assert torch.equal(resumed.queue.keys, original.queue.keys)
+        if labels:
+            assert resumed.queue.labels is not None
+            assert original.queue.labels is not None
+            assert torch.equal(resumed.queue.labels, original.queue.labels)
+    for name, value in original.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_a_corrupt_state_is_refused() -> None:
+    queue = MemoryQueue(4, 3)
+    state = queue.state_dict()
+    state["count"] = torch.tensor(9)
+    with pytest.raises(ValueError, match="count must be in"):
+        MemoryQueue(4, 3).load_state_dict(state)
+
+
+def test_moco_warm_up_uses_only_valid_entries() -> None:
+    # The first step, against an empty queue, is the loss with no negatives at
+    # all: 0 for MoCo's defaults (the positive is the only candidate), and
+    # the in-batch loss with in-batch negatives.
+    queue = MemoryQueue(16, 8)
+    query, key = torch.randn(4, 8), torch.randn(4, 8)
+    assert float(info_nce(query, key, queue.keys)) == 0.0
+    torch.testing.assert_close(
+        info_nce(query, key, queue.keys, in_batch_negatives=True), info_nce(query, key)
+    )
+    queue.push(key)
+    torch.testing.assert_close(info_nce(query, key, queue.keys), info_nce(query, key, key))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"size": 0, "dim": 3}, ValueError, "size must be a positive int, got 0"),
+        ({"size": -2, "dim": 3}, ValueError, "size must be a positive int, got -2"),
+        ({"size": 2.0, "dim": 3}, ValueError, "size must be a positive int, got 2.0"),
+        ({"size": True, "dim": 3}, ValueError, "size must be a positive int, got True"),
+        ({"size": 4, "dim": 0}, ValueError, "dim must be a positive int, got 0"),
+        ({"size": 4, "dim": 3, "dtype": torch.long}, TypeError, "dtype must be a floating"),
+        ({"size": 4, "dim": 3, "labels": 1}, TypeError, "labels must be a bool"),
+        ({"size": 4, "dim": 3, "normalize": None}, TypeError, "normalize must be a bool"),
+    ],
+)
+def test_bad_construction_is_refused(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        MemoryQueue(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("labels", "keys", "pushed_labels", "error", "match"),
+    [
+        (False, torch.randn(2, 4), None, ValueError, r"shape \(b, dim\) = \(b, 3\), got shape"),
+        (False, torch.randn(3), None, ValueError, r"shape \(b, dim\) = \(b, 3\), got shape \(3,\)"),
+        (False, [[1.0, 2.0, 3.0]], None, TypeError, "<keys> must be a torch.Tensor, got list"),
+        (False, torch.ones(2, 3, dtype=torch.long), None, TypeError, "floating-point"),
+        (False, torch.randn(2, 3), torch.arange(2), ValueError, "built without labels"),
+        (True, torch.randn(2, 3), None, ValueError, "labels=True: push.*needs labels, got None"),
+        (True, torch.randn(2, 3), torch.ones(2), TypeError, "labels must be an integer tensor"),
+        (True, torch.randn(2, 3), torch.arange(3), ValueError, r"labels must have shape \(b,\)"),
+        (True, torch.randn(2, 3), [0, 1], TypeError, "labels must be a torch.Tensor, got list"),
+    ],
+)
+def test_bad_pushes_are_refused(
+    labels: bool, keys: object, pushed_labels: object, error: type[Exception], match: str
+) -> None:
+    queue = MemoryQueue(4, 3, labels=labels)
+    with pytest.raises(error, match=match):
+        queue.push(keys, pushed_labels)  # type: ignore[arg-type]
+    assert len(queue) == 0  # nothing half-written
+
+
+def test_repr_shows_the_settings() -> None:
+    text = repr(MemoryQueue(4, 3, dtype=torch.bfloat16, labels=True, gather_distributed=True))
+    assert "size=4, dim=3, dtype=torch.bfloat16, labels=True, gather_distributed=True" in text
+
+
+# --- identical queues on every rank (gloo, real processes) -------------------------------
+
+WORLD_SIZES = (2, 3)
+STEPS = 4
+
+
+def rank_batch(rank: int, step: int) -> tuple[Tensor, Tensor]:
+    """Rank r's push at a step: b = r + step + 1 rows (the ranks differ), labelled by origin."""
+    generator = torch.Generator().manual_seed(1000 * rank + step)
+    size = rank + step + 1
+    keys = torch.randn(size, 3, generator=generator)
+    return keys, torch.full((size,), 10 * rank + step)
+
+
+def _queue_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        queue = MemoryQueue(9, 3, labels=True, normalize=False, gather_distributed=True)
+        states = []
+        for step in range(STEPS):
+            queue.push(*rank_batch(rank, step))
+            assert queue.labels is not None
+            states.append((queue.keys.clone(), queue.labels.clone()))
+    finally:
+        dist.destroy_process_group()
+    torch.save(states, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ranks_hold_identical_queues_in_rank_order(world: int, tmp_path: os.PathLike[str]) -> None:
+    out_dir = str(tmp_path)
+    run = start_processes(  # type: ignore[no-untyped-call]
+        _queue_worker,
+        args=(world, _free_port(), out_dir),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    try:
+        while not run.join():
+            pass
+    finally:
+        for process in run.processes:
+            if process.is_alive():
+                process.terminate()
+    per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    pushed_keys: list[Tensor] = []
+    pushed_labels: list[Tensor] = []
+    for step in range(STEPS):
+        for rank in range(world):  # what one process would push: the ranks' batches in order
+            keys, labels = rank_batch(rank, step)
+            pushed_keys.append(keys)
+            pushed_labels.append(labels)
+        want_keys = torch.cat(pushed_keys)[-9:]
+        want_labels = torch.cat(pushed_labels)[-9:]
+        for rank in range(world):
+            keys, labels = per_rank[rank][step]
+            assert torch.equal(keys, want_keys), (rank, step)
+            assert torch.equal(labels, want_labels), (rank, step)
