@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.multiprocessing.spawn import start_processes
 
-from info_nce import MemoryQueue, info_nce
+from info_nce import InfoNCE, MemoryQueue, info_nce
 
 
 def batches(sizes: list[int], dim: int = 3, seed: int = 0) -> list[Tensor]:
@@ -300,3 +300,91 @@ def test_ranks_hold_identical_queues_in_rank_order(world: int, tmp_path: os.Path
             keys, labels = per_rank[rank][step]
             assert torch.equal(keys, want_keys), (rank, step)
             assert torch.equal(labels, want_labels), (rank, step)
+
+
+# --- InfoNCE(queue=...) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_batch", [None, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_module_scores_against_the_queue_before_pushing(
+    in_batch: bool | None, symmetric: bool
+) -> None:
+    # Each step equals the functional loss against the keys pushed in the
+    # earlier steps (the newest `size` of them), written out by hand.
+    size, dim = 10, 6
+    generator = torch.Generator().manual_seed(5)
+    module = InfoNCE(
+        temperature=0.2,
+        queue=MemoryQueue(size, dim),
+        in_batch_negatives=in_batch,
+        symmetric=symmetric,
+    )
+    earlier: list[Tensor] = []
+    for step in range(4):
+        query = torch.randn(4, dim, generator=generator, dtype=torch.float64)
+        key = torch.randn(4, dim, generator=generator, dtype=torch.float64)
+        negatives = (
+            F.normalize(torch.cat(earlier), dim=1)[-size:] if earlier else torch.zeros(0, dim)
+        )
+        expected = info_nce(
+            query,
+            key,
+            negatives.to(torch.float64),
+            temperature=0.2,
+            in_batch_negatives=in_batch,
+            symmetric=symmetric,
+        )
+        torch.testing.assert_close(module(query, key), expected, rtol=1e-6, atol=1e-6)
+        earlier.append(key)
+        assert len(module.queue) == min(size, 4 * (step + 1))
+    if in_batch is None and not symmetric:  # the first step's MoCo loss had no candidate but p
+        fresh = InfoNCE(queue=MemoryQueue(size, dim))
+        assert float(fresh(torch.randn(3, dim), torch.randn(3, dim))) == 0.0
+
+
+def test_module_pushes_only_in_training_with_gradients() -> None:
+    module = InfoNCE(queue=MemoryQueue(16, 4))
+    query, key = torch.randn(3, 4), torch.randn(3, 4)
+    module.eval()
+    module(query, key)
+    assert len(module.queue) == 0
+    module.train()
+    with torch.no_grad():
+        module(query, key)
+    assert len(module.queue) == 0
+    module(query, key)
+    assert len(module.queue) == 3
+    torch.testing.assert_close(module.queue.keys, F.normalize(key, dim=1))
+
+
+def test_module_queue_is_in_its_state_dict() -> None:
+    module = InfoNCE(queue=MemoryQueue(8, 4))
+    module(torch.randn(5, 4), torch.randn(5, 4))
+    state = module.state_dict()
+    assert {"queue.entries", "queue.position", "queue.count"} <= set(state)
+    resumed = InfoNCE(queue=MemoryQueue(8, 4))
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.queue.keys, module.queue.keys)
+
+
+def test_module_queue_in_half_storage_with_float32_inputs() -> None:
+    module = InfoNCE(queue=MemoryQueue(8, 4, dtype=torch.bfloat16))
+    first = torch.randn(5, 4)
+    module(torch.randn(5, 4), first)
+    query, key = torch.randn(5, 4), torch.randn(5, 4)
+    expected = info_nce(query, key, F.normalize(first, dim=1).to(torch.bfloat16).float())
+    torch.testing.assert_close(module(query, key), expected)
+
+
+def test_module_queue_errors() -> None:
+    with pytest.raises(TypeError, match="queue must be a MemoryQueue or None, got Tensor"):
+        InfoNCE(queue=torch.zeros(4, 3))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="labels=True is not supported"):
+        InfoNCE(queue=MemoryQueue(4, 3, labels=True))
+    module = InfoNCE(queue=MemoryQueue(4, 3))
+    with pytest.raises(ValueError, match="pass no negative_keys, got a tensor of shape"):
+        module(torch.randn(2, 3), torch.randn(2, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"queue holds keys of dim 3, but <query> has shape"):
+        module(torch.randn(2, 5), torch.randn(2, 5))
+    assert len(module.queue) == 0

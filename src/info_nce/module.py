@@ -22,6 +22,7 @@ from info_nce._validation import (
     check_variant,
 )
 from info_nce.functional import info_nce, nt_xent
+from info_nce.queue import MemoryQueue
 
 
 class _LossModule(nn.Module):
@@ -138,6 +139,14 @@ class InfoNCE(_LossModule):
         decoupled, false_negative_rate, hard_negative_beta: keyword-only; the
             decoupled, debiased and hard-negative objectives (see
             `info_nce.info_nce`).
+        queue: keyword-only; a `MemoryQueue` (a submodule: saved in the
+            state dict, moved by ``.to``). ``forward`` then takes no
+            ``negative_keys``: it scores the batch against the queue's
+            entries as unpaired negatives as the queue was before this batch
+            (MoCo; add in-batch negatives with ``in_batch_negatives=True``),
+            then pushes this batch's positive keys. It pushes only in
+            training mode with gradients enabled, so evaluation never
+            changes the queue. Queues with labels are not supported yet.
 
     Shape:
         - query: (B, D), B queries of D features.
@@ -168,6 +177,12 @@ class InfoNCE(_LossModule):
         >>> clip(query, positive_key).backward()
         >>> clip.logit_scale.grad is not None
         True
+        >>> from info_nce import MemoryQueue
+        >>> moco = InfoNCE(temperature=0.07, queue=MemoryQueue(size=4096, dim=128))
+        >>> moco(query, positive_key).item()  # the queue is empty: no negatives yet
+        0.0
+        >>> len(moco.queue)  # this batch's keys were pushed after scoring
+        32
     """
 
     def __init__(
@@ -186,6 +201,7 @@ class InfoNCE(_LossModule):
         decoupled: bool = False,
         false_negative_rate: float = 0.0,
         hard_negative_beta: float = 0.0,
+        queue: MemoryQueue | None = None,
     ) -> None:
         super().__init__(
             temperature,
@@ -199,6 +215,7 @@ class InfoNCE(_LossModule):
             false_negative_rate=false_negative_rate,
             hard_negative_beta=hard_negative_beta,
         )
+        self.queue = check_queue(queue)
         self.negative_mode = check_negative_mode(negative_mode)
         self.symmetric = check_bool("symmetric", symmetric)
         if in_batch_negatives is not None:
@@ -214,13 +231,17 @@ class InfoNCE(_LossModule):
         labels: Tensor | None = None,
         negative_mask: Tensor | None = None,
     ) -> Tensor:
-        return info_nce(
+        negative_mode = self.negative_mode
+        if self.queue is not None:
+            negative_keys = queue_negatives(self.queue, query, negative_keys)
+            negative_mode = "unpaired"
+        loss = info_nce(
             query,
             positive_key,
             negative_keys,
             temperature=self.temperature,
             reduction=self.reduction,
-            negative_mode=self.negative_mode,
+            negative_mode=negative_mode,
             symmetric=self.symmetric,
             in_batch_negatives=self.in_batch_negatives,
             labels=labels,
@@ -232,6 +253,9 @@ class InfoNCE(_LossModule):
             false_negative_rate=self.false_negative_rate,
             hard_negative_beta=self.hard_negative_beta,
         )
+        if self.queue is not None and self.training and torch.is_grad_enabled():
+            self.queue.push(positive_key)  # after scoring: the next batch's negatives
+        return loss
 
     def extra_repr(self) -> str:
         return (
@@ -342,3 +366,32 @@ class NTXent(_LossModule):
             f"anchors={self.anchors!r}, learn_temperature={self.learn_temperature}, "
             f"chunk_size={self.chunk_size}{self._variant_repr()}"
         )
+
+
+def check_queue(queue: object) -> MemoryQueue | None:
+    """The ``queue`` setting: None or a `MemoryQueue` without labels."""
+    if queue is None:
+        return None
+    if not isinstance(queue, MemoryQueue):
+        raise TypeError(f"queue must be a MemoryQueue or None, got {type(queue).__name__}")
+    if queue.with_labels:
+        raise ValueError(
+            "queue: a MemoryQueue with labels=True is not supported by the loss modules yet; "
+            "got MemoryQueue(labels=True)"
+        )
+    return queue
+
+
+def queue_negatives(queue: MemoryQueue, query: Tensor, negative_keys: Tensor | None) -> Tensor:
+    """The queue's entries as the batch's unpaired negatives, in the query's dtype."""
+    if negative_keys is not None:
+        raise ValueError(
+            "a loss module built with queue= takes its negatives from the queue: pass no "
+            f"negative_keys, got a tensor of shape {tuple(negative_keys.shape)}"
+        )
+    if query.dim() == 2 and query.shape[1] != queue.dim:
+        raise ValueError(
+            f"queue holds keys of dim {queue.dim}, but <query> has shape {tuple(query.shape)}"
+        )
+    keys = queue.keys
+    return keys if keys.dtype == query.dtype else keys.to(query.dtype)
