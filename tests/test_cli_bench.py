@@ -100,7 +100,9 @@ def test_unknown_configuration_is_refused(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_every_issue_configuration_is_defined() -> None:
-    assert {f"C{k}" for k in range(11)} <= set(bench.CONFIGS)
+    assert {f"C{k}" for k in range(13)} <= set(bench.CONFIGS)
+    assert bench.CONFIGS["C11"].queue
+    assert not bench._inputs(bench.CONFIGS["C11"])[2].requires_grad
     assert bench.CONFIGS["C10"].temperature == 0.5
     assert bench.CONFIGS["C2"].batch == 16384
     assert not bench.CONFIGS["C5"].reference_fits

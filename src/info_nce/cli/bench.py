@@ -73,6 +73,7 @@ class Config:
     views: int = 0  # NT-Xent over this many views of B samples (the two inputs); reference: dense
     objective: str = ""  # with views: "decoupled" or "hard-negative" (see OBJECTIVE_OPTIONS)
     temperature: float = 0.1
+    queue: bool = False  # unpaired negatives without gradient (MoCo's queue): a two-product floor
 
     def describe(self) -> str:
         if self.views:
@@ -83,6 +84,8 @@ class Config:
                 options += f", temperature={self.temperature}"
             return f"nt_xent V={self.views}{options}, B={self.batch}, D={self.dim}"
         shape = f"B={self.batch}"
+        if self.queue:
+            return f"MoCo, queue (no gradient) {shape}, K={self.negatives}, D={self.dim}"
         if self.mode != "in-batch":
             shape += f", M={self.negatives}"
         kind = "symmetric" if self.symmetric else self.mode
@@ -118,6 +121,8 @@ CONFIGS = {
             objective="hard-negative",
             temperature=0.5,
         ),
+        Config("C11", "unpaired", 4096, 65536, 128, repeats=3, processes=3, queue=True),
+        Config("C12", "unpaired", 256, 1 << 20, 128, repeats=3, reference_fits=False, queue=True),
     )
 }
 
@@ -146,7 +151,10 @@ def _inputs(config: Config, seed: int = 0) -> list[Tensor]:
         shapes.append((config.negatives, config.dim))
     elif config.mode == "paired":
         shapes.append((config.batch, config.negatives, config.dim))
-    return [torch.randn(shape, generator=generator).requires_grad_() for shape in shapes]
+    tensors = [torch.randn(shape, generator=generator) for shape in shapes]
+    for k, tensor in enumerate(tensors):
+        tensor.requires_grad_(not (config.queue and k == 2))  # a queue holds detached keys
+    return tensors
 
 
 def _negative_mode(config: Config) -> str:
@@ -288,7 +296,7 @@ def _dense_hard_negative_loss(
 
 
 def _floor_step(config: Config, inputs: list[Tensor]) -> Callable[[], None]:
-    """The three matrix products of forward+backward, alone, on plain tensors."""
+    """The matrix products of forward+backward (three; two for a queue), alone, on plain tensors."""
     query, positive = (x.detach() for x in inputs[:2])
     if config.views:  # every embedding against all: (2B)^2 logits
         query = positive = torch.cat([query, positive])
@@ -313,7 +321,8 @@ def _floor_step(config: Config, inputs: list[Tensor]) -> Callable[[], None]:
             rows = query[start : start + block]
             logits = rows @ keys.T  # (rows, N)
             logits @ keys  # (rows, D): d query
-            grad_keys.addmm_(logits.T, rows)  # (N, D): d keys
+            if not config.queue:  # a queue's keys get no gradient
+                grad_keys.addmm_(logits.T, rows)  # (N, D): d keys
 
     return matrix_step
 
