@@ -202,18 +202,26 @@ def check_inputs(
 def check_labels(labels: object, query: Tensor) -> Tensor | None:
     if labels is None:
         return None
+    return _check_label_tensor(
+        labels, "B", len(query), query.device, "the same device as <query>", "or None"
+    )
+
+
+def _check_label_tensor(
+    labels: object, rows: str, length: int, device: torch.device, where: str, also: str = ""
+) -> Tensor:
+    """(length,) integer labels on ``device``; ``rows`` names the length, ``where`` the device."""
     if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        allowed = f"a torch.Tensor {also}".rstrip()
+        raise TypeError(f"labels must be {allowed}, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if tuple(labels.shape) != (len(query),):
+    if tuple(labels.shape) != (length,):
         raise ValueError(
-            f"labels must have shape (B,) = ({len(query)},), got shape {tuple(labels.shape)}"
+            f"labels must have shape ({rows},) = ({length},), got shape {tuple(labels.shape)}"
         )
-    if labels.device != query.device:
-        raise ValueError(
-            f"labels must be on the same device as <query> ({query.device}), got {labels.device}"
-        )
+    if labels.device != device:
+        raise ValueError(f"labels must be on {where} ({device}), got {labels.device}")
     return labels
 
 
@@ -401,14 +409,4 @@ def check_push(
         raise ValueError(
             "this MemoryQueue was built with labels=True: push(keys, labels) needs labels, got None"
         )
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if tuple(labels.shape) != (len(keys),):
-        raise ValueError(
-            f"labels must have shape (b,) = ({len(keys)},), got shape {tuple(labels.shape)}"
-        )
-    if labels.device != device:
-        raise ValueError(f"labels must be on the queue's device ({device}), got {labels.device}")
-    return keys, labels
+    return keys, _check_label_tensor(labels, "b", len(keys), device, "the queue's device")
