@@ -258,9 +258,23 @@ def _queue_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             queue.push(*rank_batch(rank, step))
             assert queue.labels is not None
             states.append((queue.keys.clone(), queue.labels.clone()))
+        # MoCo on W ranks: each rank's batch against the one global queue.
+        moco = InfoNCE(queue=MemoryQueue(9, 3, gather_distributed=True))
+        losses: list[Tensor] = []
+        for step in range(STEPS):
+            query, key = module_batch(rank, step)
+            losses.append(moco(query, key).detach())
     finally:
         dist.destroy_process_group()
-    torch.save(states, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save((states, losses), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def module_batch(rank: int, step: int) -> tuple[Tensor, Tensor]:
+    """Rank r's (query, key) at a step for the MoCo module: r + 2 rows."""
+    generator = torch.Generator().manual_seed(7000 + 100 * rank + step)
+    return torch.randn(rank + 2, 3, generator=generator), torch.randn(
+        rank + 2, 3, generator=generator
+    )
 
 
 def _free_port() -> int:
@@ -286,7 +300,17 @@ def test_ranks_hold_identical_queues_in_rank_order(world: int, tmp_path: os.Path
         for process in run.processes:
             if process.is_alive():
                 process.terminate()
-    per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    loaded = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    per_rank = [states for states, _ in loaded]
+    # The module on each rank: its own batch against every rank's earlier keys.
+    earlier: list[Tensor] = []
+    for step in range(STEPS):
+        batches_now = [module_batch(rank, step) for rank in range(world)]
+        queue_keys = F.normalize(torch.cat(earlier), dim=1)[-9:] if earlier else torch.zeros(0, 3)
+        for rank, (query, key) in enumerate(batches_now):
+            expected = info_nce(query, key, queue_keys)
+            torch.testing.assert_close(loaded[rank][1][step], expected, msg=f"{rank} {step}")
+        earlier.extend(key for _, key in batches_now)
     pushed_keys: list[Tensor] = []
     pushed_labels: list[Tensor] = []
     for step in range(STEPS):
@@ -382,6 +406,8 @@ def test_module_queue_errors() -> None:
         InfoNCE(queue=torch.zeros(4, 3))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="labels=True is not supported"):
         InfoNCE(queue=MemoryQueue(4, 3, labels=True))
+    with pytest.raises(ValueError, match="does not combine with the loss's gather_distributed"):
+        InfoNCE(queue=MemoryQueue(4, 3), gather_distributed=True)
     module = InfoNCE(queue=MemoryQueue(4, 3))
     with pytest.raises(ValueError, match="pass no negative_keys, got a tensor of shape"):
         module(torch.randn(2, 3), torch.randn(2, 3), torch.randn(5, 3))

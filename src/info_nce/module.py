@@ -146,7 +146,9 @@ class InfoNCE(_LossModule):
             (MoCo; add in-batch negatives with ``in_batch_negatives=True``),
             then pushes this batch's positive keys. It pushes only in
             training mode with gradients enabled, so evaluation never
-            changes the queue. Queues with labels are not supported yet.
+            changes the queue. For many processes, give the queue
+            ``gather_distributed=True`` (not the loss). Queues with labels are
+            not supported yet.
 
     Shape:
         - query: (B, D), B queries of D features.
@@ -215,7 +217,7 @@ class InfoNCE(_LossModule):
             false_negative_rate=false_negative_rate,
             hard_negative_beta=hard_negative_beta,
         )
-        self.queue = check_queue(queue)
+        self.queue = check_queue(queue, gather_distributed=self.gather_distributed)
         self.negative_mode = check_negative_mode(negative_mode)
         self.symmetric = check_bool("symmetric", symmetric)
         if in_batch_negatives is not None:
@@ -368,12 +370,20 @@ class NTXent(_LossModule):
         )
 
 
-def check_queue(queue: object) -> MemoryQueue | None:
-    """The ``queue`` setting: None or a `MemoryQueue` without labels."""
+def check_queue(queue: object, *, gather_distributed: bool) -> MemoryQueue | None:
+    """The ``queue`` setting: None, or a `MemoryQueue` without labels on a non-gathering loss."""
     if queue is None:
         return None
     if not isinstance(queue, MemoryQueue):
         raise TypeError(f"queue must be a MemoryQueue or None, got {type(queue).__name__}")
+    if gather_distributed:
+        # The loss would gather the queue's entries like any unpaired negatives,
+        # though a gathering queue holds every rank's keys already.
+        raise ValueError(
+            "queue= does not combine with the loss's gather_distributed=True yet; got both. "
+            "Build the queue with MemoryQueue(..., gather_distributed=True) instead: every "
+            "rank then scores its batch against the same, global queue (MoCo)"
+        )
     if queue.with_labels:
         raise ValueError(
             "queue: a MemoryQueue with labels=True is not supported by the loss modules yet; "
