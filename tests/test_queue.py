@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.multiprocessing.spawn import start_processes
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from info_nce import InfoNCE, MemoryQueue, info_nce
 
@@ -414,3 +415,34 @@ def test_module_queue_errors() -> None:
     with pytest.raises(ValueError, match=r"queue holds keys of dim 3, but <query> has shape"):
         module(torch.randn(2, 5), torch.randn(2, 5))
     assert len(module.queue) == 0
+
+
+class ProductFlops(TorchDispatchMode):
+    """Counts the FLOPs of every 2-D matrix product (mm, addmm, in place or not) dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_"):
+            a, b = args[-2:] if name != "mm" else args[:2]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_queue_costs_no_gradient_product(frozen: bool) -> None:
+    # Matrix-product FLOPs of forward+backward through the engine: q @ K^T
+    # and dS @ K for a queue (keys without gradient), plus dS^T @ q otherwise.
+    batch, size, dim = 64, 1024, 16
+    queue = MemoryQueue(size, dim)
+    queue.push(torch.randn(size, dim))
+    negatives = queue.keys.clone().requires_grad_(not frozen)
+    query = torch.randn(batch, dim, requires_grad=True)
+    key = torch.randn(batch, dim)
+    with ProductFlops() as counter:
+        info_nce(query, key, negatives, chunk_size=16).backward()
+    products = counter.flops / (2 * batch * size * dim)  # one (B, K) x D product each
+    assert products == pytest.approx(2 if frozen else 3, abs=0.05)
