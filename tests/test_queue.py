@@ -273,9 +273,8 @@ def _queue_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def module_batch(rank: int, step: int) -> tuple[Tensor, Tensor]:
     """Rank r's (query, key) at a step for the MoCo module: r + 2 rows."""
     generator = torch.Generator().manual_seed(7000 + 100 * rank + step)
-    return torch.randn(rank + 2, 3, generator=generator), torch.randn(
-        rank + 2, 3, generator=generator
-    )
+    query = torch.randn(rank + 2, 3, generator=generator)
+    return query, torch.randn(rank + 2, 3, generator=generator)
 
 
 def _free_port() -> int:
@@ -285,7 +284,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
-def test_ranks_hold_identical_queues_in_rank_order(world: int, tmp_path: os.PathLike[str]) -> None:
+def test_ranks_hold_one_queue_in_rank_order_and_score_against_it(
+    world: int, tmp_path: os.PathLike[str]
+) -> None:
     out_dir = str(tmp_path)
     run = start_processes(  # type: ignore[no-untyped-call]
         _queue_worker,
