@@ -176,11 +176,7 @@ def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Calla
             return nt_xent([query, positive], temperature=temperature, **options)  # type: ignore[arg-type]
 
     elif implementation == "reference" and config.views:
-        dense_loss = {
-            "": _dense_nt_xent,
-            "decoupled": _dense_decoupled_nt_xent,
-            "hard-negative": _dense_hard_negative_loss,
-        }[config.objective]
+        dense_loss = DENSE_NT_XENT[config.objective]
 
         def loss() -> Tensor:
             return dense_loss(query, positive, temperature)
@@ -293,6 +289,14 @@ def _dense_hard_negative_loss(
     estimate = (reweighted - tau * count * positive) / (1 - tau)
     estimate = torch.clamp(estimate, min=count * math.exp(-1 / temperature))
     return -torch.log(positive / (positive + estimate)).mean()
+
+
+# The dense reference of each objective a configuration may name: (z1, z2, temperature) -> loss.
+DENSE_NT_XENT: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "": _dense_nt_xent,
+    "decoupled": _dense_decoupled_nt_xent,
+    "hard-negative": _dense_hard_negative_loss,
+}
 
 
 def _floor_step(config: Config, inputs: list[Tensor]) -> Callable[[], None]:
