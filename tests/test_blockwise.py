@@ -32,6 +32,7 @@ from reference import (
     reference_loss_and_grads,
     upstream_gradient,
 )
+from tiling import column_tiles
 from torch import Tensor
 
 import info_nce.functional as functional
@@ -877,21 +878,28 @@ TWO_SEGMENT_CASES = [
         rule,
         in_forward,
         reduction,
-        id=f"{rule}-{reduction}-{'forward' if in_forward else 'backward'}",
+        tile,
+        id=f"{rule}-{reduction}-{'forward' if in_forward else 'backward'}-tile{tile}",
     )
     for rule in ("target-extra", "exclude")
     for reduction in REDUCTIONS
     for in_forward in (False, True)
+    for tile in (None, 1, 3)
     if not (in_forward and reduction == "none")  # gradients in forward: scalar reductions
+    if not (in_forward and tile is not None)  # tiles take the gradient pass
 ]
 
 
-@pytest.mark.parametrize(("rule", "grads_in_forward", "reduction"), TWO_SEGMENT_CASES)
+@pytest.mark.parametrize(
+    ("rule", "grads_in_forward", "reduction", "tile_columns"), TWO_SEGMENT_CASES
+)
 def test_log_sum_exp_function_over_two_segments_gradcheck(
-    rule: str, grads_in_forward: bool, reduction: str
+    rule: str, grads_in_forward: bool, reduction: str, tile_columns: int | None
 ) -> None:
     # Two key segments (the second frozen: no gradient asked for), and either
-    # each row's target in its first extra column or its own key excluded.
+    # each row's target in its first extra column or its own key excluded;
+    # complete rows, or column tiles (1 column: a tile per key; 3: tiles that
+    # cross from one segment into the next).
     generator = torch.Generator().manual_seed(23)
     rows = torch.randn(5, 3, generator=generator, dtype=torch.float64).requires_grad_()
     frozen = torch.randn(4, 3, generator=generator, dtype=torch.float64)
@@ -900,6 +908,7 @@ def test_log_sum_exp_function_over_two_segments_gradcheck(
     options = LogSumExpOptions(
         reduction=reduction,  # type: ignore[arg-type]
         block_rows=2,
+        tile_columns=tile_columns,
         target_extra=rule == "target-extra",
         exclusions=(walker.Diagonal(0),) if rule == "exclude" else (),
         normalize=True,
@@ -923,3 +932,67 @@ def test_log_sum_exp_function_over_two_segments_gradcheck(
     inputs = (rows, extra, temperature)
     assert_close(function(*inputs), explicit(*inputs), rtol=1e-12, atol=1e-12, name="value")
     assert torch.autograd.gradcheck(function, inputs)
+
+
+# --- Column tiles of long rows ----------------------------------------------------
+
+
+TILE_CASES = [
+    pytest.param(mode, batch, dim, tile, id=f"{mode}-B{batch}-D{dim}-tile{tile}")
+    for mode in ("in-batch", "unpaired")
+    for batch, dim in [(1, 1), (1, 123), (37, 1), (37, 123)]
+    for tile in (1, 4, 16)
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(("mode", "batch", "dim", "tile"), TILE_CASES)
+def test_tiled_engine_matches_float64_reference(
+    mode: Mode, batch: int, dim: int, tile: int, reduction: str, dtype: torch.dtype
+) -> None:
+    # Rows longer than a tile are walked 4 rows against `tile` columns at a
+    # time: the row statistics accumulate tile by tile, the gradient pass
+    # recomputes each tile.
+    inputs = make_inputs(mode, batch, dim, 23, dtype=dtype, seed=batch + dim + tile)
+    upstream = upstream_gradient(torch.Size([batch] if reduction == "none" else []))
+    with column_tiles(rows=4, tile=tile) as walks:
+        loss = info_nce(
+            *inputs,
+            temperature=0.07,
+            reduction=reduction,  # type: ignore[arg-type]
+        )
+    if batch == 37:  # 4 rows of 37 (in-batch) or 24 (unpaired) candidates exceed 4 * tile
+        assert walks == [tile], walks
+    expected = reference_loss_and_grads(
+        inputs, upstream, temperature=0.07, reduction=reduction, negative_mode="unpaired"
+    )
+    grads = torch.autograd.grad(loss, inputs, grad_outputs=upstream.to(loss.dtype))
+    assert_matches(loss, list(grads), expected, TOLERANCES[dtype])
+
+
+def test_default_block_shape_tiles_only_very_long_rows() -> None:
+    # C11 (4096 queries, 65,536 queue keys + the own positive) keeps complete
+    # 255-row blocks; C12 (256 queries, 1,048,576 keys) walks 256 rows against
+    # 16,384-column tiles; an objective that needs complete rows keeps them.
+    assert walker.default_block_shape(4096, 65537, tileable=True) == (255, None)
+    assert walker.default_block_shape(256, (1 << 20) + 1, tileable=True) == (256, 1 << 14)
+    assert walker.default_block_shape(256, (1 << 20) + 1, tileable=False) == (15, None)
+    assert walker.default_block_shape(20, 1 << 30, tileable=True) == (20, (1 << 22) // 20)
+
+
+@pytest.mark.parametrize(
+    ("options", "tiled"),
+    [
+        ({}, True),
+        ({"decoupled": True}, True),
+        ({"false_negative_rate": 0.1}, False),  # the debiased loss needs complete rows
+        ({"chunk_size": 3}, False),  # the caller's rows per block: complete rows
+        ({"symmetric": True}, False),  # column statistics need complete rows
+    ],
+)
+def test_which_walks_are_tiled(options: dict[str, Any], tiled: bool) -> None:
+    query, positive = make_inputs("in-batch", 12, 4, seed=5)
+    with column_tiles(rows=3, tile=5) as walks:
+        info_nce(query, positive, **options)
+    assert walks == [5 if tiled else None], walks

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import REDUCTIONS, assert_close
+from tiling import TILES_PATH, tiles_on_path  # noqa: F401  (an autouse fixture)
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -26,11 +27,11 @@ from info_nce.engine.function import LogSumExp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PATHS = ["dense", "chunk=1", "chunk=7", "chunk=VB-1"]
+PATHS = ["dense", "chunk=1", "chunk=7", "chunk=VB-1", TILES_PATH]
 
 
 def chunk_size_of(path: str, anchors: int) -> int | None:
-    if path == "dense":
+    if path in ("dense", TILES_PATH):  # the tiles path: the engine chooses, see `tiling`
         return None
     if path == "chunk=VB-1":
         return max(1, anchors - 1)

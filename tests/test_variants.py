@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from reference import assert_close, upstream_gradient
+from tiling import on_path, tiles_on_path  # noqa: F401  (an autouse fixture)
 from torch import Tensor
 
 from info_nce import InfoNCE, NTXent, info_nce, nt_xent
@@ -181,7 +182,9 @@ def reference_info_nce(
     return rows
 
 
-PATHS = {"dense": None, "engine": 5}  # chunk_size: 5 rows per block, blocks 5, 5, ..., 2
+# chunk_size per path: "engine" walks 5 rows per block (blocks 5, 5, ..., 2);
+# "tiles" lets the engine choose, with limits that split rows into tiles.
+PATHS = {"dense": None, "engine": 5, "tiles": None}
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
@@ -223,10 +226,11 @@ def test_float32_variants_match_the_float64_formula(kind: Kind, case: str) -> No
     }
     single["mask"] = inputs["mask"]
     temperature = 0.05
-    for chunk_size in PATHS.values():
-        loss = call_info_nce(
-            case, single, kind, temperature=temperature, reduction="mean", chunk_size=chunk_size
-        )
+    for path, chunk_size in PATHS.items():
+        with on_path(path):
+            loss = call_info_nce(
+                case, single, kind, temperature=temperature, reduction="mean", chunk_size=chunk_size
+            )
         expected = reference_info_nce(case, inputs, kind, temperature=temperature).mean()
         assert_close(loss, expected, rtol=1e-5, atol=1e-5, name="loss")
         leaves = [single[n] for n in ("query", "positive_key")]
@@ -483,10 +487,11 @@ def test_low_temperature_does_not_overflow_in_float32(kind: Kind) -> None:
     single = {
         k: None if v is None else v.detach().float().requires_grad_() for k, v in inputs.items()
     }
-    for chunk_size in PATHS.values():
-        loss = call_info_nce(
-            "in-batch", single, kind, temperature=0.01, reduction="mean", chunk_size=chunk_size
-        )
+    for path, chunk_size in PATHS.items():
+        with on_path(path):
+            loss = call_info_nce(
+                "in-batch", single, kind, temperature=0.01, reduction="mean", chunk_size=chunk_size
+            )
         expected = reference_info_nce("in-batch", inputs, kind, temperature=0.01).mean()
         assert torch.isfinite(loss)
         assert_close(loss, expected, rtol=1e-5, atol=1e-4, name="loss")

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from info_nce._validation import Reduction, reduce_loss
 from info_nce.engine.function import LogSumExpOptions, log_sum_exp
-from info_nce.engine.walker import Diagonal, default_block_rows
+from info_nce.engine.walker import Diagonal, default_block_shape
 from info_nce.objectives import InfoNCEObjective, RowObjective, mean_positive_logit
 
 __all__ = ["Diagonal", "Positives", "Problem", "Walk", "run"]
@@ -105,9 +105,14 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
     inputs = (walk.rows, extra, tensor_temperature, *walk.segments)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     candidates = sum(len(keys) for keys in walk.segments) + (0 if extra is None else extra.shape[1])
+    tileable = walk.objective.tileable and not walk.column_keys
+    block_rows, tile_columns = default_block_shape(len(walk.rows), candidates, tileable=tileable)
+    if problem.chunk_size is not None:  # the caller's rows per block, complete rows
+        block_rows, tile_columns = problem.chunk_size, None
     options = LogSumExpOptions(
         reduction=problem.reduction,
-        block_rows=problem.chunk_size or default_block_rows(len(walk.rows), candidates),
+        block_rows=block_rows,
+        tile_columns=tile_columns,
         column_keys=walk.column_keys,
         row_scale=walk.row_scale,
         column_scale=walk.column_scale,
@@ -119,7 +124,12 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         normalize=problem.normalize and has_keys,
         eps=problem.eps,
         temperature=1.0 if isinstance(temperature, Tensor) or not has_keys else temperature,
-        grads_in_forward=needs_grad and problem.reduction != "none" and not walk.column_keys,
+        grads_in_forward=(
+            needs_grad
+            and problem.reduction != "none"
+            and not walk.column_keys
+            and tile_columns is None
+        ),
         objective=walk.objective,
     )
     return log_sum_exp(walk.rows, walk.segments, extra, tensor_temperature, options)

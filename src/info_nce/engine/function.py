@@ -32,6 +32,8 @@ class LogSumExpOptions:
     Attributes:
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         block_rows: rows per logits block.
+        tile_columns: columns per tile of long rows (None: complete rows;
+            see `walker.Layout`).
         column_keys: leading keys of the first segment that get column
             statistics (0: one direction).
         row_scale: weight of the row loss (1, or 1/2 in the symmetric loss).
@@ -56,6 +58,7 @@ class LogSumExpOptions:
 
     reduction: Reduction
     block_rows: int
+    tile_columns: int | None = None
     column_keys: int = 0
     row_scale: float = 1.0
     column_scale: float = 0.0
@@ -74,6 +77,7 @@ class LogSumExpOptions:
     def layout(self) -> walker.Layout:
         return walker.Layout(
             block_rows=self.block_rows,
+            tile_columns=self.tile_columns,
             column_keys=self.column_keys,
             target_offset=self.target_offset,
             target_extra=self.target_extra,

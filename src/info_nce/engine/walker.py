@@ -40,6 +40,7 @@ the rows' own product only with ``row_grads`` (a frozen query tower costs none).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,11 @@ MAX_BLOCK_ELEMENTS = 1 << 24
 # 15% slower (nt_xent's debiased loss, B=8192, D=128: 0.3 s of 2.3 s); the
 # padding columns in between hold -inf, as padded extra columns do.
 KEY_ALIGN_BYTES = 64
+# Rows so long that a block of complete rows holds fewer rows than this are
+# split into column tiles instead (objectives that allow it): each block's
+# products repack every key, so at 1,048,576 keys (16-row blocks) the products
+# took 2x as long as 256 rows against 16K-key tiles (docs/benchmarks.md, C12).
+MIN_TILED_ROWS = 64
 
 
 def default_block_rows(num_rows: int, num_candidates: int) -> int:
@@ -71,6 +77,23 @@ def default_block_rows(num_rows: int, num_candidates: int) -> int:
     rows = max(MIN_BLOCK_ROWS, TARGET_BLOCK_ELEMENTS // candidates)
     rows = min(rows, MAX_BLOCK_ELEMENTS // candidates)
     return max(1, min(num_rows, rows))
+
+
+def default_block_shape(
+    num_rows: int, num_candidates: int, *, tileable: bool
+) -> tuple[int, int | None]:
+    """Rows per block and key columns per tile (None: complete rows) for a walk.
+
+    Complete rows unless they are so long that a block would hold fewer than
+    `MIN_TILED_ROWS` of them and the walk may be tiled (``tileable``: the
+    objective allows it, no column statistics); then `MIN_BLOCK_ROWS` rows
+    against tiles of about `TARGET_BLOCK_ELEMENTS` logits.
+    """
+    rows = default_block_rows(num_rows, num_candidates)
+    if not tileable or rows >= min(num_rows, MIN_TILED_ROWS):
+        return rows, None
+    rows = min(num_rows, MIN_BLOCK_ROWS)
+    return rows, max(1, TARGET_BLOCK_ELEMENTS // rows)
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,9 @@ class Layout:
 
     Attributes:
         block_rows: rows per block.
+        tile_columns: columns per tile, counted from the first key (None: a
+            block holds complete rows). Only for objectives that allow it
+            (``tileable``) and without column statistics.
         column_keys: leading keys C of segment 0 that get column statistics
             (the symmetric loss; column j pairs with row j, so C is 0 or B).
         target_offset: row r's target is key ``target_offset + r`` of segment 0.
@@ -99,6 +125,7 @@ class Layout:
     """
 
     block_rows: int
+    tile_columns: int | None = None
     column_keys: int = 0
     target_offset: int | None = None
     target_extra: bool = False
@@ -134,8 +161,32 @@ class BlockPass:
     grad_extra: Tensor | None = None  # (B, E)
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """The keys of one segment that fall in a tile."""
+
+    segment: int
+    keys: slice  # rows of the segment
+    columns: slice  # columns of the tile's block
+
+
+@dataclass(frozen=True)
+class _Tile:
+    """A range of columns of a complete row, and the segments' keys in it."""
+
+    columns: slice
+    pieces: tuple[_Piece, ...]
+    has_extra: bool  # the first tile: the extra and padding columns too
+
+
 class _Blocks:
-    """The reused block buffer, its column layout and the gradient buffers of one pass."""
+    """The reused block buffer, its column layout and the gradient buffers of one pass.
+
+    Columns are counted as in a complete row ``[extra | padding | segment 0 |
+    segment 1 | ...]``. A tile is a range of them (one tile of all of them
+    unless ``layout.tile_columns``), and a block is a range of rows against
+    one tile.
+    """
 
     def __init__(
         self,
@@ -154,11 +205,16 @@ class _Blocks:
         align = max(1, KEY_ALIGN_BYTES // rows.element_size())
         start = -(-self.width // align) * align if segments else self.width
         self.key_start = start  # the first key column; -inf padding from `width` on
-        self.bounds: list[slice] = []  # each segment's columns in the block
+        self.bounds: list[slice] = []  # each segment's columns in a complete row
         for keys in segments:
             self.bounds.append(slice(start, start + len(keys)))
             start += len(keys)
-        self.buffer = rows.new_empty(min(layout.block_rows, len(rows)), start)
+        self.tiles = [
+            self._tile(columns)
+            for columns in _tile_columns(self.key_start, start, layout.tile_columns)
+        ]
+        width = self.tiles[0].columns.stop  # the first tile is the widest
+        self.buffer = rows.new_empty(min(layout.block_rows, len(rows)), width)
         # Key columns per elementwise step of the column work.
         self.chunk = max(1, col.COLUMN_CHUNK_ELEMENTS // max(1, len(self.buffer)))
         if segment_grads is None:
@@ -175,6 +231,19 @@ class _Blocks:
             if extra is not None:
                 self.grad_extra = rows.new_empty(len(rows), self.width)  # (B, E)
         self.candidates = self._count_candidates() if candidates else None  # (B,)
+
+    def _tile(self, columns: slice) -> _Tile:
+        """A tile and its pieces of the segments (the first tile has every segment, if empty)."""
+        pieces = []
+        for k, bounds in enumerate(self.bounds):
+            start, stop = max(bounds.start, columns.start), min(bounds.stop, columns.stop)
+            if start < stop:
+                keys = slice(start - bounds.start, stop - bounds.start)
+                local = slice(start - columns.start, stop - columns.start)
+                pieces.append(_Piece(k, keys, local))
+            elif columns.start == 0 and bounds.start == bounds.stop:
+                pieces.append(_Piece(k, slice(0, 0), slice(0, 0)))
+        return _Tile(columns, tuple(pieces), has_extra=columns.start == 0)
 
     def _count_candidates(self) -> Tensor:
         """Each row's number of candidates, from the rules (no pass over the logits)."""
@@ -199,22 +268,31 @@ class _Blocks:
         step, total = self.layout.block_rows, len(self.rows)
         return [slice(a, min(a + step, total)) for a in range(0, total, step)]
 
-    def logits(self, span: slice, row_scales: Tensor) -> tuple[Tensor, Tensor]:
-        """The block's (R, W) products, before column scales, and its (R, D) scaled rows."""
-        block = self.buffer[: span.stop - span.start]
-        if self.extra is not None:
-            block[:, : self.width] = self.extra[span]
-            block[:, self.width : self.key_start] = float("-inf")
-        row_block = self.rows[span] * row_scales[span].unsqueeze(1)  # (R, D)
-        for keys, columns in zip(self.segments, self.bounds, strict=True):
-            torch.mm(row_block, keys.T, out=block[:, columns])
-        return block, row_block
+    def row_block(self, span: slice, row_scales: Tensor) -> Tensor:
+        """The block's (R, D) scaled rows."""
+        return self.rows[span] * row_scales[span].unsqueeze(1)
 
-    def scale_columns_(self, block: Tensor, column_scales: list[Tensor | None]) -> None:
+    def logits(self, span: slice, row_block: Tensor, tile: _Tile) -> Tensor:
+        """The block's (R, tile width) products, before column scales."""
+        columns = tile.columns
+        block = self.buffer[: len(row_block), : columns.stop - columns.start]
+        if tile.has_extra and self.extra is not None:
+            block[:, : self.width] = self.extra[span]
+        if tile.has_extra:
+            block[:, self.width : self.key_start] = float("-inf")
+        for piece in tile.pieces:
+            keys = self.segments[piece.segment][piece.keys]
+            torch.mm(row_block, keys.T, out=block[:, piece.columns])
+        return block
+
+    def scale_columns_(
+        self, block: Tensor, tile: _Tile, column_scales: list[Tensor | None]
+    ) -> None:
         """In place: each segment's columns of the block times its column scales."""
-        for scales, columns in zip(column_scales, self.bounds, strict=True):
+        for piece in tile.pieces:
+            scales = column_scales[piece.segment]
             if scales is not None:
-                block[:, columns].mul_(scales)
+                block[:, piece.columns].mul_(scales[piece.keys])
 
     def exclude_(self, piece: Tensor, span: slice, first_key: int) -> None:
         """Set the excluded entries of a slice of segment 0 (keys from ``first_key``) to -inf."""
@@ -234,26 +312,56 @@ class _Blocks:
             keys = key_labels[first_key : first_key + piece.shape[1]]
             piece.masked_fill_(row_labels[span].unsqueeze(1) == keys, float("-inf"))
 
+    def exclude_tile_(self, block: Tensor, span: slice, tile: _Tile) -> None:
+        """Set the excluded entries of a block (extra columns, segment 0) to -inf."""
+        if tile.has_extra:
+            self.exclude_extra_(block[:, : self.width])
+        for piece in tile.pieces:
+            if piece.segment == 0:
+                self.exclude_(block[:, piece.columns], span, piece.keys.start)
+
     def exclude_extra_(self, piece: Tensor) -> None:
         """Set the excluded entries of the extra columns to -inf: the target, if excluded."""
         if self.layout.exclude_target and self.layout.target_extra:
             piece[:, 0] = float("-inf")
 
-    def gradient_products(self, block: Tensor, row_block: Tensor, span: slice) -> None:
-        """The block holds d loss / d logits times the column scales: accumulate the gradients."""
-        if self.grad_extra is not None:
+    def gradient_products(self, block: Tensor, row_block: Tensor, span: slice, tile: _Tile) -> None:
+        """The block holds d loss / d logits times the column scales: accumulate the gradients.
+
+        The rows' gradient of the span is written by its first tile and added
+        to by the others.
+        """
+        if self.grad_extra is not None and tile.has_extra:
             self.grad_extra[span] = block[:, : self.width]
-        for k, (keys, columns) in enumerate(zip(self.segments, self.bounds, strict=True)):
-            piece = block[:, columns]  # (R, N_k)
-            grad_keys = self.grad_segments[k]
+        for n, piece in enumerate(tile.pieces):
+            values = block[:, piece.columns]  # (R, n_k)
+            keys = self.segments[piece.segment][piece.keys]
+            grad_keys = self.grad_segments[piece.segment]
             if grad_keys is not None:
-                grad_keys.addmm_(piece.T, row_block)
+                grad_keys[piece.keys].addmm_(values.T, row_block)
             if self.grad_rows is None:
                 continue
-            if k == 0:
-                torch.mm(piece, keys, out=self.grad_rows[span])
+            if tile.has_extra and n == 0:
+                torch.mm(values, keys, out=self.grad_rows[span])
             else:
-                self.grad_rows[span].addmm_(piece, keys)
+                self.grad_rows[span].addmm_(values, keys)
+
+    def chunks(self, tile: _Tile) -> list[tuple[_Piece, int]]:
+        """The tile's pieces in cache-sized chunks (segment 0 split after its column keys).
+
+        Each is a piece and its key offset in its segment.
+        """
+        found = []
+        for piece in tile.pieces:
+            split = self.layout.column_keys if piece.segment == 0 else 0
+            begin, stop = piece.keys.start, piece.keys.stop
+            edges = [begin, *(e for e in (split,) if begin < e < stop)]
+            for first, last in zip(edges, [*edges[1:], stop], strict=True):
+                for a in range(first, last, self.chunk):
+                    b = min(a + self.chunk, last)
+                    local = piece.columns.start + a - begin
+                    found.append(_Piece(piece.segment, slice(a, b), slice(local, local + b - a)))
+        return [(chunk, chunk.keys.start) for chunk in found]
 
     def result(self, row_stat: Tensor) -> BlockPass:
         return BlockPass(
@@ -262,6 +370,21 @@ class _Blocks:
             grad_segments=self.grad_segments,
             grad_extra=self.grad_extra,
         )
+
+
+def _tile_columns(key_start: int, total: int, tile_columns: int | None) -> list[slice]:
+    """Column ranges of the tiles: the first with the extra columns, each next on a key boundary."""
+    if tile_columns is None:
+        return [slice(0, total)]
+    edges = [0, *range(key_start + tile_columns, total, tile_columns), total]
+    return [slice(a, b) for a, b in itertools.pairwise(edges) if a < b or a == 0]
+
+
+def _row_lse_(block: Tensor) -> Tensor:
+    """Each row's log-sum-exp of a block, overwriting it (-inf: no candidate). (R,)"""
+    row_max = block.amax(dim=1)  # (R,)
+    shift = torch.where(torch.isneginf(row_max), 0.0, row_max).unsqueeze(1)  # (R, 1)
+    return block.sub_(shift).exp_().sum(dim=1).log_().add_(shift[:, 0])
 
 
 def statistics_pass(
@@ -280,7 +403,13 @@ def statistics_pass(
     """Row statistics and loss of every block (and column statistics), in one pass.
 
     With ``compute_grads`` it also returns the gradients of the summed row
-    loss (only without column statistics, which need all rows first).
+    loss (only without column statistics, which need all rows first, and
+    on complete rows).
+
+    With column tiles, each row's log-sum-exp is accumulated tile by tile
+    and handed to the objective (which must be ``tileable``) as a one-column
+    block: the objective's statistics and loss depend on the row only
+    through it.
 
     Args:
         rows: (B, D) rows, unscaled.
@@ -298,7 +427,10 @@ def statistics_pass(
         A BlockPass; its gradients are with respect to the scaled rows, the
         segments with their column scales held fixed, and the extra logits.
     """
+    tiled = layout.tile_columns is not None
     assert not (compute_grads and layout.column_keys), "columns need every row first"
+    assert not (tiled and (compute_grads or layout.column_keys)), "tiles give row statistics only"
+    assert not tiled or objective.tileable, "the objective needs complete rows"
     blocks = _Blocks(
         rows,
         segments,
@@ -318,16 +450,22 @@ def statistics_pass(
     chunk = blocks.chunk
 
     for span in blocks.spans():
-        block, row_block = blocks.logits(span, row_scales)
-        blocks.scale_columns_(block, column_scales)
+        row_block = blocks.row_block(span, row_scales)
         context = blocks.context(span)
-        targets = None
-        if target_logit is not None:
-            targets = target_logit[span]
-            targets.copy_(target_entries(block, context, 0)[0])
-        blocks.exclude_extra_(block[:, : blocks.width])
-        if segments:
-            blocks.exclude_(block[:, blocks.bounds[0]], span, 0)
+        targets = None if target_logit is None else target_logit[span]
+        lse = rows.new_full((span.stop - span.start, 1), float("-inf")) if tiled else None
+        for tile in blocks.tiles:
+            block = blocks.logits(span, row_block, tile)
+            blocks.scale_columns_(block, tile, column_scales)
+            if targets is not None:
+                found, which = target_entries(block, context, tile.columns.start)
+                targets[which] = found
+            blocks.exclude_tile_(block, span, tile)
+            if lse is not None:
+                torch.logaddexp(lse[:, 0], _row_lse_(block), out=lse[:, 0])
+        if lse is not None:  # (R, 1) each row's log-sum-exp, as a block
+            row_loss[span] = objective.forward_(lse, context, row_stat[span], targets)
+            continue
         row_loss[span] = objective.forward_(block, context, row_stat[span], targets)
         if column_stats is not None:
             probabilities = block[:, blocks.bounds[0]][:, :column_keys]  # (R, C)
@@ -335,9 +473,10 @@ def statistics_pass(
             torch.logaddexp(column_stats, block_lse, out=column_stats)
         if not compute_grads:
             continue
+        tile = blocks.tiles[0]
         objective.gradient_from_forward_(block, context, row_stat[span], 1.0)
-        blocks.scale_columns_(block, column_scales)
-        blocks.gradient_products(block, row_block, span)
+        blocks.scale_columns_(block, tile, column_scales)
+        blocks.gradient_products(block, row_block, span, tile)
 
     if column_stats is not None and col.needs_separate_pass(column_stats, row_stat[:, 0]):
         column_stats = col.column_lse_pass(
@@ -381,53 +520,46 @@ def gradient_pass(
     )
     column_keys = layout.column_keys
     column_lse = statistics.column_lse
-    chunk = blocks.chunk
-    # (segment, first key, columns in the block) of each chunk; segment 0 is
-    # split after its column keys.
-    chunks: list[tuple[int, int, slice]] = []
-    for k, columns in enumerate(blocks.bounds):
-        split = column_keys if k == 0 else 0
-        for keys in col.column_chunks(split, columns.stop - columns.start, chunk):
-            chunks.append(
-                (k, keys.start, slice(columns.start + keys.start, columns.start + keys.stop))
-            )
-    chunk_buffer = rows.new_empty(len(blocks.buffer), min(chunk, column_keys))
+    chunks = [blocks.chunks(tile) for tile in blocks.tiles]
+    chunk_buffer = rows.new_empty(len(blocks.buffer), min(blocks.chunk, column_keys))
 
     for span in blocks.spans():
-        block, row_block = blocks.logits(span, row_scales)
+        row_block = blocks.row_block(span, row_scales)
         context = blocks.context(span)
         stats = statistics.row_stat[span]  # (R, K)
         weight: Tensor | float = 1.0 if row_weight is None else row_weight[span].unsqueeze(1)
-        if extra is not None:
-            extra_block = block[:, : blocks.width]
-            blocks.exclude_extra_(extra_block)
-            objective.gradient_(extra_block, context, 0, stats, weight)
-        for k, first_key, columns in chunks:
-            logits = block[:, columns]  # (R, chunk) view
-            scales = column_scales[k]
-            if scales is not None:
-                logits.mul_(scales[first_key : first_key + logits.shape[1]])
-            if k == 0:
-                blocks.exclude_(logits, span, first_key)
-            column_probs = None
-            if k == 0 and first_key < column_keys:  # key-to-query probabilities, weighted
-                assert column_lse is not None
-                keys = slice(first_key, first_key + logits.shape[1])
-                out = chunk_buffer[: len(block), : logits.shape[1]]
-                column_probs = torch.sub(logits, column_lse[keys], out=out).exp_()
-                if isinstance(column_weight, Tensor):
-                    column_probs.mul_(column_weight[keys])
-                elif column_weight != 1.0:
-                    column_probs.mul_(column_weight)
-            objective.gradient_(logits, context, columns.start, stats, weight)
-            if column_probs is not None:
-                logits.add_(column_probs)
-            if scales is not None:
-                logits.mul_(scales[first_key : first_key + logits.shape[1]])
-        if column_keys and layout.target_offset is not None:
-            # Key j's target is row j: the rows' own target diagonal.
-            _subtract_column_targets_(block, blocks, span, column_weight, column_scales[0])
-        blocks.gradient_products(block, row_block, span)
+        for tile, tile_chunks in zip(blocks.tiles, chunks, strict=True):
+            block = blocks.logits(span, row_block, tile)
+            if tile.has_extra and extra is not None:
+                extra_block = block[:, : blocks.width]
+                blocks.exclude_extra_(extra_block)
+                objective.gradient_(extra_block, context, 0, stats, weight)
+            for piece, first_key in tile_chunks:
+                logits = block[:, piece.columns]  # (R, chunk) view
+                scales = column_scales[piece.segment]
+                if scales is not None:
+                    logits.mul_(scales[piece.keys])
+                if piece.segment == 0:
+                    blocks.exclude_(logits, span, first_key)
+                column_probs = None
+                if piece.segment == 0 and first_key < column_keys:  # key-to-query probabilities
+                    assert column_lse is not None
+                    out = chunk_buffer[: len(block), : logits.shape[1]]
+                    column_probs = torch.sub(logits, column_lse[piece.keys], out=out).exp_()
+                    if isinstance(column_weight, Tensor):
+                        column_probs.mul_(column_weight[piece.keys])
+                    elif column_weight != 1.0:
+                        column_probs.mul_(column_weight)
+                first_column = tile.columns.start + piece.columns.start
+                objective.gradient_(logits, context, first_column, stats, weight)
+                if column_probs is not None:
+                    logits.add_(column_probs)
+                if scales is not None:
+                    logits.mul_(scales[piece.keys])
+            if column_keys and layout.target_offset is not None:
+                # Key j's target is row j: the rows' own target diagonal.
+                _subtract_column_targets_(block, blocks, span, column_weight, column_scales[0])
+            blocks.gradient_products(block, row_block, span, tile)
     return blocks.result(statistics.row_stat)
 
 

@@ -21,6 +21,10 @@ Two ways in, as the walker has two passes:
   statistics saved by ``forward_``: the logits of those columns become
   ``weight * d loss / d logits``.
 
+Rows too long for a block of complete rows (a queue of a million keys) are
+split into column tiles where the objective is ``tileable``: ``forward_``
+then gets each row's log-sum-exp over its candidates as a one-column block.
+
 The gradient with respect to an excluded target is the objective's to write
 (it is the only entry of an excluded column that is not 0).
 
@@ -75,6 +79,17 @@ class RowObjective(Protocol):
     @property
     def needs_candidates(self) -> bool:
         """Whether ``forward_`` needs ``context.candidates``."""
+        ...
+
+    @property
+    def tileable(self) -> bool:
+        """Whether the walker may split long rows into column tiles.
+
+        True when ``forward_`` depends on a row's candidates only through
+        their log-sum-exp, so that a one-column block holding it gives the
+        same statistics and loss as the complete row, and ``gradient_``
+        works on any slice of columns (InfoNCE and the decoupled loss).
+        """
         ...
 
     def forward_(

@@ -68,6 +68,7 @@ class DebiasedObjective:
 
     num_stats = 6
     needs_candidates = True
+    tileable = False  # P and Q need complete rows
 
     def forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None

@@ -20,6 +20,7 @@ class InfoNCEObjective:
 
     num_stats = 1  # the row log-sum-exp
     needs_candidates = False
+    tileable = True  # the loss is the log-sum-exp minus the target logit
 
     def forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
