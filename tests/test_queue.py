@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tiling import TILES_PATH, tiles_on_path  # noqa: F401  (an autouse fixture)
 from torch import Tensor, nn
 from torch.multiprocessing.spawn import start_processes
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -406,8 +407,6 @@ def test_module_queue_in_half_storage_with_float32_inputs() -> None:
 def test_module_queue_errors() -> None:
     with pytest.raises(TypeError, match="queue must be a MemoryQueue or None, got Tensor"):
         InfoNCE(queue=torch.zeros(4, 3))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="labels=True is not supported"):
-        InfoNCE(queue=MemoryQueue(4, 3, labels=True))
     with pytest.raises(ValueError, match="does not combine with the loss's gather_distributed"):
         InfoNCE(queue=MemoryQueue(4, 3), gather_distributed=True)
     module = InfoNCE(queue=MemoryQueue(4, 3))
@@ -416,6 +415,191 @@ def test_module_queue_errors() -> None:
     with pytest.raises(ValueError, match=r"queue holds keys of dim 3, but <query> has shape"):
         module(torch.randn(2, 5), torch.randn(2, 5))
     assert len(module.queue) == 0
+    labelled = InfoNCE(queue=MemoryQueue(4, 3, labels=True))
+    with pytest.raises(ValueError, match=r"queue holds labels .* forward needs labels=, got None"):
+        labelled(torch.randn(2, 3), torch.randn(2, 3))
+    assert len(labelled.queue) == 0
+
+
+# --- negative_labels: cross-batch memory for SupCon ---------------------------------------
+
+
+def reference_negative_labels(
+    inputs: dict[str, Tensor],
+    temperature: float,
+    *,
+    decoupled: bool,
+    symmetric: bool,
+) -> Tensor:
+    """Per-query loss in float64, anchor by anchor, from the definition.
+
+    Query i's candidates are all B keys and all M negatives; its positives are
+    those whose label equals its own (keys' labels are the queries', the
+    negatives' are ``negative_labels``). Loss: ``logsumexp(candidates) -
+    mean(positives)``; decoupled: the log-sum-exp over the candidates that
+    are not positives (0 if there are none). Symmetric: the mean with key j's
+    loss against all B queries, whose positives share its label.
+    """
+    q, p, n = (F.normalize(inputs[name], dim=1) for name in ("query", "key", "negatives"))
+    labels, negative_labels = inputs["labels"], inputs["negative_labels"]
+
+    def row(logits: Tensor, positive: Tensor) -> Tensor:
+        candidates = logits[~positive] if decoupled else logits
+        if len(candidates) == 0:
+            return logits.sum() * 0.0
+        return torch.logsumexp(candidates, 0) - logits[positive].mean()
+
+    rows = []
+    for i in range(len(q)):
+        logits = torch.cat([p @ q[i], n @ q[i]]) / temperature  # (B + M,)
+        positive = torch.cat([labels == labels[i], negative_labels == labels[i]])
+        rows.append(row(logits, positive))
+    loss = torch.stack(rows)
+    if symmetric:
+        key_rows = [row(q @ p[j] / temperature, labels == labels[j]) for j in range(len(p))]
+        loss = (loss + torch.stack(key_rows)) / 2
+    return loss
+
+
+def negative_label_inputs(matches: str, batch: int = 9, size: int = 13) -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(len(matches) + batch)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    labels = torch.arange(batch) % 3  # repeats
+    negative_labels = torch.randint(0, 5, (size,), generator=generator)  # some match, some not
+    if matches == "none":
+        negative_labels = negative_labels + 100
+    elif matches == "all":  # one class: every key and every negative is a positive
+        labels, negative_labels = labels * 0, negative_labels * 0
+    return {
+        "query": randn(batch, 5),
+        "key": randn(batch, 5),
+        "negatives": randn(size, 5),
+        "labels": labels,
+        "negative_labels": negative_labels,
+    }
+
+
+@pytest.mark.parametrize("path", ["dense", "engine", TILES_PATH])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("matches", ["some", "none", "all"])
+def test_negative_labels_match_the_formula(
+    matches: str, decoupled: bool, symmetric: bool, reduction: str, path: str
+) -> None:
+    inputs = negative_label_inputs(matches)
+    loss = info_nce(
+        inputs["query"],
+        inputs["key"],
+        inputs["negatives"],
+        temperature=0.3,
+        reduction=reduction,  # type: ignore[arg-type]
+        labels=inputs["labels"],
+        negative_labels=inputs["negative_labels"],
+        symmetric=symmetric,
+        decoupled=decoupled,
+        chunk_size=4 if path == "engine" else None,
+    )
+    rows = reference_negative_labels(inputs, 0.3, decoupled=decoupled, symmetric=symmetric)
+    expected = {"mean": rows.mean, "sum": rows.sum, "none": lambda: rows}[reduction]()
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    leaves = [inputs[name] for name in ("query", "key", "negatives")]
+    upstream = torch.rand(expected.shape, generator=torch.Generator().manual_seed(2)) + 0.5
+    grads = torch.autograd.grad(loss, leaves, upstream.double())
+    wanted = torch.autograd.grad(expected, leaves, upstream.double())
+    for got, want in zip(grads, wanted, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_negative_labels_without_matches_are_plain_negatives() -> None:
+    # No entry shares a query's label: the same loss as without negative_labels.
+    inputs = negative_label_inputs("none")
+    args = (inputs["query"], inputs["key"], inputs["negatives"])
+    with_labels = info_nce(
+        *args, labels=inputs["labels"], negative_labels=inputs["negative_labels"]
+    )
+    torch.testing.assert_close(with_labels, info_nce(*args, labels=inputs["labels"]))
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"negative_labels": torch.zeros(4, dtype=torch.long)}, ValueError, "need labels"),
+        (
+            {
+                "labels": torch.zeros(3, dtype=torch.long),
+                "negatives": None,
+                "negative_labels": torch.zeros(4, dtype=torch.long),
+            },
+            ValueError,
+            r"need unpaired <negative_keys> \(M, D\), got negative_keys=None",
+        ),
+        (
+            {
+                "labels": torch.zeros(3, dtype=torch.long),
+                "negatives": torch.randn(3, 4, 2),
+                "negative_mode": "paired",
+                "negative_labels": torch.zeros(4, dtype=torch.long),
+            },
+            ValueError,
+            "got negative_mode='paired'",
+        ),
+        (
+            {"labels": torch.zeros(3, dtype=torch.long), "negative_labels": torch.zeros(5)},
+            TypeError,
+            "negative_labels must be an integer tensor, got dtype torch.float32",
+        ),
+        (
+            {
+                "labels": torch.zeros(3, dtype=torch.long),
+                "negative_labels": torch.zeros(5, dtype=torch.long),
+            },
+            ValueError,
+            r"negative_labels must have shape \(M,\) = \(4,\), got shape \(5,\)",
+        ),
+        (
+            {"labels": torch.zeros(3, dtype=torch.long), "negative_labels": [0, 1, 2, 3]},
+            TypeError,
+            "negative_labels must be a torch.Tensor or None, got list",
+        ),
+    ],
+)
+def test_negative_labels_errors(options: dict[str, object], error: type, match: str) -> None:
+    negatives = options.pop("negatives", torch.randn(4, 2))
+    with pytest.raises(error, match=match):
+        info_nce(torch.randn(3, 2), torch.randn(3, 2), negatives, **options)  # type: ignore[arg-type]
+
+
+def test_module_with_a_labelled_queue_is_cross_batch_memory() -> None:
+    # Each step equals info_nce against the entries pushed before it, with
+    # their labels as negative_labels; the batch's labels are pushed with it.
+    size, dim = 7, 4
+    generator = torch.Generator().manual_seed(8)
+    module = InfoNCE(temperature=0.2, queue=MemoryQueue(size, dim, labels=True))
+    keys: list[Tensor] = []
+    labels: list[Tensor] = []
+    for _ in range(4):
+        query = torch.randn(3, dim, generator=generator, dtype=torch.float64)
+        key = torch.randn(3, dim, generator=generator, dtype=torch.float64)
+        label = torch.randint(0, 3, (3,), generator=generator)
+        stored = F.normalize(torch.cat(keys), dim=1)[-size:] if keys else torch.zeros(0, dim)
+        stored_labels = torch.cat(labels)[-size:] if labels else torch.zeros(0, dtype=torch.long)
+        expected = info_nce(
+            query,
+            key,
+            stored.double(),
+            temperature=0.2,
+            labels=label,
+            negative_labels=stored_labels,
+        )
+        torch.testing.assert_close(module(query, key, labels=label), expected)
+        keys.append(key)
+        labels.append(label)
+        assert module.queue.labels is not None
+        assert torch.equal(module.queue.labels, torch.cat(labels)[-size:])
 
 
 class ProductFlops(TorchDispatchMode):

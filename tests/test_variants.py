@@ -458,6 +458,27 @@ def test_learnable_temperature_gradient(kind: Kind, case: str, path: str) -> Non
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("loss_of", ["info_nce", "info_nce-symmetric", "nt_xent"])
+def test_decoupled_labels_of_one_class_cost_nothing(loss_of: str, path: str) -> None:
+    # Every candidate shares the anchor's label: no negative, loss 0 and no
+    # gradient. (The engine once subtracted the positives' mean all the same.)
+    generator = torch.Generator().manual_seed(3)
+    views = torch.randn(2, 6, 4, generator=generator, dtype=torch.float64).requires_grad_()
+    labels = torch.zeros(6, dtype=torch.long)
+    options = {"labels": labels, "decoupled": True, "reduction": "none"}
+    if loss_of == "nt_xent":
+        loss = nt_xent(views, chunk_size=PATHS[path], **options)  # type: ignore[arg-type]
+    else:
+        symmetric = loss_of.endswith("symmetric")
+        loss = info_nce(  # type: ignore[call-overload]
+            views[0], views[1], symmetric=symmetric, chunk_size=PATHS[path], **options
+        )
+    assert_close(loss, torch.zeros_like(loss), rtol=0, atol=0, name="loss")
+    (grad,) = torch.autograd.grad(loss.sum(), views)
+    assert_close(grad, torch.zeros_like(grad), rtol=0, atol=0, name="gradient")
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_decoupled_row_without_negatives_costs_nothing(path: str) -> None:
     # Paired negatives only, row 0 all padding: its loss is 0 and no gradient reaches it.
     inputs = info_nce_inputs("paired-mask", batch=5, dim=3, seed=7)

@@ -30,7 +30,7 @@ from torch import Tensor
 from info_nce import _normalize
 from info_nce._validation import Reduction, Variant
 from info_nce.distributed import Gatherer
-from info_nce.engine import Diagonal, Positives, Problem, Walk
+from info_nce.engine import Diagonal, LabelRule, Positives, Problem, Walk
 from info_nce.engine.function import PairedOptions, paired_logits
 from info_nce.objectives import (
     DebiasedObjective,
@@ -69,6 +69,7 @@ def info_nce_problem(
     in_batch: bool,
     symmetric: bool,
     labels: Tensor | None,
+    negative_labels: Tensor | None,
     negative_mask: Tensor | None,
     normalize: bool,
     chunk_size: int | None,
@@ -76,7 +77,12 @@ def info_nce_problem(
     eps: float,
     variant: Variant,
 ) -> Problem:
-    """The problem of `info_nce.info_nce` on (B, D) query and positive keys in the compute dtype."""
+    """The problem of `info_nce.info_nce` on (B, D) query and positive keys in the compute dtype.
+
+    Unpaired negatives are a segment of their own; with ``negative_labels``
+    those with a query's label are its positives too (class sums over both
+    key sets) and, for the decoupled loss, no candidates.
+    """
     unit = _normalize.unit_fn(normalize)
     gatherer = Gatherer(len(query), query.device) if gather else None
     offset = 0 if gatherer is None else gatherer.offset
@@ -94,19 +100,49 @@ def info_nce_problem(
     if symmetric and not columns_in_walk:
         column_queries = query if gatherer is None else gatherer(query)
 
+    negatives = None  # (M, D) all ranks' unpaired negatives
+    all_negative_labels = negative_labels  # (M,) theirs
+    if negative_keys is not None and not paired:
+        negatives = negative_keys.to(query.dtype)
+        if gatherer is not None:
+            negative_gatherer = Gatherer(len(negatives), negatives.device)
+            negatives = negative_gatherer(negatives)
+            if negative_labels is not None:
+                all_negative_labels = negative_gatherer(negative_labels)
+
     unit_query = None  # (B, D), only where a logit is computed outside the walk
     if labels is not None or not in_batch or paired:
         unit_query = unit(query)
     positives: list[Positives] = []
     if all_labels is not None:
         assert unit_query is not None
+        key_sets: tuple[Tensor, ...] = (unit(all_keys),)
+        key_labels: tuple[Tensor, ...] = (all_labels,)
+        if all_negative_labels is not None:  # negatives with the query's label are positives
+            assert negatives is not None
+            key_sets, key_labels = (*key_sets, unit(negatives)), (*key_labels, all_negative_labels)
+        row_candidates = key_candidates = None  # the decoupled loss's empty rows
+        if variant.decoupled:
+            row_candidates = query.new_full((len(query),), sum(len(k) for k in key_sets))
+            if negative_keys is not None and paired:  # each row's valid paired negatives
+                valid = negative_keys.shape[1] if negative_mask is None else negative_mask.sum(1)
+                row_candidates = row_candidates + valid
+            key_candidates = query.new_full((len(query),), len(all_labels))
         positives.append(
-            Positives(unit_query, unit(all_keys), all_labels, offset, False, row_scale)
+            Positives(unit_query, key_sets, key_labels, offset, False, row_scale, row_candidates)
         )
-        if symmetric:
+        if symmetric:  # the keys' positives among the queries
             all_queries = unit_query if column_queries is None else unit(column_queries)
             positives.append(
-                Positives(unit(positive_key), all_queries, all_labels, offset, False, 0.5)
+                Positives(
+                    unit(positive_key),
+                    (all_queries,),
+                    (all_labels,),
+                    offset,
+                    False,
+                    0.5,
+                    key_candidates,
+                )
             )
     scaled_query = None  # (B, D) for the own positive's and the paired negatives' logits
     if unit_query is not None and (not in_batch or paired):
@@ -130,10 +166,7 @@ def info_nce_problem(
         if negative_mask is not None:
             negative_logits = negative_logits.masked_fill(~negative_mask, float("-inf"))
         extra.append(negative_logits)
-    elif negative_keys is not None:
-        negatives = negative_keys.to(query.dtype)  # (M, D)
-        if gatherer is not None:
-            negatives = Gatherer(len(negatives), negatives.device)(negatives)
+    elif negatives is not None:
         segments.append(negatives)
 
     if variant.debiased:
@@ -141,9 +174,11 @@ def info_nce_problem(
     targets_in_walk = all_labels is None
     local_labels = None if all_labels is None else all_labels[offset : offset + len(query)]
     exclude_labels = None  # the decoupled loss's rule under labels: no positive is a candidate
+    column_exclude_labels = None  # the same for the key-to-query walk: key i has query i's label
     if variant.decoupled and local_labels is not None and in_batch:
         assert all_labels is not None
-        exclude_labels = (local_labels, all_labels)
+        exclude_labels = LabelRule(local_labels, (all_labels, all_negative_labels))
+        column_exclude_labels = LabelRule(local_labels, (all_labels,))
     exclude_target = not plain and targets_in_walk
     walks = [
         Walk(
@@ -170,7 +205,7 @@ def info_nce_problem(
                 extra=column_extra,
                 target_offset=offset if targets_in_walk else None,
                 exclude_target=exclude_target,
-                exclude_labels=exclude_labels,  # key i has query i's label
+                exclude_labels=column_exclude_labels,
                 row_scale=0.5,
                 objective=_objective(variant, len(column_extra)),
             )
@@ -236,16 +271,18 @@ def nt_xent_problem(
     unit_keys = unit(keys)
     positives = Positives(
         unit_keys[offset : offset + len(rows)],
-        unit_keys,
-        all_labels,
+        (unit_keys,),
+        (all_labels,),
         offset,
         exclude_self=True,
         weight=1.0,
+        # The decoupled loss's empty rows: the anchor is no candidate of itself.
+        candidates=embeddings.new_full((len(rows),), len(keys) - 1) if variant.decoupled else None,
     )
     exclusions: tuple[Diagonal, ...] = (itself,)
     exclude_labels = None
     if variant.decoupled and labels is not None:  # every key with the anchor's label
-        exclude_labels = (view_labels[: len(rows)], all_labels)
+        exclude_labels = LabelRule(view_labels[: len(rows)], (all_labels,))
     elif variant.decoupled:  # the anchor's other views: index rules, no comparison
         exclusions += tuple(
             Diagonal(offset + (other - view) * batch, view * batch, (view + 1) * batch)

@@ -207,21 +207,62 @@ def check_labels(labels: object, query: Tensor) -> Tensor | None:
     )
 
 
+def check_negative_labels(
+    negative_labels: object,
+    labels: Tensor | None,
+    negative_keys: Tensor | None,
+    negative_mode: NegativeMode,
+) -> Tensor | None:
+    """(M,) integer labels of unpaired negatives, which need the queries' labels."""
+    if negative_labels is None:
+        return None
+    if labels is None:
+        raise ValueError(
+            "negative_labels need labels (the queries' labels they are compared with), "
+            "got labels=None"
+        )
+    if negative_keys is None:
+        raise ValueError(
+            "negative_labels need unpaired <negative_keys> (M, D), got negative_keys=None"
+        )
+    if negative_mode == "paired":
+        raise ValueError(
+            "negative_labels need unpaired negatives (negative_mode='unpaired'), "
+            "got negative_mode='paired'"
+        )
+    return _check_label_tensor(
+        negative_labels,
+        "M",
+        len(negative_keys),
+        negative_keys.device,
+        "the same device as <negative_keys>",
+        "or None",
+        name="negative_labels",
+    )
+
+
 def _check_label_tensor(
-    labels: object, rows: str, length: int, device: torch.device, where: str, also: str = ""
+    labels: object,
+    rows: str,
+    length: int,
+    device: torch.device,
+    where: str,
+    also: str = "",
+    *,
+    name: str = "labels",
 ) -> Tensor:
     """(length,) integer labels on ``device``; ``rows`` names the length, ``where`` the device."""
     if not isinstance(labels, Tensor):
         allowed = f"a torch.Tensor {also}".rstrip()
-        raise TypeError(f"labels must be {allowed}, got {type(labels).__name__}")
+        raise TypeError(f"{name} must be {allowed}, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
     if tuple(labels.shape) != (length,):
         raise ValueError(
-            f"labels must have shape ({rows},) = ({length},), got shape {tuple(labels.shape)}"
+            f"{name} must have shape ({rows},) = ({length},), got shape {tuple(labels.shape)}"
         )
     if labels.device != device:
-        raise ValueError(f"labels must be on {where} ({device}), got {labels.device}")
+        raise ValueError(f"{name} must be on {where} ({device}), got {labels.device}")
     return labels
 
 

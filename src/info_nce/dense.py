@@ -38,6 +38,7 @@ def dense_info_nce(
     symmetric: bool = False,
     in_batch: bool | None = None,
     labels: Tensor | None = None,
+    negative_labels: Tensor | None = None,
     negative_mask: Tensor | None = None,
     variant: Variant | None = None,
 ) -> Tensor:
@@ -57,6 +58,8 @@ def dense_info_nce(
         in_batch: the B positive keys are candidates of every query (default,
             as in `info_nce.info_nce`: when there are no negative keys, or labels).
         labels: (B,) ints; keys with a query's label are its positives.
+        negative_labels: (M,) ints of unpaired negatives, with labels:
+            negatives with a query's label are its positives too.
         negative_mask: (B, M) bool, paired only: False marks padding.
         variant: the row objective (decoupled, debiased), see `row_loss`.
 
@@ -83,18 +86,22 @@ def dense_info_nce(
 
     batch = len(query)
     if labels is None:
-        positives = torch.eye(batch, dtype=logits.dtype, device=logits.device)  # (B, B)
+        same = torch.eye(batch, dtype=torch.bool, device=logits.device)  # (B, B)
     else:
-        positives = (labels.unsqueeze(0) == labels.unsqueeze(1)).to(logits.dtype)  # (B, B)
-    positives = positives / positives.sum(dim=1, keepdim=True)  # each row sums to 1
+        same = labels.unsqueeze(0) == labels.unsqueeze(1)  # (B, B)
+    same_candidates = same  # (B, B [+ M]) the positives among the leading candidates
+    if negative_labels is not None:
+        assert labels is not None
+        same_candidates = torch.cat([same, labels.unsqueeze(1) == negative_labels], 1)
+    positives = _row_means(same_candidates, logits.dtype)  # (B, B [+ M])
 
     # In-batch: the mean logit of the positives; else the positive's own column.
     positive_logit = (
-        torch.sum(positives * logits[:, :batch], dim=1) if in_batch else logits[:, 0]
+        torch.sum(positives * logits[:, : positives.shape[1]], dim=1) if in_batch else logits[:, 0]
     )  # (B,)
     is_positive = torch.zeros_like(logits, dtype=torch.bool)  # (B, candidates)
     if in_batch:
-        is_positive[:, :batch] = positives > 0
+        is_positive[:, : positives.shape[1]] = same_candidates
     else:
         is_positive[:, 0] = True
     loss = row_loss(logits, is_positive, positive_logit, variant, temperature)  # (B,)
@@ -102,10 +109,16 @@ def dense_info_nce(
         # All queries against all positive keys: (B, B), already computed when in-batch.
         similarity = raw_logits[:, : len(query)] if in_batch else query @ positive_key.T
         key_logits = _float32_at_least(similarity).T / temperature  # (B keys, B queries)
-        key_positive = torch.sum(positives * key_logits, dim=1)
-        key_loss = row_loss(key_logits, positives > 0, key_positive, variant, temperature)
+        key_positive = torch.sum(_row_means(same, key_logits.dtype) * key_logits, dim=1)
+        key_loss = row_loss(key_logits, same, key_positive, variant, temperature)
         loss = (loss + key_loss) / 2
     return reduce_loss(loss, reduction)
+
+
+def _row_means(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weights of each row's mean over its True entries: rows sum to 1."""
+    weights = mask.to(dtype)
+    return weights / weights.sum(dim=1, keepdim=True)
 
 
 def row_loss(

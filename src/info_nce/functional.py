@@ -18,6 +18,7 @@ from info_nce._validation import (
     check_in_batch_negatives,
     check_inputs,
     check_labels,
+    check_negative_labels,
     check_negative_mask,
     check_negative_mode,
     check_reduction,
@@ -47,6 +48,7 @@ def info_nce(
     symmetric: bool = False,
     in_batch_negatives: bool | None = None,
     labels: Tensor | None = None,
+    negative_labels: Tensor | None = None,
     negative_mask: Tensor | None = None,
     normalize: bool = True,
     chunk_size: int | None = None,
@@ -97,6 +99,13 @@ def info_nce(
             ``logsumexp(candidates) - s_ij`` (supervised contrastive loss,
             Khosla et al. 2020, L_out). Needs in-batch candidates. With all
             labels distinct it equals the plain loss.
+        negative_labels: (M,) integer labels of unpaired negatives (a
+            `MemoryQueue`'s ``labels``: cross-batch memory), with ``labels``.
+            A negative with query i's label is one of its positives: it joins
+            the mean over positives (and, as every positive, stays in the
+            denominator; with ``decoupled`` it leaves it). Negatives with
+            other labels stay negatives. The symmetric loss's key-to-query
+            direction does not see the negatives.
         negative_mask: (B, M) bool, paired mode only: False marks a padding
             negative, ignored as if absent. A row may have no valid negative.
         normalize: L2-normalise the embeddings (default). False uses raw dot
@@ -146,7 +155,7 @@ def info_nce(
         - query: (B, D), B queries of D features.
         - positive_key: (B, D).
         - negative_keys: (M, D) if unpaired, (B, M, D) if paired, M negatives.
-        - labels: (B,). negative_mask: (B, M).
+        - labels: (B,). negative_labels: (M,). negative_mask: (B, M).
         - output: scalar, or (B,) if ``reduction='none'``.
 
     Returns:
@@ -193,6 +202,7 @@ def info_nce(
         query, positive_key, negative_keys, negative_mode
     )
     labels = check_labels(labels, query)
+    negative_labels = check_negative_labels(negative_labels, labels, negative_keys, negative_mode)
     negative_mask = check_negative_mask(negative_mask, negative_keys, negative_mode)
     in_batch = check_in_batch_negatives(in_batch_negatives, negative_keys, labels)
     variant = check_variant(decoupled, false_negative_rate, hard_negative_beta, normalize=normalize)
@@ -226,6 +236,7 @@ def info_nce(
             symmetric=symmetric,
             in_batch=in_batch,
             labels=labels,
+            negative_labels=negative_labels,
             negative_mask=negative_mask,
             variant=variant,
         )
@@ -239,6 +250,7 @@ def info_nce(
         in_batch=in_batch,
         symmetric=symmetric,
         labels=labels,
+        negative_labels=negative_labels,
         negative_mask=negative_mask,
         normalize=normalize,
         chunk_size=chunk_size,

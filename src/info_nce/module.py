@@ -147,8 +147,11 @@ class InfoNCE(_LossModule):
             then pushes this batch's positive keys. It pushes only in
             training mode with gradients enabled, so evaluation never
             changes the queue. For many processes, give the queue
-            ``gather_distributed=True`` (not the loss). Queues with labels are
-            not supported yet.
+            ``gather_distributed=True`` (not the loss). A queue built with
+            ``labels=True`` needs ``labels`` in ``forward``: its entries'
+            labels are the loss's ``negative_labels`` (an entry with a
+            query's label is one of its positives), and the batch's labels
+            are pushed with its keys.
 
     Shape:
         - query: (B, D), B queries of D features.
@@ -234,8 +237,10 @@ class InfoNCE(_LossModule):
         negative_mask: Tensor | None = None,
     ) -> Tensor:
         negative_mode = self.negative_mode
+        negative_labels = None
         if self.queue is not None:
             negative_keys = queue_negatives(self.queue, query, negative_keys)
+            negative_labels = queue_labels(self.queue, labels)
             negative_mode = "unpaired"
         loss = info_nce(
             query,
@@ -247,6 +252,7 @@ class InfoNCE(_LossModule):
             symmetric=self.symmetric,
             in_batch_negatives=self.in_batch_negatives,
             labels=labels,
+            negative_labels=negative_labels,
             negative_mask=negative_mask,
             normalize=self.normalize,
             chunk_size=self.chunk_size,
@@ -256,7 +262,8 @@ class InfoNCE(_LossModule):
             hard_negative_beta=self.hard_negative_beta,
         )
         if self.queue is not None and self.training and torch.is_grad_enabled():
-            self.queue.push(positive_key)  # after scoring: the next batch's negatives
+            # After scoring: the next batch's negatives.
+            self.queue.push(positive_key, labels if self.queue.with_labels else None)
         return loss
 
     def extra_repr(self) -> str:
@@ -371,7 +378,7 @@ class NTXent(_LossModule):
 
 
 def check_queue(queue: object, *, gather_distributed: bool) -> MemoryQueue | None:
-    """The ``queue`` setting: None, or a `MemoryQueue` without labels on a non-gathering loss."""
+    """The ``queue`` setting: None, or a `MemoryQueue` on a loss that does not gather."""
     if queue is None:
         return None
     if not isinstance(queue, MemoryQueue):
@@ -383,11 +390,6 @@ def check_queue(queue: object, *, gather_distributed: bool) -> MemoryQueue | Non
             "queue= does not combine with the loss's gather_distributed=True yet; got both. "
             "Build the queue with MemoryQueue(..., gather_distributed=True) instead: every "
             "rank then scores its batch against the same, global queue (MoCo)"
-        )
-    if queue.with_labels:
-        raise ValueError(
-            "queue: a MemoryQueue with labels=True is not supported by the loss modules yet; "
-            "got MemoryQueue(labels=True)"
         )
     return queue
 
@@ -405,3 +407,15 @@ def queue_negatives(queue: MemoryQueue, query: Tensor, negative_keys: Tensor | N
         )
     keys = queue.keys
     return keys if keys.dtype == query.dtype else keys.to(query.dtype)
+
+
+def queue_labels(queue: MemoryQueue, labels: Tensor | None) -> Tensor | None:
+    """The queue's entries' labels, the loss's ``negative_labels``; None without labels."""
+    if not queue.with_labels:
+        return None
+    if labels is None:
+        raise ValueError(
+            "this loss's queue holds labels (MemoryQueue(labels=True)): forward needs "
+            "labels=, got None"
+        )
+    return queue.labels

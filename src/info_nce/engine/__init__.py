@@ -19,10 +19,10 @@ from torch import Tensor
 
 from info_nce._validation import Reduction, reduce_loss
 from info_nce.engine.function import LogSumExpOptions, log_sum_exp
-from info_nce.engine.walker import Diagonal, default_block_shape
+from info_nce.engine.walker import Diagonal, LabelRule, default_block_shape
 from info_nce.objectives import InfoNCEObjective, RowObjective, mean_positive_logit
 
-__all__ = ["Diagonal", "Positives", "Problem", "Walk", "run"]
+__all__ = ["Diagonal", "LabelRule", "Positives", "Problem", "Walk", "run"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Walk:
     target_extra: bool = False  # row i's target: its first extra column
     exclusions: tuple[Diagonal, ...] = ()  # keys of segments[0] that are no candidate of their rows
     exclude_target: bool = False  # the target is no candidate (the decoupled and debiased losses)
-    exclude_labels: tuple[Tensor, Tensor] | None = None  # (R,), (N_0,): same label, no candidate
+    exclude_labels: LabelRule | None = None  # keys with the row's label: no candidate
     column_keys: int = 0  # leading keys of segments[0] scored against all rows (symmetric)
     row_scale: float = 1.0
     column_scale: float = 0.0
@@ -52,11 +52,14 @@ class Positives:
     """A term subtracted from the loss: ``weight * rows_i . mean(keys with i's label) / t``."""
 
     rows: Tensor  # (R, D) normalised as in the logits
-    keys: Tensor  # (N, D) normalised as in the logits
-    labels: Tensor  # (N,) the keys' labels
-    offset: int  # row i is key offset + i
+    keys: tuple[Tensor, ...]  # (N_k, D) key sets, normalised as in the logits
+    labels: tuple[Tensor, ...]  # (N_k,) their labels
+    offset: int  # row i is key offset + i of the first set
     exclude_self: bool  # row i is not its own positive
     weight: float
+    # (R,) each row's number of candidates, for the decoupled loss: a row whose
+    # candidates are all positives has no negative, and its term is 0.
+    candidates: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ def run(problem: Problem) -> Tensor:
             positives.offset,
             problem.temperature,
             exclude_self=positives.exclude_self,
+            candidates=positives.candidates,
         )
         assert loss is not None
         loss = loss - reduce_loss(positives.weight * logit, problem.reduction)

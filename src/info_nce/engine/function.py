@@ -45,8 +45,8 @@ class LogSumExpOptions:
             their rows (`walker.Diagonal` rules).
         exclude_target: the target is no candidate (its logit still enters
             the objective).
-        exclude_labels: (B,) row labels and (N_0,) labels of the first
-            segment: a key with the row's label is no candidate.
+        exclude_labels: keys with the row's label are no candidate
+            (`walker.LabelRule`).
         normalize: L2-normalise the rows and the keys (by their norms, at
             least ``eps``).
         eps: smallest norm divided by, as in `F.normalize`.
@@ -66,7 +66,7 @@ class LogSumExpOptions:
     target_extra: bool = False
     exclusions: tuple[walker.Diagonal, ...] = ()
     exclude_target: bool = False
-    exclude_labels: tuple[Tensor, Tensor] | None = None
+    exclude_labels: walker.LabelRule | None = None
     normalize: bool = False
     eps: float = 1e-12
     temperature: float = 1.0

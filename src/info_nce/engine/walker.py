@@ -19,8 +19,8 @@ and its logit is read before any exclusion. Excluded candidates' entries are
 -inf: keys of segment 0 on `Diagonal` rules (NT-Xent's self-similarity, the
 other views of a sample), the target itself with ``exclude_target`` (the
 decoupled and debiased losses score the positive outside the denominator),
-and with ``exclude_labels`` every key of segment 0 that shares the row's label
-(the only rule that compares: the decoupled loss under labels).
+and with a `LabelRule` every key of a labelled segment that shares the row's
+label (the only rule that compares: the decoupled loss under labels).
 
 Two passes:
 
@@ -106,6 +106,22 @@ class Diagonal:
 
 
 @dataclass(frozen=True)
+class LabelRule:
+    """An exclusion rule: a key whose label equals its row's is no candidate of it.
+
+    ``rows`` are the (B,) row labels; ``segments[k]`` the (N_k,) labels of
+    segment k, or None for a segment without the rule (missing at the end:
+    None too).
+    """
+
+    rows: Tensor
+    segments: tuple[Tensor | None, ...]
+
+    def keys(self, segment: int) -> Tensor | None:
+        return self.segments[segment] if segment < len(self.segments) else None
+
+
+@dataclass(frozen=True)
 class Layout:
     """The rules of one walk: block size, special columns, column statistics.
 
@@ -120,8 +136,7 @@ class Layout:
         target_extra: row r's target is its first extra column.
         exclusions: keys of segment 0 that are no candidate of their rows.
         exclude_target: the target is no candidate either (its logit is still read).
-        exclude_labels: (B,) row labels and (N_0,) labels of segment 0: a key
-            with the row's label is no candidate.
+        exclude_labels: keys with the row's label are no candidate.
     """
 
     block_rows: int
@@ -131,7 +146,7 @@ class Layout:
     target_extra: bool = False
     exclusions: tuple[Diagonal, ...] = ()
     exclude_target: bool = False
-    exclude_labels: tuple[Tensor, Tensor] | None = None
+    exclude_labels: LabelRule | None = None
 
     @property
     def has_target(self) -> bool:
@@ -294,9 +309,17 @@ class _Blocks:
             if scales is not None:
                 block[:, piece.columns].mul_(scales[piece.keys])
 
-    def exclude_(self, piece: Tensor, span: slice, first_key: int) -> None:
-        """Set the excluded entries of a slice of segment 0 (keys from ``first_key``) to -inf."""
+    def exclude_(self, piece: Tensor, span: slice, segment: int, first_key: int) -> None:
+        """Set the excluded entries of a slice of a segment (keys from ``first_key``) to -inf."""
         layout = self.layout
+        if layout.exclude_labels is not None:
+            key_labels = layout.exclude_labels.keys(segment)
+            if key_labels is not None:
+                keys = key_labels[first_key : first_key + piece.shape[1]]
+                row_labels = layout.exclude_labels.rows[span].unsqueeze(1)  # (R, 1)
+                piece.masked_fill_(row_labels == keys, float("-inf"))
+        if segment != 0:  # the index rules are segment 0's
+            return
         for rule in layout.exclusions:
             start = max(span.start, rule.start)
             stop = span.stop if rule.stop is None else min(span.stop, rule.stop)
@@ -307,18 +330,13 @@ class _Blocks:
         if layout.exclude_target and layout.target_offset is not None:
             offset = layout.target_offset + span.start - first_key
             torch.diagonal(piece, offset=offset).fill_(float("-inf"))
-        if layout.exclude_labels is not None:
-            row_labels, key_labels = layout.exclude_labels
-            keys = key_labels[first_key : first_key + piece.shape[1]]
-            piece.masked_fill_(row_labels[span].unsqueeze(1) == keys, float("-inf"))
 
     def exclude_tile_(self, block: Tensor, span: slice, tile: _Tile) -> None:
-        """Set the excluded entries of a block (extra columns, segment 0) to -inf."""
+        """Set the excluded entries of a block (extra columns, key segments) to -inf."""
         if tile.has_extra:
             self.exclude_extra_(block[:, : self.width])
         for piece in tile.pieces:
-            if piece.segment == 0:
-                self.exclude_(block[:, piece.columns], span, piece.keys.start)
+            self.exclude_(block[:, piece.columns], span, piece.segment, piece.keys.start)
 
     def exclude_extra_(self, piece: Tensor) -> None:
         """Set the excluded entries of the extra columns to -inf: the target, if excluded."""
@@ -539,8 +557,7 @@ def gradient_pass(
                 scales = column_scales[piece.segment]
                 if scales is not None:
                     logits.mul_(scales[piece.keys])
-                if piece.segment == 0:
-                    blocks.exclude_(logits, span, first_key)
+                blocks.exclude_(logits, span, piece.segment, first_key)
                 column_probs = None
                 if piece.segment == 0 and first_key < column_keys:  # key-to-query probabilities
                     assert column_lse is not None

@@ -61,38 +61,49 @@ def _negated(weight: Tensor | float) -> Tensor | float:
 
 def mean_positive_logit(
     rows: Tensor,
-    keys: Tensor,
-    labels: Tensor,
+    keys: tuple[Tensor, ...],
+    labels: tuple[Tensor, ...],
     offset: int,
     temperature: float | Tensor,
     *,
     exclude_self: bool,
+    candidates: Tensor | None = None,
 ) -> Tensor:
     """Each row's mean logit over the keys that share its label. (R,)
 
-    Row i (key row ``offset + i`` of ``keys``, which carry ``labels``) has the
-    positives ``{j : labels[j] == labels[offset + i]}``, without
-    ``j = offset + i`` itself if ``exclude_self``. Their mean logit is
-    ``(x_i . class_sum - x_i . k_i) / ((class size - 1) t)`` (without the
-    ``- 1`` and ``k_i`` terms when the row is not excluded), from per-class
-    sums: no (R, N) mask, and the temperature divides the (R,) result.
+    Row i is key ``offset + i`` of the first key set; its label is that key's.
+    Its positives are the keys of every set whose label equals it (in-batch
+    keys, then e.g. a queue's entries), without row i's own key if
+    ``exclude_self``. Their mean logit is ``(x_i . class_sum - x_i . k_i) /
+    ((class size - 1) t)`` (without the ``- 1`` and ``k_i`` terms when the
+    row is not excluded), from per-class sums: no (R, N) mask, no
+    concatenated keys, and the temperature divides the (R,) result.
 
     Args:
         rows: (R, D) rows, normalised as in the logits.
-        keys: (N, D) keys, normalised as in the logits.
-        labels: (N,) integer labels of the keys.
-        offset: local row i is key ``offset + i``.
+        keys: (N_k, D) key sets, normalised as in the logits.
+        labels: (N_k,) integer labels of each set's keys.
+        offset: local row i is key ``offset + i`` of ``keys[0]``.
         temperature: the logits' temperature.
         exclude_self: a row is not its own positive (NT-Xent, where the rows
             are among the keys). Every class then has at least two members.
+        candidates: (R,) each row's number of candidates (the decoupled
+            loss): a row with as many positives has no negative, and gets 0.
     """
-    _, label_index, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    all_labels = labels[0] if len(labels) == 1 else torch.cat(labels)  # (sum N_k,)
+    _, label_index, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
     local = label_index[offset : offset + len(rows)]  # (R,) each row's class
-    sums = keys.new_zeros(len(counts), keys.shape[1]).index_add(0, label_index, keys)  # (C, D)
+    sums = keys[0].new_zeros(len(counts), keys[0].shape[1])  # (C, D)
+    start = 0
+    for key_set in keys:
+        sums = sums.index_add(0, label_index[start : start + len(key_set)], key_set)
+        start += len(key_set)
     dots = torch.sum(rows * sums[local], dim=1)  # (R,) x_i . class sum
     sizes = counts[local].to(rows.dtype)  # (R,)
     if exclude_self:
-        dots = dots - torch.sum(rows * keys[offset : offset + len(rows)], dim=1)
+        dots = dots - torch.sum(rows * keys[0][offset : offset + len(rows)], dim=1)
         sizes = sizes - 1
     mean: Tensor = dots / (sizes * temperature)
+    if candidates is not None:
+        mean = torch.where(sizes < candidates, mean, 0.0)
     return mean
