@@ -46,20 +46,39 @@ def reference_nt_xent(
     *,
     anchors: str = "all",
     normalize: bool = True,
+    negatives: Tensor | None = None,
+    negative_labels: Tensor | None = None,
+    decoupled: bool = False,
 ) -> Tensor:
-    """NT-Xent in float64 from its definition, anchor by anchor."""
+    """NT-Xent in float64 from its definition, anchor by anchor.
+
+    Extra ``negatives`` are candidates of every anchor, positives of those
+    that share their ``negative_labels``. ``decoupled``: the log-sum-exp runs
+    over the candidates that are not positives (0 without any).
+    """
     num_views, batch, dim = views.shape
     z = views.double().reshape(num_views * batch, dim)
+    extra = torch.zeros(0, dim, dtype=torch.float64) if negatives is None else negatives.double()
     if normalize:
         z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
+        extra = extra / torch.linalg.vector_norm(extra, dim=1, keepdim=True).clamp_min(1e-12)
+    z_all = torch.cat([z, extra])  # the views' embeddings, then the extra negatives
     sample_labels = list(range(batch)) if labels is None else labels.tolist()
     label_of = [sample_labels[a % batch] for a in range(len(z))]
+    if negative_labels is not None:
+        label_of += negative_labels.tolist()
+    else:
+        label_of += [None] * len(extra)  # no extra negative is anyone's positive
     losses = []
     for a in range(batch if anchors == "first" else len(z)):
-        others = [b for b in range(len(z)) if b != a]
+        others = [b for b in range(len(z_all)) if b != a]
         positives = [b for b in others if label_of[b] == label_of[a]]
-        logits = z[a] @ z[others].T / temperature
-        positive_logits = z[a] @ z[positives].T / temperature
+        negatives_of_a = [b for b in others if b not in positives]
+        logits = z[a] @ z_all[negatives_of_a if decoupled else others].T / temperature
+        positive_logits = z[a] @ z_all[positives].T / temperature
+        if decoupled and not negatives_of_a:
+            losses.append(positive_logits.sum() * 0.0)
+            continue
         losses.append(torch.logsumexp(logits, dim=0) - positive_logits.mean())
     loss = torch.stack(losses)
     if reduction == "mean":
@@ -610,3 +629,69 @@ def test_frozen_segment_gradients_are_still_exact(reduction: str) -> None:
     assert_close(loss, expected, rtol=1e-12, atol=1e-12, name="loss")
     for name, got, want in zip(("query", "positive_key"), grads, expected_grads, strict=True):
         assert_close(got, want, rtol=1e-10, atol=1e-12, name=name)
+
+
+# --- Extra negatives (a queue) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("anchors", ["all", "first"])
+@pytest.mark.parametrize("matches", ["no labels", "some", "none", "all"])
+def test_extra_negatives_match_the_formula(
+    matches: str, anchors: str, decoupled: bool, reduction: str, path: str
+) -> None:
+    # Every anchor's candidates are the other embeddings and 11 negatives;
+    # with negative_labels, a negative with the anchor's label is a positive.
+    views = make_views(3, 5, 4, seed=11)
+    generator = torch.Generator().manual_seed(12)
+    negatives = torch.randn(11, 4, generator=generator, dtype=torch.float64).requires_grad_()
+    labels = negative_labels = None
+    if matches != "no labels":
+        labels = torch.arange(5) % 2
+        negative_labels = torch.randint(0, 3, (11,), generator=generator)
+        if matches == "none":
+            negative_labels = negative_labels + 10
+        elif matches == "all":
+            labels, negative_labels = labels * 0, negative_labels * 0
+    anchor_rows = 5 if anchors == "first" else 15
+    loss = nt_xent(
+        views,
+        labels,
+        0.3,
+        reduction,  # type: ignore[arg-type]
+        anchors=anchors,  # type: ignore[arg-type]
+        chunk_size=chunk_size_of(path, anchor_rows),
+        decoupled=decoupled,
+        negative_keys=negatives,
+        negative_labels=negative_labels,
+    )
+    expected = reference_nt_xent(
+        views,
+        labels,
+        0.3,
+        reduction,
+        anchors=anchors,
+        negatives=negatives,
+        negative_labels=negative_labels,
+        decoupled=decoupled,
+    )
+    assert_close(loss, expected, rtol=1e-10, atol=1e-12, name="loss")
+    upstream = upstream_for(expected)
+    grads = torch.autograd.grad(loss, (views, negatives), grad_outputs=upstream)
+    wanted = torch.autograd.grad(expected, (views, negatives), grad_outputs=upstream)
+    for got, want, name in zip(grads, wanted, ("views", "negatives"), strict=True):
+        assert_close(got, want, rtol=1e-9, atol=1e-11, name=f"{name} gradient")
+
+
+def test_extra_negatives_errors() -> None:
+    views = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"<negative_keys> must have shape \(M, D\) = \(M, 4\)"):
+        nt_xent(views, negative_keys=torch.randn(5, 3))
+    with pytest.raises(TypeError, match="must have the views' dtype"):
+        nt_xent(views, negative_keys=torch.randn(5, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="negative_labels need labels"):
+        nt_xent(views, negative_keys=torch.randn(5, 4), negative_labels=torch.zeros(5).long())
+    with pytest.raises(ValueError, match="got negative_keys=None"):
+        nt_xent(views, torch.zeros(3).long(), negative_labels=torch.zeros(5).long())

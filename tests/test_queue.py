@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.multiprocessing.spawn import start_processes
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from info_nce import InfoNCE, MemoryQueue, info_nce
+from info_nce import InfoNCE, MemoryQueue, NTXent, info_nce, nt_xent
 
 
 def batches(sizes: list[int], dim: int = 3, seed: int = 0) -> list[Tensor]:
@@ -600,6 +600,40 @@ def test_module_with_a_labelled_queue_is_cross_batch_memory() -> None:
         labels.append(label)
         assert module.queue.labels is not None
         assert torch.equal(module.queue.labels, torch.cat(labels)[-size:])
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_nt_xent_module_scores_against_the_queue_then_pushes_the_last_view(
+    labelled: bool, stacked: bool
+) -> None:
+    # SimCLR/SupCon with a memory bank: each step equals nt_xent with the
+    # entries pushed before it as extra negatives (their labels as
+    # negative_labels), then the last view joins the queue.
+    size, dim = 8, 4
+    generator = torch.Generator().manual_seed(9)
+    module = NTXent(temperature=0.3, queue=MemoryQueue(size, dim, labels=labelled))
+    pushed: list[Tensor] = []
+    pushed_labels: list[Tensor] = []
+    for _ in range(3):
+        views = torch.randn(3, 5, dim, generator=generator, dtype=torch.float64)
+        labels = torch.randint(0, 3, (5,), generator=generator) if labelled else None
+        stored = F.normalize(torch.cat(pushed), dim=1)[-size:] if pushed else None
+        expected = nt_xent(
+            views,
+            labels,
+            0.3,
+            negative_keys=None if stored is None else stored.double(),
+            negative_labels=torch.cat(pushed_labels)[-size:] if labelled and pushed else None,
+        )
+        loss = module(views, labels=labels) if stacked else module(*views, labels=labels)
+        torch.testing.assert_close(loss, expected)
+        pushed.append(views[-1])
+        if labels is not None:
+            pushed_labels.append(labels)
+        torch.testing.assert_close(
+            module.queue.keys, F.normalize(torch.cat(pushed), dim=1)[-size:].float()
+        )
 
 
 class ProductFlops(TorchDispatchMode):

@@ -272,8 +272,9 @@ def reference_nt_xent(
     temperature: float | Tensor,
     labels: Tensor | None = None,
     first_view_only: bool = False,
+    negatives: Tensor | None = None,
 ) -> Tensor:
-    """Per-anchor loss (V * B,) or (B,), float64."""
+    """Per-anchor loss (V * B,) or (B,), float64; ``negatives`` (M, D): extra negatives."""
     num_views, batch, _ = views.shape
     z = _unit(views.reshape(num_views * batch, -1))
     sample = torch.arange(batch) if labels is None else labels
@@ -281,6 +282,9 @@ def reference_nt_xent(
     itself = torch.eye(len(z), dtype=torch.bool)
     logits = (z @ z.T / temperature).masked_fill(itself, -math.inf)
     positive = (label[:, None] == label) & ~itself
+    if negatives is not None:
+        logits = torch.cat([logits, z @ _unit(negatives).T / temperature], 1)
+        positive = torch.cat([positive, torch.zeros(len(z), len(negatives), dtype=torch.bool)], 1)
     if first_view_only:
         logits, positive = logits[:batch], positive[:batch]
     return reference_rows(logits, positive, kind, temperature)
@@ -291,20 +295,32 @@ def reference_nt_xent(
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("temperature", [0.01, 1.0])
 @pytest.mark.parametrize("anchors", ["all", "first"])
+@pytest.mark.parametrize("queue", [False, True], ids=["views", "views+queue"])
 def test_nt_xent_variants_match_the_formula(
-    kind: Kind, path: str, reduction: str, temperature: float, anchors: str, one_thread: None
+    kind: Kind,
+    path: str,
+    reduction: str,
+    temperature: float,
+    anchors: str,
+    queue: bool,
+    one_thread: None,
 ) -> None:
+    # With ``queue``, 7 extra negatives (a queue's entries, without gradient).
     generator = torch.Generator().manual_seed(11)
     views = torch.randn(2, 9, 4, generator=generator, dtype=torch.float64).requires_grad_()
+    negatives = torch.randn(7, 4, generator=generator, dtype=torch.float64) if queue else None
     loss = nt_xent(
         views,
         temperature=temperature,
         reduction=reduction,  # type: ignore[arg-type]
         anchors=anchors,  # type: ignore[arg-type]
         chunk_size=PATHS[path],
+        negative_keys=negatives,
         **kind.options(),  # type: ignore[arg-type]
     )
-    rows = reference_nt_xent(views, kind, temperature, first_view_only=anchors == "first")
+    rows = reference_nt_xent(
+        views, kind, temperature, first_view_only=anchors == "first", negatives=negatives
+    )
     expected = _reduce(rows, reduction)
     if reduction == "none" and anchors == "all":
         expected = expected.view(2, 9)

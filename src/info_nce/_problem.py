@@ -218,6 +218,8 @@ def info_nce_problem(
 def nt_xent_problem(
     views: Tensor,
     labels: Tensor | None,
+    negative_keys: Tensor | None,
+    negative_labels: Tensor | None,
     temperature: float | Tensor,
     reduction: Reduction,
     *,
@@ -234,13 +236,22 @@ def nt_xent_problem(
     embeddings; the keys are all ranks' embeddings, this rank's from
     ``offset``. Without labels, sample i's label is its index over all ranks,
     so its positives are its other views; an anchor is never its own
-    candidate or positive.
+    candidate or positive. Extra negatives (a queue) are a second segment;
+    with ``negative_labels`` those with an anchor's label are its positives.
     """
     num_views, batch, dim = views.shape
     embeddings = views.reshape(num_views * batch, dim)  # (V * B, D), view-major
     gatherer = Gatherer(len(embeddings), views.device) if gather else None
     offset = 0 if gatherer is None else gatherer.offset
     keys = embeddings if gatherer is None else gatherer(embeddings)  # (N, D) all ranks
+    negatives = None if negative_keys is None else negative_keys.to(views.dtype)  # (M, D)
+    all_negative_labels = negative_labels
+    if negatives is not None and gatherer is not None:
+        negative_gatherer = Gatherer(len(negatives), negatives.device)
+        negatives = negative_gatherer(negatives)
+        if negative_labels is not None:
+            all_negative_labels = negative_gatherer(negative_labels)
+    segments = (keys,) if negatives is None else (keys, negatives)
     rows = embeddings[:batch] if first_view_only else embeddings  # (R, D)
     unit = _normalize.unit_fn(normalize)
     itself = Diagonal(offset)
@@ -254,7 +265,7 @@ def nt_xent_problem(
         others = (Diagonal(offset + batch, 0, batch), Diagonal(offset - batch, batch, 2 * batch))
         walk = Walk(
             rows=rows,
-            segments=(keys,),
+            segments=segments,
             extra=extra,
             target_extra=True,
             exclude_target=True,
@@ -269,20 +280,26 @@ def nt_xent_problem(
     view_labels = sample_labels.repeat(num_views)  # (V * B,)
     all_labels = view_labels if gatherer is None else gatherer(view_labels)
     unit_keys = unit(keys)
+    key_sets: tuple[Tensor, ...] = (unit_keys,)
+    key_labels: tuple[Tensor, ...] = (all_labels,)
+    if all_negative_labels is not None:  # negatives with the anchor's label are positives
+        assert negatives is not None
+        key_sets, key_labels = (unit_keys, unit(negatives)), (all_labels, all_negative_labels)
+    # The decoupled loss's empty rows: the anchor is no candidate of itself.
+    candidates = sum(len(k) for k in segments) - 1
     positives = Positives(
         unit_keys[offset : offset + len(rows)],
-        (unit_keys,),
-        (all_labels,),
+        key_sets,
+        key_labels,
         offset,
         exclude_self=True,
         weight=1.0,
-        # The decoupled loss's empty rows: the anchor is no candidate of itself.
-        candidates=embeddings.new_full((len(rows),), len(keys) - 1) if variant.decoupled else None,
+        candidates=embeddings.new_full((len(rows),), candidates) if variant.decoupled else None,
     )
     exclusions: tuple[Diagonal, ...] = (itself,)
     exclude_labels = None
     if variant.decoupled and labels is not None:  # every key with the anchor's label
-        exclude_labels = LabelRule(view_labels[: len(rows)], (all_labels,))
+        exclude_labels = LabelRule(view_labels[: len(rows)], (all_labels, all_negative_labels))
     elif variant.decoupled:  # the anchor's other views: index rules, no comparison
         exclusions += tuple(
             Diagonal(offset + (other - view) * batch, view * batch, (view + 1) * batch)
@@ -292,7 +309,7 @@ def nt_xent_problem(
         )
     walk = Walk(
         rows=rows,
-        segments=(keys,),
+        segments=segments,
         exclusions=exclusions,
         exclude_labels=exclude_labels,
         objective=_objective(variant, 0),

@@ -199,6 +199,28 @@ def check_inputs(
     return query, positive_key, negative_keys
 
 
+def check_view_negatives(negative_keys: object, views: Tensor) -> Tensor | None:
+    """NT-Xent's extra negatives: None, or (M, D) of the views' dtype, device and D."""
+    if negative_keys is None:
+        return None
+    negatives = _check_tensor("negative_keys", negative_keys)
+    _check_dim("negative_keys", negatives, 2, "(M, D)")
+    if negatives.dtype != views.dtype:
+        raise TypeError(
+            f"<negative_keys> must have the views' dtype ({views.dtype}), got {negatives.dtype}"
+        )
+    if negatives.device != views.device:
+        raise ValueError(
+            f"<negative_keys> must be on the views' device ({views.device}), got {negatives.device}"
+        )
+    if negatives.shape[1] != views.shape[-1]:
+        raise ValueError(
+            f"<negative_keys> must have shape (M, D) = (M, {views.shape[-1]}), "
+            f"got shape {tuple(negatives.shape)}"
+        )
+    return negatives
+
+
 def check_labels(labels: object, query: Tensor) -> Tensor | None:
     if labels is None:
         return None

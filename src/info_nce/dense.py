@@ -221,13 +221,16 @@ def dense_nt_xent(
     reduction: Reduction,
     first_view_only: bool,
     variant: Variant | None = None,
+    negative_keys: Tensor | None = None,
+    negative_labels: Tensor | None = None,
 ) -> Tensor:
     """NT-Xent on (already normalised) (V, B, D) views, with a (V * B)^2 logits matrix.
 
     Embedding (v, i) is row ``v * B + i``. Row a's candidates are all other
-    rows; its positives are the other rows of its sample (or, with labels, of
-    its label). Its loss is ``logsumexp(candidates) - mean(positives)``, or
-    the variant's (`row_loss`).
+    rows and the (M, D) ``negative_keys``; its positives are the other rows
+    of its sample (or, with labels, of its label) and the negatives whose
+    ``negative_labels`` equal its label. Its loss is ``logsumexp(candidates)
+    - mean(positives)``, or the variant's (`row_loss`).
 
     Returns:
         A scalar, or for ``reduction='none'`` (V, B) (``first_view_only``: (B,)).
@@ -242,6 +245,14 @@ def dense_nt_xent(
     positives = (all_labels.unsqueeze(1) == all_labels.unsqueeze(0)) & ~itself
     # After the division: -inf / t would give the temperature a NaN gradient.
     logits = logits.masked_fill(itself, float("-inf"))
+    if negative_keys is not None:
+        negative_logits = _float32_at_least(embeddings @ negative_keys.T) / temperature  # (VB, M)
+        logits = torch.cat([logits, negative_logits], 1)  # (V * B, V * B + M)
+        if negative_labels is None:
+            same = positives.new_zeros(len(embeddings), len(negative_keys))
+        else:
+            same = all_labels.unsqueeze(1) == negative_labels  # (V * B, M)
+        positives = torch.cat([positives, same], 1)
     if first_view_only:
         logits, positives = logits[:batch], positives[:batch]
     positive_logit = torch.where(positives, logits, 0.0).sum(dim=1) / positives.sum(dim=1)

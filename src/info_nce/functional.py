@@ -25,6 +25,7 @@ from info_nce._validation import (
     check_temperature,
     check_variant,
     check_variant_inputs,
+    check_view_negatives,
     check_views,
 )
 from info_nce.dense import dense_info_nce, dense_nt_xent
@@ -274,6 +275,8 @@ def nt_xent(
     decoupled: bool = False,
     false_negative_rate: float = 0.0,
     hard_negative_beta: float = 0.0,
+    negative_keys: Tensor | None = None,
+    negative_labels: Tensor | None = None,
 ) -> Tensor:
     """NT-Xent (SimCLR) over V views: every embedding against all the others, itself excluded.
 
@@ -324,10 +327,17 @@ def nt_xent(
             `info_nce`); only for V = 2 without labels.
         hard_negative_beta: beta >= 0 of the hard-negative loss (see
             `info_nce`); only for V = 2 without labels.
+        negative_keys: optional (M, D) extra negatives of every anchor, e.g.
+            a `MemoryQueue`'s ``keys`` (SimCLR or SupCon with a memory bank):
+            candidates of every anchor, never anchors themselves. With
+            ``gather_distributed`` they are gathered like the views.
+        negative_labels: optional (M,) integer labels of ``negative_keys``,
+            with ``labels``: an entry with an anchor's label is one of its
+            positives (see `info_nce`).
 
     Shape:
         - views: (V, B, D), V views of B samples with D features, or V tensors (B, D).
-        - labels: (B,).
+        - labels: (B,). negative_keys: (M, D). negative_labels: (M,).
         - output: scalar; ``reduction='none'``: (V, B) with ``anchors='all'``,
           (B,) with ``anchors='first'``.
 
@@ -369,6 +379,8 @@ def nt_xent(
     gather_distributed = check_bool("gather_distributed", gather_distributed)
     stacked = check_views(views)
     labels = check_labels(labels, stacked[0])
+    negative_keys = check_view_negatives(negative_keys, stacked)
+    negative_labels = check_negative_labels(negative_labels, labels, negative_keys, "unpaired")
     variant = check_variant(decoupled, false_negative_rate, hard_negative_beta, normalize=normalize)
     check_variant_inputs(variant, labels, num_views=len(stacked))
 
@@ -379,17 +391,25 @@ def nt_xent(
     first_view_only = anchors == "first"
     gather = gather_distributed and distributed.world_size() > 1
     anchor_rows = batch if first_view_only else num_views * batch
-    use_dense = (
-        not gather and chunk_size is None and anchor_rows * num_views * batch <= DENSE_MAX_LOGITS
-    )
+    candidates = num_views * batch + (0 if negative_keys is None else len(negative_keys))
+    use_dense = not gather and chunk_size is None and anchor_rows * candidates <= DENSE_MAX_LOGITS
     if use_dense:
         unit = _normalize.unit_fn(normalize)
         return dense_nt_xent(
-            unit(stacked), labels, temperature, reduction, first_view_only, variant=variant
+            unit(stacked),
+            labels,
+            temperature,
+            reduction,
+            first_view_only,
+            variant=variant,
+            negative_keys=None if negative_keys is None else unit(negative_keys),
+            negative_labels=negative_labels,
         )
     problem = _problem.nt_xent_problem(
         stacked.to(compute_dtype),
         labels,
+        negative_keys,
+        negative_labels,
         temperature,
         reduction,
         first_view_only=first_view_only,

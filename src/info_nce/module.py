@@ -29,7 +29,9 @@ class _LossModule(nn.Module):
     """The settings every loss module holds, checked once.
 
     The temperature is fixed (reassignable, validated) or learnable, CLIP's
-    ``logit_scale``.
+    ``logit_scale``. A queue, if any, supplies extra unpaired negatives
+    (`_queue_negatives`), and takes the batch's keys after the loss
+    (`_push`).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class _LossModule(nn.Module):
         decoupled: bool,
         false_negative_rate: float,
         hard_negative_beta: float,
+        queue: MemoryQueue | None,
     ) -> None:
         super().__init__()
         initial_temperature = check_temperature(temperature)
@@ -66,6 +69,24 @@ class _LossModule(nn.Module):
         self._temperature: float = initial_temperature
         if learn_temperature:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / initial_temperature)))
+        self.queue = check_queue(queue, gather_distributed=self.gather_distributed)
+
+    def _queue_negatives(
+        self, query: Tensor, negative_keys: Tensor | None, labels: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The queue's entries and their labels as ``negative_keys``/``negative_labels``.
+
+        Without a queue: the given ``negative_keys`` and no labels.
+        """
+        if self.queue is None:
+            return negative_keys, None
+        negatives = queue_negatives(self.queue, query, negative_keys)
+        return negatives, queue_labels(self.queue, labels)
+
+    def _push(self, keys: Tensor, labels: Tensor | None) -> None:
+        """After the loss: the batch's keys (and labels) join the queue, in training only."""
+        if self.queue is not None and self.training and torch.is_grad_enabled():
+            self.queue.push(keys, labels if self.queue.with_labels else None)
 
     @property
     def temperature(self) -> float | Tensor:
@@ -219,8 +240,8 @@ class InfoNCE(_LossModule):
             decoupled=decoupled,
             false_negative_rate=false_negative_rate,
             hard_negative_beta=hard_negative_beta,
+            queue=queue,
         )
-        self.queue = check_queue(queue, gather_distributed=self.gather_distributed)
         self.negative_mode = check_negative_mode(negative_mode)
         self.symmetric = check_bool("symmetric", symmetric)
         if in_batch_negatives is not None:
@@ -236,12 +257,8 @@ class InfoNCE(_LossModule):
         labels: Tensor | None = None,
         negative_mask: Tensor | None = None,
     ) -> Tensor:
-        negative_mode = self.negative_mode
-        negative_labels = None
-        if self.queue is not None:
-            negative_keys = queue_negatives(self.queue, query, negative_keys)
-            negative_labels = queue_labels(self.queue, labels)
-            negative_mode = "unpaired"
+        negative_mode = "unpaired" if self.queue is not None else self.negative_mode
+        negative_keys, negative_labels = self._queue_negatives(query, negative_keys, labels)
         loss = info_nce(
             query,
             positive_key,
@@ -261,9 +278,7 @@ class InfoNCE(_LossModule):
             false_negative_rate=self.false_negative_rate,
             hard_negative_beta=self.hard_negative_beta,
         )
-        if self.queue is not None and self.training and torch.is_grad_enabled():
-            # After scoring: the next batch's negatives.
-            self.queue.push(positive_key, labels if self.queue.with_labels else None)
+        self._push(positive_key, labels)  # after scoring: the next batch's negatives
         return loss
 
     def extra_repr(self) -> str:
@@ -299,6 +314,10 @@ class NTXent(_LossModule):
         decoupled, false_negative_rate, hard_negative_beta: keyword-only; the
             decoupled, debiased and hard-negative objectives (see
             `info_nce.nt_xent`).
+        queue: keyword-only; a `MemoryQueue`, as in `InfoNCE`: every anchor
+            is scored against the queue's entries as extra negatives (its
+            ``negative_keys``), as the queue was before this batch; then the
+            last view is pushed (in training mode with gradients enabled).
 
     Shape:
         - views: V tensors (B, D) as positional arguments, or one (V, B, D) tensor.
@@ -338,6 +357,7 @@ class NTXent(_LossModule):
         decoupled: bool = False,
         false_negative_rate: float = 0.0,
         hard_negative_beta: float = 0.0,
+        queue: MemoryQueue | None = None,
     ) -> None:
         super().__init__(
             temperature,
@@ -350,12 +370,15 @@ class NTXent(_LossModule):
             decoupled=decoupled,
             false_negative_rate=false_negative_rate,
             hard_negative_beta=hard_negative_beta,
+            queue=queue,
         )
         self.anchors = check_anchors(anchors)
 
     def forward(self, *views: Tensor, labels: Tensor | None = None) -> Tensor:
         stacked: Tensor | Sequence[Tensor] = views[0] if len(views) == 1 else views
-        return nt_xent(
+        last_view = views[-1] if len(views) > 1 else views[0][-1]  # (B, D)
+        negative_keys, negative_labels = self._queue_negatives(last_view, None, labels)
+        loss = nt_xent(
             stacked,
             labels,
             temperature=self.temperature,
@@ -367,7 +390,11 @@ class NTXent(_LossModule):
             decoupled=self.decoupled,
             false_negative_rate=self.false_negative_rate,
             hard_negative_beta=self.hard_negative_beta,
+            negative_keys=negative_keys,
+            negative_labels=negative_labels,
         )
+        self._push(last_view, labels)  # after scoring: the next batch's negatives
+        return loss
 
     def extra_repr(self) -> str:
         return (
