@@ -68,6 +68,7 @@ class Case:
     frozen_query: bool = False  # the queries carry no gradient (a frozen query encoder)
     no_grad: bool = False  # forward under torch.no_grad() (evaluation): the loss only
     views: int = 0  # V >= 2: NTXent / nt_xent over V views (the encoders' outputs) instead
+    negative_labels: bool = False  # labels of the unpaired negatives (a labelled queue's)
 
 
 CASES = [
@@ -267,6 +268,42 @@ CASES = [
         unequal=True,
     ),
     Case("hard-negative-nt-xent-first", {"hard_negative_beta": 0.5, "anchors": "first"}, views=2),
+    # negative_labels (cross-batch memory): gathered with their negatives.
+    Case(
+        "negative-labels-symmetric-unequal-shares",
+        {"symmetric": True},
+        negatives="unpaired",
+        labels=True,
+        negative_labels=True,
+        unequal_negatives=True,
+        learn_temperature=False,
+    ),
+    Case(
+        "negative-labels-decoupled-blockwise-none-unequal",
+        {"decoupled": True, "chunk_size": 2},
+        negatives="unpaired",
+        labels=True,
+        negative_labels=True,
+        reduction="none",
+        unequal=True,
+        learn_temperature=False,
+    ),
+    Case(
+        "nt-xent-negatives-negative-labels-unequal-shares",
+        views=2,
+        negatives="unpaired",
+        labels=True,
+        negative_labels=True,
+        unequal_negatives=True,
+        learn_temperature=False,
+    ),
+    Case(
+        "nt-xent-negatives-decoupled-blockwise",
+        {"decoupled": True, "chunk_size": 3},
+        views=3,
+        negatives="unpaired",
+        learn_temperature=False,
+    ),
 ]
 CASE_IDS = [case.name for case in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS), "case names must be unique"
@@ -332,17 +369,24 @@ class TwoTower(nn.Module):
         negatives: Tensor | None,
         labels: Tensor | None,
         mask: Tensor | None,
+        negative_labels: Tensor | None,
     ) -> Tensor:
         query, positive_key = self.query_net(x), self.key_net(y)  # (B, EMBEDDING)
+        negative_keys = None if negatives is None else self.key_net(negatives)
         if self.views:
             views = [query, positive_key, self.query_net(y), self.key_net(x)][: self.views]
             if isinstance(self.criterion, NTXent):
                 ntxent_loss: Tensor = self.criterion(*views, labels=labels)
                 return ntxent_loss
-            return nt_xent(views, labels, **self.functional_options)
+            return nt_xent(
+                views,
+                labels,
+                negative_keys=negative_keys,
+                negative_labels=negative_labels,
+                **self.functional_options,
+            )
         if self.frozen_query:
             query = query.detach()
-        negative_keys = None if negatives is None else self.key_net(negatives)
         if self.criterion is not None:
             loss: Tensor = self.criterion(
                 query, positive_key, negative_keys, labels=labels, negative_mask=mask
@@ -353,6 +397,7 @@ class TwoTower(nn.Module):
             positive_key,
             negative_keys,
             labels=labels,
+            negative_labels=negative_labels,
             negative_mask=mask,
             **self.functional_options,
         )
@@ -386,6 +431,12 @@ def inputs_for(case: Case, world: int, rank: int | None) -> dict[str, Tensor | N
         "negatives": negatives,
         "labels": (torch.arange(batch) % CLASSES)[rows] if case.labels else None,
         "mask": mask[rows] if case.mask else None,
+        # CLASSES + 1 labels: some negatives share a query's label, some share none.
+        "negative_labels": (
+            (torch.arange(sum(shares)) % (CLASSES + 1))[negative_rows]
+            if case.negative_labels
+            else None
+        ),
         "weights": weights[rows],  # the upstream gradient of reduction='none'
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from unittest import mock
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from torch.multiprocessing.spawn import start_processes
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import info_nce.module as module_file
 from info_nce import InfoNCE, MemoryQueue, NTXent, info_nce, nt_xent
 
 
@@ -368,6 +370,28 @@ def test_module_scores_against_the_queue_before_pushing(
     if in_batch is None and not symmetric:  # the first step's MoCo loss had no candidate but p
         fresh = InfoNCE(queue=MemoryQueue(size, dim))
         assert float(fresh(torch.randn(3, dim), torch.randn(3, dim))) == 0.0
+
+
+def test_module_scores_against_the_storage_without_a_copy() -> None:
+    # Once the ring has wrapped, `keys` is a copy in insertion order; the
+    # module hands the loss the storage itself (the negatives' order does not
+    # matter to the loss), labels included.
+    module = InfoNCE(queue=MemoryQueue(6, 3, labels=True))
+    for _ in range(2):  # 8 pushed into 6 slots: the oldest entry is at position 2
+        module(torch.randn(4, 3), torch.randn(4, 3), labels=torch.randint(0, 2, (4,)))
+    queue = module.queue
+    assert queue.keys.data_ptr() != queue.entries.data_ptr()  # a copy: oldest first
+    seen: dict[str, Tensor] = {}
+
+    def spy(*args: object, **kwargs: object) -> Tensor:
+        seen["negatives"] = args[2]  # type: ignore[assignment]
+        seen["labels"] = kwargs["negative_labels"]  # type: ignore[assignment]
+        return info_nce(*args, **kwargs)  # type: ignore[arg-type]
+
+    with mock.patch.object(module_file, "info_nce", spy):
+        module(torch.randn(4, 3), torch.randn(4, 3), labels=torch.randint(0, 2, (4,)))
+    assert seen["negatives"].data_ptr() == queue.entries.data_ptr()
+    assert seen["labels"].data_ptr() == queue.entry_labels.data_ptr()
 
 
 def test_module_pushes_only_in_training_with_gradients() -> None:

@@ -80,8 +80,7 @@ class _LossModule(nn.Module):
         """
         if self.queue is None:
             return negative_keys, None
-        negatives = queue_negatives(self.queue, query, negative_keys)
-        return negatives, queue_labels(self.queue, labels)
+        return queue_negatives(self.queue, query, negative_keys, labels)
 
     def _push(self, keys: Tensor, labels: Tensor | None) -> None:
         """After the loss: the batch's keys (and labels) join the queue, in training only."""
@@ -421,8 +420,15 @@ def check_queue(queue: object, *, gather_distributed: bool) -> MemoryQueue | Non
     return queue
 
 
-def queue_negatives(queue: MemoryQueue, query: Tensor, negative_keys: Tensor | None) -> Tensor:
-    """The queue's entries as the batch's unpaired negatives, in the query's dtype."""
+def queue_negatives(
+    queue: MemoryQueue, query: Tensor, negative_keys: Tensor | None, labels: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The queue's entries as unpaired negatives in the query's dtype, and their labels.
+
+    The entries are read in storage order, without a copy (the loss does not
+    depend on the order of its negatives), unless the query's dtype differs
+    from the storage dtype.
+    """
     if negative_keys is not None:
         raise ValueError(
             "a loss module built with queue= takes its negatives from the queue: pass no "
@@ -432,17 +438,11 @@ def queue_negatives(queue: MemoryQueue, query: Tensor, negative_keys: Tensor | N
         raise ValueError(
             f"queue holds keys of dim {queue.dim}, but <query> has shape {tuple(query.shape)}"
         )
-    keys = queue.keys
-    return keys if keys.dtype == query.dtype else keys.to(query.dtype)
-
-
-def queue_labels(queue: MemoryQueue, labels: Tensor | None) -> Tensor | None:
-    """The queue's entries' labels, the loss's ``negative_labels``; None without labels."""
-    if not queue.with_labels:
-        return None
-    if labels is None:
+    keys, entry_labels = queue.unordered()
+    if queue.with_labels and labels is None:
         raise ValueError(
             "this loss's queue holds labels (MemoryQueue(labels=True)): forward needs "
             "labels=, got None"
         )
-    return queue.labels
+    keys = keys if keys.dtype == query.dtype else keys.to(query.dtype)
+    return keys, entry_labels

@@ -131,6 +131,16 @@ class MemoryQueue(nn.Module):
         """(n,) the valid entries' labels, oldest first; None without ``labels=True``."""
         return self._in_order(self.entry_labels) if self.with_labels else None
 
+    def unordered(self) -> tuple[Tensor, Tensor | None]:
+        """The valid entries (n, dim) and their labels (n,) in storage order: views, no copy.
+
+        Once the ring has wrapped, storage order is not insertion order. A
+        loss does not depend on the order of its negatives, so the loss
+        modules score against these views and never copy the queue.
+        """
+        labels = self.entry_labels[: self._count] if self.with_labels else None
+        return self.entries[: self._count], labels
+
     def _in_order(self, storage: Tensor) -> Tensor:
         if self._count < self.size or self._position == 0:
             return storage[: self._count]
