@@ -689,7 +689,9 @@ def test_extra_negatives_errors() -> None:
     views = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match=r"<negative_keys> must have shape \(M, D\) = \(M, 4\)"):
         nt_xent(views, negative_keys=torch.randn(5, 3))
-    with pytest.raises(TypeError, match="must have the views' dtype"):
+    with pytest.raises(
+        TypeError, match=r"<negative_keys> must have the same dtype as <views> \(torch.float32\)"
+    ):
         nt_xent(views, negative_keys=torch.randn(5, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="negative_labels need labels"):
         nt_xent(views, negative_keys=torch.randn(5, 4), negative_labels=torch.zeros(5).long())

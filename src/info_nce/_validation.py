@@ -164,15 +164,7 @@ def check_inputs(
             )
 
     for name, tensor in named[1:]:
-        if tensor.dtype != query.dtype:
-            raise TypeError(
-                f"<{name}> must have the same dtype as <query> ({query.dtype}), got {tensor.dtype}"
-            )
-        if tensor.device != query.device:
-            raise ValueError(
-                f"<{name}> must be on the same device as <query> ({query.device}), "
-                f"got {tensor.device}"
-            )
+        _check_like(name, tensor, "query", query)
 
     if len(query) == 0:
         raise ValueError(f"<query> must hold at least one sample, got shape {tuple(query.shape)}")
@@ -205,20 +197,27 @@ def check_view_negatives(negative_keys: object, views: Tensor) -> Tensor | None:
         return None
     negatives = _check_tensor("negative_keys", negative_keys)
     _check_dim("negative_keys", negatives, 2, "(M, D)")
-    if negatives.dtype != views.dtype:
-        raise TypeError(
-            f"<negative_keys> must have the views' dtype ({views.dtype}), got {negatives.dtype}"
-        )
-    if negatives.device != views.device:
-        raise ValueError(
-            f"<negative_keys> must be on the views' device ({views.device}), got {negatives.device}"
-        )
+    _check_like("negative_keys", negatives, "views", views)
     if negatives.shape[1] != views.shape[-1]:
         raise ValueError(
             f"<negative_keys> must have shape (M, D) = (M, {views.shape[-1]}), "
             f"got shape {tuple(negatives.shape)}"
         )
     return negatives
+
+
+def _check_like(name: str, tensor: Tensor, reference_name: str, reference: Tensor) -> None:
+    """``tensor`` has the dtype and the device of ``reference``."""
+    if tensor.dtype != reference.dtype:
+        raise TypeError(
+            f"<{name}> must have the same dtype as <{reference_name}> ({reference.dtype}), "
+            f"got {tensor.dtype}"
+        )
+    if tensor.device != reference.device:
+        raise ValueError(
+            f"<{name}> must be on the same device as <{reference_name}> ({reference.device}), "
+            f"got {tensor.device}"
+        )
 
 
 def check_labels(labels: object, query: Tensor) -> Tensor | None:
