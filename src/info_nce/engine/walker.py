@@ -33,6 +33,14 @@ Two passes:
   statistics, the objective's gradient plus (symmetric) the key-to-query
   probabilities, a cache-sized chunk of columns at a time.
 
+Very long rows (a queue of a million keys) would leave only a few rows per
+block, and each block's products repack all the keys; for objectives that
+allow it (``tileable``) the walk then takes `MIN_BLOCK_ROWS` rows against
+column tiles of the keys instead (`default_block_shape`). The statistics pass
+accumulates each row's log-sum-exp tile by tile, the gradient pass recomputes
+each tile's logits, so such a walk costs the gradient pass's products plus
+the logits once more.
+
 Gradient products are taken only for what needs them: the rows, each segment
 whose ``segment_grads`` flag is set (a frozen segment costs none), the extra;
 the rows' own product only with ``row_grads`` (a frozen query tower costs none).
@@ -65,9 +73,11 @@ MAX_BLOCK_ELEMENTS = 1 << 24
 # padding columns in between hold -inf, as padded extra columns do.
 KEY_ALIGN_BYTES = 64
 # Rows so long that a block of complete rows holds fewer rows than this are
-# split into column tiles instead (objectives that allow it): each block's
-# products repack every key, so at 1,048,576 keys (16-row blocks) the products
-# took 2x as long as 256 rows against 16K-key tiles (docs/benchmarks.md, C12).
+# split into column tiles instead (objectives that allow it). Each block's
+# products repack every key, so at 1,048,576 keys (16-row blocks) MoCo's loss
+# took 2x as long as with 256 rows against 16K-column tiles (C12); tiles cost
+# the logits once more, so at 127 rows per block they were 9% slower than
+# complete rows, at 63 rows 3% faster (benchmarks/tiles.py, docs/benchmarks.md).
 MIN_TILED_ROWS = 64
 
 
@@ -371,10 +381,10 @@ class _Blocks:
         """
         found = []
         for piece in tile.pieces:
-            split = self.layout.column_keys if piece.segment == 0 else 0
             begin, stop = piece.keys.start, piece.keys.stop
-            edges = [begin, *(e for e in (split,) if begin < e < stop)]
-            for first, last in zip(edges, [*edges[1:], stop], strict=True):
+            split = self.layout.column_keys if piece.segment == 0 else 0
+            ranges = [(begin, split), (split, stop)] if begin < split < stop else [(begin, stop)]
+            for first, last in ranges:
                 for a in range(first, last, self.chunk):
                     b = min(a + self.chunk, last)
                     local = piece.columns.start + a - begin
@@ -481,8 +491,9 @@ def statistics_pass(
             blocks.exclude_tile_(block, span, tile)
             if lse is not None:
                 torch.logaddexp(lse[:, 0], _row_lse_(block), out=lse[:, 0])
-        if lse is not None:  # (R, 1) each row's log-sum-exp, as a block
-            row_loss[span] = objective.forward_(lse, context, row_stat[span], targets)
+        if lse is not None:  # (R, 1) each row's log-sum-exp, as a block of one column
+            whole_rows = RowContext(span.start, candidates=context.candidates)
+            row_loss[span] = objective.forward_(lse, whole_rows, row_stat[span], targets)
             continue
         row_loss[span] = objective.forward_(block, context, row_stat[span], targets)
         if column_stats is not None:
