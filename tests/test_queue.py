@@ -229,7 +229,10 @@ def test_bad_pushes_are_refused(
 
 def test_repr_shows_the_settings() -> None:
     text = repr(MemoryQueue(4, 3, dtype=torch.bfloat16, labels=True, gather_distributed=True))
-    assert "size=4, dim=3, dtype=torch.bfloat16, labels=True, gather_distributed=True" in text
+    assert text == (
+        "MemoryQueue(size=4, dim=3, dtype=torch.bfloat16, labels=True, normalize=True, "
+        "gather_distributed=True)"
+    )
 
 
 # --- identical queues on every rank (gloo, real processes) -------------------------------
@@ -689,3 +692,17 @@ def test_a_queue_costs_no_gradient_product(frozen: bool) -> None:
         info_nce(query, key, negatives, chunk_size=16).backward()
     products = counter.flops / (2 * batch * size * dim)  # one (B, K) x D product each
     assert products == pytest.approx(2 if frozen else 3, abs=0.05)
+
+
+def test_loss_module_repr_shows_every_setting_and_its_queue() -> None:
+    module = InfoNCE(0.07, queue=MemoryQueue(16, 4), in_batch_negatives=True, symmetric=True)
+    assert repr(module) == (
+        "InfoNCE(\n"
+        "  temperature=0.07, reduction='mean', negative_mode='unpaired', symmetric=True, "
+        "in_batch_negatives=True, normalize=True, learn_temperature=False, max_logit_scale=100, "
+        "chunk_size=None, gather_distributed=False, decoupled=False, false_negative_rate=0, "
+        "hard_negative_beta=0\n"
+        "  (queue): MemoryQueue(size=16, dim=4, dtype=torch.float32, labels=False, "
+        "normalize=True, gather_distributed=False)\n"
+        ")"
+    )

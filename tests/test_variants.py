@@ -594,7 +594,7 @@ def test_modules_pass_the_options() -> None:
             assert getattr(module, name) == value
     assert "decoupled=True" in repr(InfoNCE(decoupled=True))
     assert "hard_negative_beta=2" in repr(NTXent(hard_negative_beta=2.0))
-    assert "decoupled" not in repr(InfoNCE())
+    assert "decoupled=False" in repr(InfoNCE())
 
 
 # --- errors -------------------------------------------------------------------------------

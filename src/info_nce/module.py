@@ -110,20 +110,29 @@ class _LossModule(nn.Module):
             checked = float(checked.detach().cpu())
         self._temperature = checked
 
-    def _temperature_repr(self) -> str:
+    def _settings_repr(self, *own: str) -> str:
+        """Every setting as ``name=value``: the temperature, ``own`` (the subclass's), the rest.
+
+        The queue, a submodule, is shown by `nn.Module`'s repr on a line of its own.
+        """
         temperature = self.temperature
         if isinstance(temperature, Tensor):
             temperature = float(temperature.detach().cpu())
-        return f"temperature={temperature:g}"
-
-    def _variant_repr(self) -> str:
-        """The objective options that differ from their defaults, as ``, name=value``."""
-        text = ", decoupled=True" if self.decoupled else ""
-        if self.false_negative_rate:
-            text += f", false_negative_rate={self.false_negative_rate:g}"
-        if self.hard_negative_beta:
-            text += f", hard_negative_beta={self.hard_negative_beta:g}"
-        return text
+        return ", ".join(
+            [
+                f"temperature={temperature:g}",
+                f"reduction={self.reduction!r}",
+                *own,
+                f"normalize={self.normalize}",
+                f"learn_temperature={self.learn_temperature}",
+                f"max_logit_scale={self.max_logit_scale:g}",
+                f"chunk_size={self.chunk_size}",
+                f"gather_distributed={self.gather_distributed}",
+                f"decoupled={self.decoupled}",
+                f"false_negative_rate={self.false_negative_rate:g}",
+                f"hard_negative_beta={self.hard_negative_beta:g}",
+            ]
+        )
 
 
 class InfoNCE(_LossModule):
@@ -281,11 +290,10 @@ class InfoNCE(_LossModule):
         return loss
 
     def extra_repr(self) -> str:
-        return (
-            f"{self._temperature_repr()}, reduction={self.reduction!r}, "
-            f"negative_mode={self.negative_mode!r}, symmetric={self.symmetric}, "
-            f"learn_temperature={self.learn_temperature}, chunk_size={self.chunk_size}"
-            f"{self._variant_repr()}"
+        return self._settings_repr(
+            f"negative_mode={self.negative_mode!r}",
+            f"symmetric={self.symmetric}",
+            f"in_batch_negatives={self.in_batch_negatives}",
         )
 
 
@@ -396,11 +404,7 @@ class NTXent(_LossModule):
         return loss
 
     def extra_repr(self) -> str:
-        return (
-            f"{self._temperature_repr()}, reduction={self.reduction!r}, "
-            f"anchors={self.anchors!r}, learn_temperature={self.learn_temperature}, "
-            f"chunk_size={self.chunk_size}{self._variant_repr()}"
-        )
+        return self._settings_repr(f"anchors={self.anchors!r}")
 
 
 def check_queue(queue: object, *, gather_distributed: bool) -> MemoryQueue | None:

@@ -205,14 +205,11 @@ class MemoryQueue(nn.Module):
         self.count.zero_()
 
     def extra_repr(self) -> str:
-        text = f"size={self.size}, dim={self.dim}, dtype={self.entries.dtype}"
-        if self.with_labels:
-            text += ", labels=True"
-        if not self.normalize:
-            text += ", normalize=False"
-        if self.gather_distributed:
-            text += ", gather_distributed=True"
-        return text
+        return (
+            f"size={self.size}, dim={self.dim}, dtype={self.entries.dtype}, "
+            f"labels={self.with_labels}, normalize={self.normalize}, "
+            f"gather_distributed={self.gather_distributed}"
+        )
 
 
 def _refresh_counters(module: nn.Module, incompatible_keys: Any) -> None:
