@@ -7,6 +7,11 @@ time to the first size's neighbouring step: a drift affects all sizes alike.
 Run from the repository root (after `make setup`), e.g. for C6:
 
     .venv/bin/python benchmarks/block_rows.py --batch 8192 --dim 768 --symmetric 256 512 1024
+
+or for C11 (MoCo: 65,536 queue keys without gradient as unpaired negatives):
+
+    .venv/bin/python benchmarks/block_rows.py --batch 4096 --dim 128 --negatives 65536 \
+        255 32 64 128 512
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from info_nce import info_nce
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("block_rows", type=int, nargs="+", help="query rows per block (chunk_size)")
-    parser.add_argument("--batch", type=int, default=8192, help="B (in-batch candidates: N = B)")
+    parser.add_argument("--batch", type=int, default=8192, help="B queries and positive keys")
     parser.add_argument("--dim", type=int, default=768, help="D")
     parser.add_argument("--symmetric", action="store_true", help="the symmetric (CLIP) loss")
     parser.add_argument("--classes", type=int, default=0, help="labels with this many classes")
+    parser.add_argument(
+        "--negatives", type=int, default=0, help="M unpaired negatives without gradient (a queue)"
+    )
     parser.add_argument("--rounds", type=int, default=6, help="steps per block size")
     args = parser.parse_args()
 
@@ -34,11 +42,19 @@ def main() -> None:
     query = torch.randn(args.batch, args.dim, generator=generator).requires_grad_()
     positive = torch.randn(args.batch, args.dim, generator=generator).requires_grad_()
     labels = torch.arange(args.batch) % args.classes if args.classes else None
+    negatives = None
+    if args.negatives:
+        negatives = torch.randn(args.negatives, args.dim, generator=generator)
 
     def step(block_rows: int) -> float:
         start = time.perf_counter()
         loss = info_nce(
-            query, positive, symmetric=args.symmetric, labels=labels, chunk_size=block_rows
+            query,
+            positive,
+            negatives,
+            symmetric=args.symmetric,
+            labels=labels,
+            chunk_size=block_rows,
         )
         loss.backward()  # type: ignore[no-untyped-call]
         query.grad = positive.grad = None
