@@ -1,11 +1,11 @@
-"""Time MoCo's loss with complete-row blocks against column tiles, alternating them in one process.
+"""Time a loss with complete-row blocks against column tiles, alternating them in one process.
 
-For B queries against K queue keys (unpaired negatives without gradient), the
-engine walks blocks of complete rows unless such a block would hold fewer than
-`walker.MIN_TILED_ROWS` rows; then it walks 256-row blocks against column
-tiles. This script forces one layout or the other (by setting that threshold
-to 0 or to more than B) at several K, the layouts taking turns step by step, and
-prints each layout's median time and the median ratio tiles / rows.
+For B queries against K unpaired negatives, the engine chooses between blocks
+of complete rows and 256-row blocks against column tiles
+(`walker.default_block_shape`). This script forces one layout or the other
+at several K, the layouts taking turns step by step, and prints each
+layout's median time and the median ratio tiles / rows. The negatives are a
+queue's keys (no gradient) unless ``--key-grads``.
 
 Run from the repository root (after `make setup`):
 
@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
+import info_nce.engine as engine
 from info_nce import info_nce
 from info_nce.engine import walker
 
@@ -30,32 +33,41 @@ def main() -> None:
     parser.add_argument("--keys", type=int, nargs="+", default=[1 << 16, 1 << 18], help="K")
     parser.add_argument("--dim", type=int, default=128, help="D")
     parser.add_argument("--rounds", type=int, default=5, help="steps per layout and K")
+    parser.add_argument("--key-grads", action="store_true", help="negatives with gradient")
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(args.batch, args.dim, generator=generator).requires_grad_()
     positive = torch.randn(args.batch, args.dim, generator=generator).requires_grad_()
-    layouts = {"rows": 0, "tiles": 1 << 30}  # MIN_TILED_ROWS: never / always tile
+
+    def complete_rows(num_rows: int, num_candidates: int, **_: bool) -> tuple[int, None]:
+        return walker.default_block_rows(num_rows, num_candidates), None
+
+    def tiles(num_rows: int, num_candidates: int, **_: bool) -> tuple[int, int]:
+        rows = min(num_rows, walker.MIN_BLOCK_ROWS)
+        return rows, walker.TARGET_BLOCK_ELEMENTS // rows
+
+    layouts = {"rows": complete_rows, "tiles": tiles}
 
     print("| K | rows per block | rows s | tiles s | tiles / rows |\n|---|---|---|---|---|")
     for num_keys in args.keys:
         queue = torch.nn.functional.normalize(
             torch.randn(num_keys, args.dim, generator=generator), dim=1
-        )
+        ).requires_grad_(args.key_grads)
 
-        def step(threshold: int, queue: torch.Tensor = queue) -> float:
-            walker.MIN_TILED_ROWS = threshold
+        def step(layout: Callable[..., tuple[int, int | None]], queue: Tensor = queue) -> float:
+            engine.default_block_shape = layout  # type: ignore[attr-defined]
             start = time.perf_counter()
             info_nce(query, positive, queue).backward()  # type: ignore[no-untyped-call]
-            query.grad = positive.grad = None
+            query.grad = positive.grad = queue.grad = None
             return time.perf_counter() - start
 
-        for threshold in layouts.values():  # warm-up
-            step(threshold)
+        for layout in layouts.values():  # warm-up
+            step(layout)
         times: dict[str, list[float]] = {name: [] for name in layouts}
         for _ in range(args.rounds):
-            for name, threshold in layouts.items():
-                times[name].append(step(threshold))
+            for name, layout in layouts.items():
+                times[name].append(step(layout))
         ratio = statistics.median(t / r for t, r in zip(times["tiles"], times["rows"], strict=True))
         rows = walker.default_block_rows(args.batch, num_keys + 1)
         print(

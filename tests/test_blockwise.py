@@ -45,7 +45,7 @@ from info_nce.engine.function import (
     PairedOptions,
     log_sum_exp,
 )
-from info_nce.objectives import InfoNCEObjective
+from info_nce.objectives import DecoupledObjective, InfoNCEObjective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -939,7 +939,7 @@ def test_log_sum_exp_function_over_two_segments_gradcheck(
 
 TILE_CASES = [
     pytest.param(mode, batch, dim, tile, id=f"{mode}-B{batch}-D{dim}-tile{tile}")
-    for mode in ("in-batch", "unpaired")
+    for mode in ("in-batch", "unpaired", "queue")
     for batch, dim in [(1, 1), (1, 123), (37, 1), (37, 123)]
     for tile in (1, 4, 16)
 ]
@@ -949,14 +949,27 @@ TILE_CASES = [
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize(("mode", "batch", "dim", "tile"), TILE_CASES)
 def test_tiled_engine_matches_float64_reference(
-    mode: Mode, batch: int, dim: int, tile: int, reduction: str, dtype: torch.dtype
+    mode: str, batch: int, dim: int, tile: int, reduction: str, dtype: torch.dtype
 ) -> None:
     # Rows longer than a tile are walked 4 rows against `tile` columns at a
     # time: the row statistics accumulate tile by tile, the gradient pass
-    # recomputes each tile.
-    inputs = make_inputs(mode, batch, dim, 23, dtype=dtype, seed=batch + dim + tile)
+    # recomputes each tile. A queue (negatives without gradient) under a
+    # scalar reduction takes the one-pass walk (online softmax) instead.
+    inputs = make_inputs(
+        "in-batch" if mode == "in-batch" else "unpaired",
+        batch,
+        dim,
+        23,
+        dtype=dtype,
+        seed=batch + dim + tile,
+    )
+    if mode == "queue":
+        inputs[2].requires_grad_(False)
     upstream = upstream_gradient(torch.Size([batch] if reduction == "none" else []))
-    with column_tiles(rows=4, tile=tile) as walks:
+    with (
+        column_tiles(rows=4, tile=tile) as walks,
+        mock.patch.object(walker, "_online_pass", wraps=walker._online_pass) as one_pass,
+    ):
         loss = info_nce(
             *inputs,
             temperature=0.07,
@@ -964,18 +977,31 @@ def test_tiled_engine_matches_float64_reference(
         )
     if batch == 37:  # 4 rows of 37 (in-batch) or 24 (unpaired) candidates exceed 4 * tile
         assert walks == [tile], walks
+        assert one_pass.called == (mode == "queue" and reduction != "none")
     expected = reference_loss_and_grads(
         inputs, upstream, temperature=0.07, reduction=reduction, negative_mode="unpaired"
     )
-    grads = torch.autograd.grad(loss, inputs, grad_outputs=upstream.to(loss.dtype))
-    assert_matches(loss, list(grads), expected, TOLERANCES[dtype])
+    wanted = [x for x in inputs if x.requires_grad]
+    grads = iter(torch.autograd.grad(loss, wanted, grad_outputs=upstream.to(loss.dtype)))
+    actual = [next(grads) if x.requires_grad else None for x in inputs]
+    assert_matches(loss, actual, expected, TOLERANCES[dtype])
 
 
-def test_default_block_shape_tiles_only_very_long_rows() -> None:
-    # C11 (4096 queries, 65,536 queue keys + the own positive) keeps complete
-    # 255-row blocks; C12 (256 queries, 1,048,576 keys) walks 256 rows against
-    # 16,384-column tiles; an objective that needs complete rows keeps them.
-    assert walker.default_block_shape(4096, 65537, tileable=True) == (255, None)
+def test_default_block_shape() -> None:
+    # Keys with gradient: complete rows down to 64 rows per block (C3: 255
+    # rows), tiles below. A queue (frozen keys): 256 rows against 16,384-column
+    # tiles once rows are longer than two tiles (C11, C12). An objective that
+    # needs complete rows keeps them.
+    assert walker.default_block_shape(1024, 65537, tileable=True) == (255, None)
+    assert walker.default_block_shape(1024, 262145, tileable=True) == (256, 1 << 14)
+    assert walker.default_block_shape(4096, 65537, tileable=True, frozen_keys=True) == (
+        256,
+        1 << 14,
+    )
+    assert walker.default_block_shape(4096, 16385, tileable=True, frozen_keys=True) == (
+        256,
+        None,
+    )
     assert walker.default_block_shape(256, (1 << 20) + 1, tileable=True) == (256, 1 << 14)
     assert walker.default_block_shape(256, (1 << 20) + 1, tileable=False) == (15, None)
     assert walker.default_block_shape(20, 1 << 30, tileable=True) == (20, (1 << 22) // 20)
@@ -989,10 +1015,61 @@ def test_default_block_shape_tiles_only_very_long_rows() -> None:
         ({"false_negative_rate": 0.1}, False),  # the debiased loss needs complete rows
         ({"chunk_size": 3}, False),  # the caller's rows per block: complete rows
         ({"symmetric": True}, False),  # column statistics need complete rows
+        ({"queue": True}, True),
+        ({"queue": True, "decoupled": True}, True),
     ],
 )
 def test_which_walks_are_tiled(options: dict[str, Any], tiled: bool) -> None:
     query, positive = make_inputs("in-batch", 12, 4, seed=5)
+    negatives = None
+    if options.pop("queue", False):  # 12 frozen negatives, no in-batch keys
+        negatives = torch.randn(12, 4, dtype=torch.float64)
     with column_tiles(rows=3, tile=5) as walks:
-        info_nce(query, positive, **options)
+        info_nce(query, positive, negatives, **options)
     assert walks == [5 if tiled else None], walks
+
+
+@pytest.mark.parametrize("tile_columns", [1, 3, 7])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("decoupled", [False, True], ids=["infonce", "decoupled"])
+def test_one_pass_tile_walk_gradcheck(tile_columns: int, reduction: str, decoupled: bool) -> None:
+    # Two frozen key segments (a queue), each row's target in its first extra
+    # column (decoupled: excluded from the candidates), gradients built in the
+    # one pass: the online softmax, rescaled as each row's maximum grows.
+    generator = torch.Generator().manual_seed(29)
+    rows = torch.randn(5, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    frozen = (
+        torch.randn(4, 3, generator=generator, dtype=torch.float64) * 3,
+        torch.randn(6, 3, generator=generator, dtype=torch.float64),
+    )
+    extra = torch.randn(5, 2, generator=generator, dtype=torch.float64).requires_grad_()
+    temperature = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    objective = DecoupledObjective() if decoupled else InfoNCEObjective()
+    options = LogSumExpOptions(
+        reduction=reduction,  # type: ignore[arg-type]
+        block_rows=2,
+        tile_columns=tile_columns,
+        target_extra=True,
+        exclude_target=decoupled,
+        normalize=True,
+        grads_in_forward=True,
+        objective=objective,
+    )
+
+    def function(rows: Tensor, extra: Tensor, temperature: Tensor) -> Tensor:
+        return LogSumExp.apply(rows, extra, temperature, options, *frozen)  # type: ignore[no-any-return]
+
+    def explicit(rows: Tensor, extra: Tensor, temperature: Tensor) -> Tensor:
+        units = rows / rows.norm(dim=1, keepdim=True)
+        keys = torch.cat([k / k.norm(dim=1, keepdim=True) for k in frozen])
+        candidates = torch.cat([extra, units @ keys.T / temperature], dim=1)  # (5, 12)
+        if decoupled:
+            candidates = candidates[:, 1:]
+        value = candidates.logsumexp(dim=1) - extra[:, 0]
+        return value.mean() if reduction == "mean" else value.sum()
+
+    inputs = (rows, extra, temperature)
+    with mock.patch.object(walker, "_online_pass", wraps=walker._online_pass) as one_pass:
+        assert_close(function(*inputs), explicit(*inputs), rtol=1e-12, atol=1e-12, name="value")
+    assert one_pass.called
+    assert torch.autograd.gradcheck(function, inputs)

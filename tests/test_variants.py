@@ -93,7 +93,15 @@ def _reduce(values: Tensor, reduction: str) -> Tensor:
 # --- info_nce -----------------------------------------------------------------------------
 
 
-CASES = ("in-batch", "unpaired", "paired-mask", "in-batch+hard", "symmetric", "symmetric-unpaired")
+CASES = (
+    "in-batch",
+    "unpaired",
+    "queue",  # unpaired negatives without gradient
+    "paired-mask",
+    "in-batch+hard",
+    "symmetric",
+    "symmetric-unpaired",
+)
 
 
 def info_nce_inputs(case: str, batch: int, dim: int, seed: int) -> dict[str, Tensor | None]:
@@ -106,6 +114,8 @@ def info_nce_inputs(case: str, batch: int, dim: int, seed: int) -> dict[str, Ten
     negatives = mask = None
     if case in ("unpaired", "symmetric-unpaired"):
         negatives = randn(7, dim)
+    elif case == "queue":
+        negatives = randn(7, dim).detach()
     elif case in ("paired-mask", "in-batch+hard"):
         negatives = randn(batch, 4, dim)
         mask = torch.rand(batch, 4, generator=generator) > 0.3
@@ -209,7 +219,9 @@ def _check_loss_and_grads(
     """Loss, and gradients under a random upstream gradient, against the float64 formula."""
     scale = max(1.0, 1.0 / temperature)
     assert_close(loss, expected, rtol=1e-10, atol=1e-10 * scale, name="loss")
-    leaves = [x for name, x in inputs.items() if name != "mask" and x is not None]
+    leaves = [
+        x for name, x in inputs.items() if name != "mask" and x is not None and x.requires_grad
+    ]
     upstream = upstream_gradient(expected.shape)
     grads = torch.autograd.grad(loss, leaves, upstream)
     want = torch.autograd.grad(expected, leaves, upstream)
@@ -218,7 +230,7 @@ def _check_loss_and_grads(
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
-@pytest.mark.parametrize("case", ["in-batch", "paired-mask", "symmetric"])
+@pytest.mark.parametrize("case", ["in-batch", "paired-mask", "symmetric", "queue"])
 def test_float32_variants_match_the_float64_formula(kind: Kind, case: str) -> None:
     inputs = info_nce_inputs(case, batch=37, dim=123, seed=4)
     single = {
@@ -458,7 +470,7 @@ def test_clamp_branch(path: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
-@pytest.mark.parametrize("case", ["in-batch", "paired-mask", "symmetric"])
+@pytest.mark.parametrize("case", ["in-batch", "paired-mask", "symmetric", "queue"])
 @pytest.mark.parametrize("path", PATHS)
 def test_learnable_temperature_gradient(kind: Kind, case: str, path: str) -> None:
     inputs = info_nce_inputs(case, batch=9, dim=4, seed=6)

@@ -110,7 +110,10 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     candidates = sum(len(keys) for keys in walk.segments) + (0 if extra is None else extra.shape[1])
     tileable = walk.objective.tileable and not walk.column_keys
-    block_rows, tile_columns = default_block_shape(len(walk.rows), candidates, tileable=tileable)
+    frozen_keys = walk.target_offset is None and not any(k.requires_grad for k in walk.segments)
+    block_rows, tile_columns = default_block_shape(
+        len(walk.rows), candidates, tileable=tileable, frozen_keys=frozen_keys
+    )
     if problem.chunk_size is not None:  # the caller's rows per block, complete rows
         block_rows, tile_columns = problem.chunk_size, None
     options = LogSumExpOptions(
@@ -132,7 +135,9 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
             needs_grad
             and problem.reduction != "none"
             and not walk.column_keys
-            and tile_columns is None
+            # Tiles build gradients in forward only for keys without gradient
+            # (a queue): a key's gradient needs its rows' final statistics.
+            and (tile_columns is None or frozen_keys)
         ),
         objective=walk.objective,
     )

@@ -126,7 +126,7 @@ class LogSumExp(torch.autograd.Function):
         row_grads = needs_grad[0] or needs_grad[2]  # the temperature's comes from the rows'
         factors = _factors(rows, segments, temperature, options)
         walked, column_scales = segments, factors.columns
-        if options.grads_in_forward and options.normalize:
+        if options.grads_in_forward and options.normalize and options.tile_columns is None:
             # A scaled copy of the keys saves two passes over every logits block.
             # It never sets the peak here: backward holds the saved gradients
             # and their rescaled copies, (B + N) * D twice. (Elsewhere the peak

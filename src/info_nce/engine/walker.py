@@ -90,20 +90,27 @@ def default_block_rows(num_rows: int, num_candidates: int) -> int:
 
 
 def default_block_shape(
-    num_rows: int, num_candidates: int, *, tileable: bool
+    num_rows: int, num_candidates: int, *, tileable: bool, frozen_keys: bool = False
 ) -> tuple[int, int | None]:
-    """Rows per block and key columns per tile (None: complete rows) for a walk.
+    """Rows per block and columns per tile (None: complete rows) for a walk.
 
-    Complete rows unless they are so long that a block would hold fewer than
-    `MIN_TILED_ROWS` of them and the walk may be tiled (``tileable``: the
-    objective allows it, no column statistics); then `MIN_BLOCK_ROWS` rows
-    against tiles of about `TARGET_BLOCK_ELEMENTS` logits.
+    A walk that may be tiled (``tileable``: the objective allows it, no
+    column statistics) takes `MIN_BLOCK_ROWS` rows against tiles of about
+    `TARGET_BLOCK_ELEMENTS` logits when its rows are longer than a tile and
+    either its keys need no gradient and its target is no key
+    (``frozen_keys``: a queue; then `_online_pass` builds the gradients in
+    the one pass, with the products of complete rows), or complete rows
+    would leave fewer than `MIN_TILED_ROWS` rows per block. Otherwise blocks
+    of complete rows.
     """
     rows = default_block_rows(num_rows, num_candidates)
-    if not tileable or rows >= min(num_rows, MIN_TILED_ROWS):
-        return rows, None
-    rows = min(num_rows, MIN_BLOCK_ROWS)
-    return rows, max(1, TARGET_BLOCK_ELEMENTS // rows)
+    tile_rows = min(num_rows, MIN_BLOCK_ROWS)
+    tile = max(1, TARGET_BLOCK_ELEMENTS // tile_rows)
+    if tileable and (
+        (frozen_keys and num_candidates > 2 * tile) or rows < min(num_rows, MIN_TILED_ROWS)
+    ):
+        return tile_rows, tile
+    return rows, None
 
 
 @dataclass(frozen=True)
@@ -457,8 +464,19 @@ def statistics_pass(
     """
     tiled = layout.tile_columns is not None
     assert not (compute_grads and layout.column_keys), "columns need every row first"
-    assert not (tiled and (compute_grads or layout.column_keys)), "tiles give row statistics only"
+    assert not (tiled and layout.column_keys), "tiles give row statistics only"
     assert not tiled or objective.tileable, "the objective needs complete rows"
+    if tiled and compute_grads:
+        return _online_pass(
+            rows,
+            segments,
+            extra,
+            objective,
+            layout,
+            row_scales=row_scales,
+            column_scales=column_scales,
+            row_grads=row_grads,
+        )
     blocks = _Blocks(
         rows,
         segments,
@@ -513,6 +531,95 @@ def statistics_pass(
         )
     result = blocks.result(row_stat)
     result.row_loss, result.column_lse, result.target_logit = row_loss, column_stats, target_logit
+    return result
+
+
+def _online_pass(
+    rows: Tensor,
+    segments: tuple[Tensor, ...],
+    extra: Tensor | None,
+    objective: RowObjective,
+    layout: Layout,
+    *,
+    row_scales: Tensor,
+    column_scales: list[Tensor | None],
+    row_grads: bool,
+) -> BlockPass:
+    """Statistics, loss and gradients of a tiled walk whose keys need no gradient, in one pass.
+
+    The online softmax of flash attention: per row a running maximum ``m``,
+    the running sum ``l`` of ``exp(logit - m)`` and the running sums
+    ``sum_j exp(logit_j - m) y_j`` (the rows' gradient) and ``exp(extra -
+    m)``, all rescaled by ``exp(m_old - m_new)`` as the maximum grows. At the
+    end ``l`` gives the row's log-sum-exp, the objective its loss and
+    statistics, and dividing by ``l`` turns the sums into probabilities:
+    ``d loss / d logits`` of a tileable objective is its softmax, except at
+    the target, an extra column (the objective's ``gradient_from_forward_``
+    on the extra columns, which also zeroes the decoupled loss's rows
+    without negatives; their sums are 0 anyway). Two products per tile,
+    against three for statistics and a gradient pass.
+    """
+    assert layout.target_offset is None, "a target among the keys needs their final statistics"
+    blocks = _Blocks(
+        rows,
+        segments,
+        extra,
+        layout,
+        grads=True,
+        segment_grads=(False,) * len(segments),
+        row_grads=row_grads,
+    )
+    num_rows, width = len(rows), blocks.width
+    row_stat = rows.new_empty(num_rows, objective.num_stats)  # (B, K)
+    row_loss = rows.new_empty(num_rows)  # (B,)
+    target_logit = rows.new_empty(num_rows) if layout.has_target else None  # (B,)
+    for span in blocks.spans():
+        row_block = blocks.row_block(span, row_scales)
+        context = blocks.context(span)
+        targets = None if target_logit is None else target_logit[span]
+        count = span.stop - span.start
+        running_max = rows.new_full((count,), float("-inf"))  # (R,) m
+        running_sum = rows.new_zeros(count)  # (R,) l
+        grad_rows = None if blocks.grad_rows is None else blocks.grad_rows[span].zero_()  # (R, D)
+        extra_sum = rows.new_empty(count, width)  # (R, E) exp(extra - m)
+        for tile in blocks.tiles:
+            block = blocks.logits(span, row_block, tile)
+            blocks.scale_columns_(block, tile, column_scales)
+            if targets is not None:
+                found, which = target_entries(block, context, tile.columns.start)
+                targets[which] = found
+            blocks.exclude_tile_(block, span, tile)
+            new_max = torch.maximum(running_max, block.amax(dim=1))  # (R,)
+            shift = torch.where(torch.isneginf(new_max), 0.0, new_max)  # (R,) finite
+            rescale = (running_max - shift).exp_()  # (R,) 0 where nothing was summed yet
+            block.sub_(shift.unsqueeze(1)).exp_()  # exp(logit - m)
+            running_sum.mul_(rescale).add_(block.sum(dim=1))
+            running_max = new_max
+            if tile.has_extra:
+                extra_sum.copy_(block[:, :width])
+            else:
+                extra_sum.mul_(rescale.unsqueeze(1))
+            if grad_rows is None:
+                continue
+            grad_rows.mul_(rescale.unsqueeze(1))
+            blocks.scale_columns_(block, tile, column_scales)
+            for piece in tile.pieces:
+                keys = segments[piece.segment][piece.keys]
+                grad_rows.addmm_(block[:, piece.columns], keys)
+        shift = torch.where(torch.isneginf(running_max), 0.0, running_max)
+        lse = running_sum.log().add_(shift).unsqueeze(1)  # (R, 1); -inf: no candidate
+        whole_rows = RowContext(span.start, candidates=context.candidates)
+        row_loss[span] = objective.forward_(lse, whole_rows, row_stat[span], targets)
+        # 1 / l, 0 for a row without candidates (its sums are 0 too).
+        inverse = torch.where(running_sum > 0, running_sum.reciprocal(), 0.0).unsqueeze(1)
+        if grad_rows is not None:
+            grad_rows.mul_(inverse)
+        if blocks.grad_extra is not None:
+            probabilities = blocks.grad_extra[span]  # (R, E)
+            torch.mul(extra_sum, inverse, out=probabilities)
+            objective.gradient_from_forward_(probabilities, context, row_stat[span], 1.0)
+    result = blocks.result(row_stat)
+    result.row_loss, result.target_logit = row_loss, target_logit
     return result
 
 
