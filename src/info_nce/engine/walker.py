@@ -33,13 +33,14 @@ Two passes:
   statistics, the objective's gradient plus (symmetric) the key-to-query
   probabilities, a cache-sized chunk of columns at a time.
 
-Very long rows (a queue of a million keys) would leave only a few rows per
-block, and each block's products repack all the keys; for objectives that
-allow it (``tileable``) the walk then takes `MIN_BLOCK_ROWS` rows against
-column tiles of the keys instead (`default_block_shape`). The statistics pass
-accumulates each row's log-sum-exp tile by tile, the gradient pass recomputes
-each tile's logits, so such a walk costs the gradient pass's products plus
-the logits once more.
+Long rows are walked as `MIN_BLOCK_ROWS` rows against column tiles of the
+keys, for objectives that allow it (``tileable``; `default_block_shape`
+decides): where the keys need no gradient (a queue) and the target is no key,
+`_online_pass` builds statistics, loss and gradients in one pass with the
+online softmax; otherwise the statistics pass accumulates each row's
+log-sum-exp tile by tile and the gradient pass recomputes each tile's logits
+(the logits once more, so only for rows too long for blocks of complete
+rows).
 
 Gradient products are taken only for what needs them: the rows, each segment
 whose ``segment_grads`` flag is set (a frozen segment costs none), the extra;
@@ -73,11 +74,11 @@ MAX_BLOCK_ELEMENTS = 1 << 24
 # padding columns in between hold -inf, as padded extra columns do.
 KEY_ALIGN_BYTES = 64
 # Rows so long that a block of complete rows holds fewer rows than this are
-# split into column tiles instead (objectives that allow it). Each block's
-# products repack every key, so at 1,048,576 keys (16-row blocks) MoCo's loss
-# took 2x as long as with 256 rows against 16K-column tiles (C12); tiles cost
-# the logits once more, so at 127 rows per block they were 9% slower than
-# complete rows, at 63 rows 3% faster (benchmarks/tiles.py, docs/benchmarks.md).
+# split into column tiles instead (objectives that allow it), even where keys
+# need gradients and tiles cost the logits once more: each block's products
+# repack every key. Tiles / complete rows, keys with gradient, B=1024: 1.065 at
+# 255 rows per block, 1.005 at 127, 0.884 at 63 (benchmarks/tiles.py,
+# docs/benchmarks.md). A queue's keys are tiled sooner (`default_block_shape`).
 MIN_TILED_ROWS = 64
 
 
