@@ -696,3 +696,88 @@ def test_torchrun_example_runs() -> None:
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
     steps = [line for line in result.stdout.splitlines() if line.startswith("step")]
     assert len(steps) == 3, result.stdout
+
+
+# --- A rank with an empty share of the batch ------------------------------------------------
+
+EMPTY_RANK_CASES: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "symmetric-labels": {"symmetric": True, "labels": True},
+    "unpaired": {"negatives": True},
+    "nt-xent": {"views": True},
+    "nt-xent-labels-decoupled": {"views": True, "labels": True, "decoupled": True},
+}
+
+
+def empty_rank_case(name: str, rank: int | None) -> tuple[Tensor, list[Tensor]]:
+    """Case ``name`` on ``rank``'s share with gather_distributed: its loss and its gradients.
+
+    Rank 0 holds 5 queries and keys, rank 1 none; each holds 3 of the 6
+    unpaired negatives. ``rank=None``: one process, no gathering, with rank
+    0's queries and keys and all 6 negatives.
+    """
+    options = dict(EMPTY_RANK_CASES[name])
+    generator = torch.Generator().manual_seed(7)
+    batch = 0 if rank == 1 else 5
+    query = torch.randn(5, 4, generator=generator, dtype=torch.float64)[:batch].requires_grad_()
+    key = torch.randn(5, 4, generator=generator, dtype=torch.float64)[:batch].requires_grad_()
+    negatives = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    if rank is not None:
+        negatives = negatives[3 * rank : 3 * rank + 3]
+        options["gather_distributed"] = True
+    labels = (torch.arange(5) % 2)[:batch] if options.pop("labels", False) else None
+    if options.pop("views", False):
+        loss = nt_xent([query, key], labels, **options)
+    else:
+        unpaired = negatives if options.pop("negatives", False) else None
+        loss = info_nce(query, key, unpaired, labels=labels, **options)
+    grads = torch.autograd.grad(loss, [query, key], torch.ones_like(loss), allow_unused=True)
+    zeros = (torch.zeros_like(query), torch.zeros_like(key))
+    return loss.detach(), [z if g is None else g for z, g in zip(zeros, grads, strict=True)]
+
+
+def _empty_rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
+    try:
+        results = {name: empty_rank_case(name, rank) for name in EMPTY_RANK_CASES}
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_a_rank_with_an_empty_batch_takes_part_with_zero_loss(tmp_path: Path) -> None:
+    # Rank 1's share of the batch is empty (the tail of an uneven epoch): it
+    # takes part in every collective (no rank hangs; the gloo timeout would
+    # fail the run), its loss is 0 and it has no gradient, and rank 0's loss
+    # and gradients are one process's on rank 0's batch with both ranks'
+    # negatives.
+    (port,) = free_ports(1)
+    run = start_processes(  # type: ignore[no-untyped-call]
+        _empty_rank_worker,
+        args=(2, port, str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    try:
+        while not run.join():
+            pass
+    finally:
+        for process in run.processes:
+            if process.is_alive():
+                process.terminate()
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for name, options in EMPTY_RANK_CASES.items():
+        loss, grads = ranks[1][name]
+        none = options.get("reduction") == "none"
+        assert loss.shape == ((0,) if none else ()), name
+        assert torch.all(loss == 0), name
+        assert all(grad.numel() == 0 for grad in grads), name
+        got_loss, got_grads = ranks[0][name]
+        want_loss, want_grads = empty_rank_case(name, None)
+        assert_close_scaled(got_loss, want_loss, rtol=TOLERANCE, atol=TOLERANCE, name=name)
+        for got, want in zip(got_grads, want_grads, strict=True):
+            assert_close_scaled(got, want, rtol=TOLERANCE, atol=TOLERANCE, name=name)

@@ -26,9 +26,13 @@ FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def reduce_loss(values: Tensor, reduction: Reduction) -> Tensor:
-    """Apply ``reduction`` to per-sample values: their mean, their sum, or the values."""
+    """Apply ``reduction`` to per-sample values: their mean, their sum, or the values.
+
+    The mean of no values is 0 (a rank with an empty batch under
+    ``gather_distributed``), not NaN.
+    """
     if reduction == "mean":
-        return values.mean()
+        return values.mean() if values.numel() else values.sum()
     if reduction == "sum":
         return values.sum()
     return values
@@ -144,8 +148,14 @@ def check_inputs(
     positive_key: object,
     negative_keys: object,
     negative_mode: NegativeMode,
+    *,
+    allow_empty: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Check the embeddings' types, shapes, dtypes and devices; return them typed."""
+    """Check the embeddings' types, shapes, dtypes and devices; return them typed.
+
+    ``allow_empty``: B = 0 is allowed (a rank whose share of the batch is
+    empty still takes part in the gathering).
+    """
     query = _check_tensor("query", query)
     positive_key = _check_tensor("positive_key", positive_key)
     named = [("query", query), ("positive_key", positive_key)]
@@ -166,7 +176,7 @@ def check_inputs(
     for name, tensor in named[1:]:
         _check_like(name, tensor, "query", query)
 
-    if len(query) == 0:
+    if len(query) == 0 and not allow_empty:
         raise ValueError(f"<query> must hold at least one sample, got shape {tuple(query.shape)}")
     if query.shape[-1] == 0:
         raise ValueError(
@@ -320,8 +330,11 @@ def check_negative_mask(
     return negative_mask
 
 
-def check_views(views: object) -> Tensor:
-    """NT-Xent's views, a (V, B, D) tensor or V >= 2 tensors (B, D), as one (V, B, D) tensor."""
+def check_views(views: object, *, allow_empty: bool = False) -> Tensor:
+    """NT-Xent's views, a (V, B, D) tensor or V >= 2 tensors (B, D), as one (V, B, D) tensor.
+
+    ``allow_empty``: B = 0 is allowed (see `check_inputs`).
+    """
     if isinstance(views, Tensor):
         stacked = _check_tensor("views", views)
         _check_dim("views", stacked, 3, "(V, B, D)", " when a tensor")
@@ -356,7 +369,7 @@ def check_views(views: object) -> Tensor:
     num_views, batch, dim = stacked.shape
     if num_views < 2:
         raise ValueError(f"views must hold at least 2 views, got shape {tuple(stacked.shape)}")
-    if batch == 0 or dim == 0:
+    if (batch == 0 and not allow_empty) or dim == 0:
         raise ValueError(
             "views must hold at least one sample (B >= 1) of at least one component (D >= 1), "
             f"got shape {tuple(stacked.shape)}"

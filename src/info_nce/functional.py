@@ -130,8 +130,11 @@ def info_nce(
             gradient on the concatenated batch, and the mean of the ranks'
             losses equals the single-process loss. ``'sum'`` and ``'none'``
             return this rank's sum and rows, so unequal local batch sizes are
-            handled exactly by scaling a sum. Without a process group, or with
-            W = 1, it changes nothing.
+            handled exactly by scaling a sum. A rank whose share of the batch
+            is empty (B = 0, the tail of an uneven epoch) takes part in the
+            gathering and returns 0 (``'none'``: shape (0,)) without
+            gradient, so no rank waits for it. Without a process group, or
+            with W = 1, it changes nothing.
         decoupled: decoupled contrastive learning (Yeh et al. 2022): the
             positives leave the denominator, so query i's loss is
             ``logsumexp(negatives' logits) - mean(positives' logits)``. Works
@@ -199,8 +202,10 @@ def info_nce(
     symmetric = check_bool("symmetric", symmetric)
     gather_distributed = check_bool("gather_distributed", gather_distributed)
     normalize = check_bool("normalize", normalize)
+    # A rank with an empty share of a gathered batch still takes part.
+    gather = gather_distributed and distributed.world_size() > 1
     query, positive_key, negative_keys = check_inputs(
-        query, positive_key, negative_keys, negative_mode
+        query, positive_key, negative_keys, negative_mode, allow_empty=gather
     )
     labels = check_labels(labels, query)
     negative_labels = check_negative_labels(negative_labels, labels, negative_keys, negative_mode)
@@ -213,7 +218,6 @@ def info_nce(
     if isinstance(temperature, Tensor):
         temperature = temperature.to(compute_dtype)
     paired = negative_keys is not None and negative_mode == "paired"
-    gather = gather_distributed and distributed.world_size() > 1
     if gather or chunk_size is not None:
         use_dense = False  # the engine takes queries and keys of different lengths
     elif paired and not in_batch:
@@ -318,7 +322,8 @@ def nt_xent(
             processes, each rank's anchors (its own V * B embeddings) are
             scored against all ranks' embeddings, with gradients reaching the
             owning rank: the contract of `info_nce`'s ``gather_distributed``.
-            Every rank must pass the same V; local batch sizes may differ.
+            Every rank must pass the same V; local batch sizes may differ, and
+            may be 0 (that rank returns 0, see `info_nce`).
         decoupled: the positives leave the denominator: anchor (v, i)'s loss is
             ``logsumexp(negatives' logits) - mean(positives' logits)``. With V = 2
             and no labels this is lightly's ``DCLLoss`` (without a weighting
@@ -377,7 +382,8 @@ def nt_xent(
     anchors = check_anchors(anchors)
     normalize = check_bool("normalize", normalize)
     gather_distributed = check_bool("gather_distributed", gather_distributed)
-    stacked = check_views(views)
+    gather = gather_distributed and distributed.world_size() > 1
+    stacked = check_views(views, allow_empty=gather)
     labels = check_labels(labels, stacked[0])
     negative_keys = check_view_negatives(negative_keys, stacked)
     negative_labels = check_negative_labels(negative_labels, labels, negative_keys, "unpaired")
@@ -389,7 +395,6 @@ def nt_xent(
         temperature = temperature.to(compute_dtype)
     num_views, batch, _ = stacked.shape
     first_view_only = anchors == "first"
-    gather = gather_distributed and distributed.world_size() > 1
     anchor_rows = batch if first_view_only else num_views * batch
     candidates = num_views * batch + (0 if negative_keys is None else len(negative_keys))
     use_dense = not gather and chunk_size is None and anchor_rows * candidates <= DENSE_MAX_LOGITS

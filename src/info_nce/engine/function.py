@@ -258,7 +258,8 @@ def _input_grads(
 def _scalar_scale(grad_output: Tensor, options: LogSumExpOptions, num_rows: int) -> Tensor:
     """The weight of every row's loss under a scalar reduction."""
     scale = grad_output * options.row_scale
-    return scale / num_rows if options.reduction == "mean" else scale
+    # max(1, ...): a rank with no rows (an empty share of a gathered batch) has zero gradients.
+    return scale / max(1, num_rows) if options.reduction == "mean" else scale
 
 
 def log_sum_exp(

@@ -105,7 +105,7 @@ def default_block_shape(
     of complete rows.
     """
     rows = default_block_rows(num_rows, num_candidates)
-    tile_rows = min(num_rows, MIN_BLOCK_ROWS)
+    tile_rows = max(1, min(num_rows, MIN_BLOCK_ROWS))
     tile = max(1, TARGET_BLOCK_ELEMENTS // tile_rows)
     if tileable and (
         (frozen_keys and num_candidates > 2 * tile) or rows < min(num_rows, MIN_TILED_ROWS)
