@@ -51,6 +51,20 @@ def _objective(variant: Variant, extra_width: int) -> RowObjective:
     return InfoNCEObjective()
 
 
+def _unpaired_negatives(
+    negative_keys: Tensor | None, negative_labels: Tensor | None, dtype: torch.dtype, gather: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """(M, D) all ranks' unpaired negatives in ``dtype`` and their (M,) labels, gathered alike."""
+    if negative_keys is None:
+        return None, negative_labels
+    negatives = negative_keys.to(dtype)
+    if not gather:
+        return negatives, negative_labels
+    gatherer = Gatherer(len(negatives), negatives.device)
+    labels = None if negative_labels is None else gatherer(negative_labels)
+    return gatherer(negatives), labels
+
+
 def _clamp_logits(rows: Tensor, temperature: float | Tensor) -> Tensor:
     """(R, 1) the debiased estimator's clamp logit ``-1/t`` (cosine -1), with autograd."""
     if isinstance(temperature, Tensor):
@@ -100,15 +114,9 @@ def info_nce_problem(
     if symmetric and not columns_in_walk:
         column_queries = query if gatherer is None else gatherer(query)
 
-    negatives = None  # (M, D) all ranks' unpaired negatives
-    all_negative_labels = negative_labels  # (M,) theirs
-    if negative_keys is not None and not paired:
-        negatives = negative_keys.to(query.dtype)
-        if gatherer is not None:
-            negative_gatherer = Gatherer(len(negatives), negatives.device)
-            negatives = negative_gatherer(negatives)
-            if negative_labels is not None:
-                all_negative_labels = negative_gatherer(negative_labels)
+    negatives, all_negative_labels = _unpaired_negatives(
+        None if paired else negative_keys, negative_labels, query.dtype, gather
+    )
 
     unit_query = None  # (B, D), only where a logit is computed outside the walk
     if labels is not None or not in_batch or paired:
@@ -244,13 +252,9 @@ def nt_xent_problem(
     gatherer = Gatherer(len(embeddings), views.device) if gather else None
     offset = 0 if gatherer is None else gatherer.offset
     keys = embeddings if gatherer is None else gatherer(embeddings)  # (N, D) all ranks
-    negatives = None if negative_keys is None else negative_keys.to(views.dtype)  # (M, D)
-    all_negative_labels = negative_labels
-    if negatives is not None and gatherer is not None:
-        negative_gatherer = Gatherer(len(negatives), negatives.device)
-        negatives = negative_gatherer(negatives)
-        if negative_labels is not None:
-            all_negative_labels = negative_gatherer(negative_labels)
+    negatives, all_negative_labels = _unpaired_negatives(
+        negative_keys, negative_labels, views.dtype, gather
+    )
     segments = (keys,) if negatives is None else (keys, negatives)
     rows = embeddings[:batch] if first_view_only else embeddings  # (R, D)
     unit = _normalize.unit_fn(normalize)
