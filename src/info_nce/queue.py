@@ -137,6 +137,21 @@ class MemoryQueue(nn.Module):
         Once the ring has wrapped, storage order is not insertion order. A
         loss does not depend on the order of its negatives, so the loss
         modules score against these views and never copy the queue.
+
+        Returns:
+            ``(keys, labels)``: (n, dim) views of the entries, and (n,) views
+            of their labels, or None without ``labels=True``.
+
+        Examples:
+            >>> import torch
+            >>> from info_nce import MemoryQueue
+            >>> queue = MemoryQueue(size=4, dim=2, normalize=False)
+            >>> queue.push(torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]))
+            >>> queue.push(torch.tensor([[4.0, 0.0], [5.0, 0.0]]))  # overwrites the oldest
+            >>> queue.keys[:, 0]  # oldest first: a copy
+            tensor([2., 3., 4., 5.])
+            >>> queue.unordered()[0][:, 0]  # storage order: a view
+            tensor([5., 2., 3., 4.])
         """
         labels = self.entry_labels[: self._count] if self.with_labels else None
         return self.entries[: self._count], labels
