@@ -70,8 +70,12 @@ def check_temperature(temperature: object) -> float | Tensor:
                 "temperature must be a number or a floating-point tensor with one element, "
                 f"got a tensor of dtype {temperature.dtype} and shape {tuple(temperature.shape)}"
             )
-        # One host sync: a silent NaN from a bad temperature would cost far more.
-        if not bool(torch.isfinite(temperature).all() & (temperature > 0).all()):
+        valid = torch.isfinite(temperature).all() & (temperature > 0).all()
+        if torch.compiler.is_compiling():
+            # In a compiled graph: an assert op in the graph (a RuntimeError
+            # when it fails), no graph break and no host sync.
+            torch._assert_async(valid, "temperature must be finite and > 0")
+        elif not bool(valid):  # one host sync: a silent NaN would cost far more
             raise ValueError(
                 f"temperature must be finite and > 0, got {temperature.detach().cpu().item()!r}"
             )

@@ -126,7 +126,8 @@ class LogSumExp(torch.autograd.Function):
         row_grads = needs_grad[0] or needs_grad[2]  # the temperature's comes from the rows'
         factors = _factors(rows, segments, temperature, options)
         walked, column_scales = segments, factors.columns
-        if options.grads_in_forward and options.normalize and options.tile_columns is None:
+        scaled_copy = options.grads_in_forward and options.normalize and not options.tile_columns
+        if scaled_copy:
             # A scaled copy of the keys saves two passes over every logits block.
             # It never sets the peak here: backward holds the saved gradients
             # and their rescaled copies, (B + N) * D twice. (Elsewhere the peak
@@ -152,7 +153,7 @@ class LogSumExp(torch.autograd.Function):
         ctx.num_rows = len(rows)  # type: ignore[attr-defined]
         ctx.temperature_shape = None if temperature is None else temperature.shape  # type: ignore[attr-defined]
         if options.grads_in_forward:
-            if walked is not segments:  # the scaled copies' gradients, to the keys'
+            if scaled_copy:  # the scaled copies' gradients, to the keys'
                 for grad, s in zip(result.grad_segments, factors.columns, strict=True):
                     if grad is not None and s is not None:
                         grad.mul_(s.unsqueeze(1))
