@@ -526,7 +526,10 @@ def statistics_pass(
         blocks.scale_columns_(block, tile, column_scales)
         blocks.gradient_products(block, row_block, span, tile)
 
-    if column_stats is not None and col.needs_separate_pass(column_stats, row_stat[:, 0]):
+    if column_stats is not None and (
+        # Compiled, no host sync: the exact pass of its own, always.
+        torch.compiler.is_compiling() or col.needs_separate_pass(column_stats, row_stat[:, 0])
+    ):
         column_stats = col.column_lse_pass(
             rows, segments[0], row_scales, column_scales[0], column_keys, blocks.buffer, chunk
         )

@@ -24,15 +24,17 @@ class DecoupledObjective(InfoNCEObjective):
     def forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
     ) -> Tensor:
-        empty = torch.isneginf(block.amax(dim=1))  # (R,) rows without a negative
-        if not bool(empty.any()):  # one host sync per block
+        empty = torch.isneginf(block.amax(dim=1, keepdim=True))  # (R, 1) rows without a negative
+        # Eager: one host sync per block skips the masking where no row is
+        # empty; compiled: always masked, no sync.
+        if not torch.compiler.is_compiling() and not bool(empty.any()):
             return super().forward_(block, context, row_stat, target_logit)
-        block[empty] = 0.0  # any finite row: its softmax is discarded below
+        block.masked_fill_(empty, 0.0)  # any finite row: its softmax is discarded below
         loss = super().forward_(block, context, row_stat, target_logit)
-        block[empty] = 0.0  # no gradient
+        block.masked_fill_(empty, 0.0)  # no gradient
         # +inf makes exp(logit - statistic) 0 in the gradient pass, and marks the row.
-        row_stat[empty] = float("inf")
-        return loss.masked_fill(empty, 0.0)
+        row_stat.masked_fill_(empty, float("inf"))
+        return loss.masked_fill(empty[:, 0], 0.0)
 
     def gradient_from_forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, weight: Tensor | float
@@ -53,6 +55,6 @@ class DecoupledObjective(InfoNCEObjective):
 def _alive(row_stat: Tensor, weight: Tensor | float) -> Tensor | float:
     """The rows' weights, 0 for rows without negatives (their statistic is +inf)."""
     empty = torch.isposinf(row_stat[:, :1])  # (R, 1)
-    if not bool(empty.any()):
+    if not torch.compiler.is_compiling() and not bool(empty.any()):
         return weight
     return torch.where(empty, 0.0, weight)
