@@ -13,6 +13,7 @@ Run it on one machine, two processes (CPU, gloo), from the repository root:
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,12 @@ def main() -> None:
         with torch.no_grad():
             temperature = float(two_tower.loss.temperature)
         print(f"{world_size} processes x {args.batch_size} pairs; temperature {temperature:.4f}")
+    # Tear down in order: DDP's reducer (which holds the process group) first,
+    # then, once every process is here, the group. Otherwise gloo may abort a
+    # process at exit ("terminate called without an active exception").
+    del model, optimizer, loss
+    gc.collect()  # no gloo work object may outlive the group with tensors in it
+    dist.barrier()
     dist.destroy_process_group()
 
 
