@@ -87,8 +87,12 @@ class RowObjective(Protocol):
 
         True when ``forward_`` depends on a row's candidates only through
         their log-sum-exp, so that a one-column block holding it gives the
-        same statistics and loss as the complete row, and ``gradient_``
-        works on any slice of columns (InfoNCE and the decoupled loss).
+        same statistics and loss as the complete row, ``gradient_`` works on
+        any slice of columns, and ``d loss / d logit`` of every candidate but
+        the target is the row's softmax times a row weight that
+        ``gradient_from_forward_`` applies to the extra columns and that is
+        0 only for rows without candidates (the walker's one-pass walk
+        builds the keys' part itself). InfoNCE and the decoupled loss are.
         """
         ...
 
