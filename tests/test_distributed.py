@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import subprocess
 import sys
 import traceback
@@ -29,9 +28,9 @@ from typing import Any, Literal
 import pytest
 import torch
 import torch.distributed as dist
+from ranks import free_ports, join_ranks, run_ranks, start_ranks
 from reference import assert_close as assert_close_scaled
 from torch import Tensor, nn
-from torch.multiprocessing.spawn import start_processes
 from torch.nn.parallel import DistributedDataParallel
 
 from info_nce import InfoNCE, NTXent, info_nce, nt_xent
@@ -519,41 +518,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports that are free on 127.0.0.1 now (held together, so they differ)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
     """One spawned run per world size over all cases, both at once: each rank's results."""
     out_dir = tmp_path_factory.mktemp("ranks")
-    runs = {
-        world: start_processes(  # type: ignore[no-untyped-call]
-            _worker,
-            args=(world, port, str(out_dir / f"world{world}")),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
+    ports = free_ports(len(WORLD_SIZES))
+    join_ranks(
+        *(
+            start_ranks(_worker, world, port, str(out_dir / f"world{world}"))
+            for world, port in zip(WORLD_SIZES, ports, strict=True)
         )
-        for world, port in zip(WORLD_SIZES, free_ports(len(WORLD_SIZES)), strict=True)
-    }
-    try:
-        for run in runs.values():
-            while not run.join():  # raises, with the rank's traceback, if a rank failed
-                pass
-    finally:
-        for run in runs.values():
-            for process in run.processes:
-                if process.is_alive():
-                    process.terminate()
+    )
     return {
         world: [torch.load(out_dir / f"world{world}" / f"rank{rank}.pt") for rank in range(world)]
         for world in WORLD_SIZES
@@ -754,21 +729,7 @@ def test_a_rank_with_an_empty_batch_takes_part_with_zero_loss(tmp_path: Path) ->
     # fail the run), its loss is 0 and it has no gradient, and rank 0's loss
     # and gradients are one process's on rank 0's batch with both ranks'
     # negatives.
-    (port,) = free_ports(1)
-    run = start_processes(  # type: ignore[no-untyped-call]
-        _empty_rank_worker,
-        args=(2, port, str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    try:
-        while not run.join():
-            pass
-    finally:
-        for process in run.processes:
-            if process.is_alive():
-                process.terminate()
+    run_ranks(_empty_rank_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for name, options in EMPTY_RANK_CASES.items():
         loss, grads = ranks[1][name]

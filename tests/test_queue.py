@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 from unittest import mock
 
@@ -11,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ranks import run_ranks
 from tiling import TILES_PATH, tiles_on_path  # noqa: F401  (an autouse fixture)
 from torch import Tensor, nn
-from torch.multiprocessing.spawn import start_processes
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import info_nce.module as module_file
@@ -283,31 +282,12 @@ def module_batch(rank: int, step: int) -> tuple[Tensor, Tensor]:
     return query, torch.randn(rank + 2, 3, generator=generator)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_ranks_hold_one_queue_in_rank_order_and_score_against_it(
     world: int, tmp_path: os.PathLike[str]
 ) -> None:
     out_dir = str(tmp_path)
-    run = start_processes(  # type: ignore[no-untyped-call]
-        _queue_worker,
-        args=(world, _free_port(), out_dir),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    try:
-        while not run.join():
-            pass
-    finally:
-        for process in run.processes:
-            if process.is_alive():
-                process.terminate()
+    run_ranks(_queue_worker, world, out_dir)
     loaded = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
     per_rank = [states for states, _ in loaded]
     # The module on each rank: its own batch against every rank's earlier keys.

@@ -416,10 +416,14 @@ def _tile_columns(key_start: int, total: int, tile_columns: int | None) -> list[
     return [slice(a, b) for a, b in itertools.pairwise(edges) if a < b or a == 0]
 
 
+def _shift(row_max: Tensor) -> Tensor:
+    """The rows' maxima as exponent shifts: 0 for a row without candidates (max -inf). (R,)"""
+    return torch.where(torch.isneginf(row_max), 0.0, row_max)
+
+
 def _row_lse_(block: Tensor) -> Tensor:
     """Each row's log-sum-exp of a block, overwriting it (-inf: no candidate). (R,)"""
-    row_max = block.amax(dim=1)  # (R,)
-    shift = torch.where(torch.isneginf(row_max), 0.0, row_max).unsqueeze(1)  # (R, 1)
+    shift = _shift(block.amax(dim=1)).unsqueeze(1)  # (R, 1)
     return block.sub_(shift).exp_().sum(dim=1).log_().add_(shift[:, 0])
 
 
@@ -594,7 +598,7 @@ def _online_pass(
                 targets[which] = found
             blocks.exclude_tile_(block, span, tile)
             new_max = torch.maximum(running_max, block.amax(dim=1))  # (R,)
-            shift = torch.where(torch.isneginf(new_max), 0.0, new_max)  # (R,) finite
+            shift = _shift(new_max)  # (R,) finite
             rescale = (running_max - shift).exp_()  # (R,) 0 where nothing was summed yet
             block.sub_(shift.unsqueeze(1)).exp_()  # exp(logit - m)
             running_sum.mul_(rescale).add_(block.sum(dim=1))
@@ -610,7 +614,7 @@ def _online_pass(
             for piece in tile.pieces:
                 keys = segments[piece.segment][piece.keys]
                 grad_rows.addmm_(block[:, piece.columns], keys)
-        shift = torch.where(torch.isneginf(running_max), 0.0, running_max)
+        shift = _shift(running_max)
         lse = running_sum.log().add_(shift).unsqueeze(1)  # (R, 1); -inf: no candidate
         whole_rows = RowContext(span.start, candidates=context.candidates)
         row_loss[span] = objective.forward_(lse, whole_rows, row_stat[span], targets)
