@@ -44,6 +44,7 @@ from info_nce.engine.function import (
     PairedLogits,
     PairedOptions,
     log_sum_exp,
+    paired_logits,
 )
 from info_nce.objectives import DecoupledObjective, InfoNCEObjective
 
@@ -319,9 +320,7 @@ def test_log_sum_exp_function_value_and_gradcheck(
     options = log_sum_exp_options(reduction, columns, grads_in_forward, batch, **settings)
 
     def function(query: Tensor, keys: Tensor, temperature: Tensor, *extra: Tensor) -> Tensor:
-        return LogSumExp.apply(  # type: ignore[no-any-return]
-            query, extra[0] if extra else None, temperature, options, keys
-        )
+        return log_sum_exp(query, (keys,), extra[0] if extra else None, temperature, options)
 
     inputs = (query, keys, temperature) if extra is None else (query, keys, temperature, extra)
     assert_close(
@@ -350,7 +349,7 @@ def test_log_sum_exp_function_with_a_fixed_temperature(normalize: bool, reductio
     )
 
     def function(query: Tensor, keys: Tensor) -> Tensor:
-        return LogSumExp.apply(query, None, None, options, keys)  # type: ignore[no-any-return]
+        return log_sum_exp(query, (keys,), None, None, options)
 
     expected = explicit_log_sum_exp(query, keys, None, None, options)
     assert_close(function(query, keys), expected, rtol=1e-12, atol=1e-12, name="LogSumExp")
@@ -372,7 +371,7 @@ def test_log_sum_exp_function_with_the_same_tensor_as_queries_and_keys(
     )
 
     def function(x: Tensor) -> Tensor:
-        return LogSumExp.apply(x, None, None, options, x)  # type: ignore[no-any-return]
+        return log_sum_exp(x, (x,), None, None, options)
 
     expected = explicit_log_sum_exp(x, x, None, None, options)
     assert_close(function(x), expected, rtol=1e-12, atol=1e-12, name="lse")
@@ -393,7 +392,7 @@ def test_log_sum_exp_function_on_zero_and_tiny_vectors() -> None:
     )
 
     def function(query: Tensor, keys: Tensor) -> Tensor:
-        return LogSumExp.apply(query, None, None, options, keys)  # type: ignore[no-any-return]
+        return log_sum_exp(query, (keys,), None, None, options)
 
     def reference(query: Tensor, keys: Tensor) -> Tensor:
         logits = F.normalize(query, eps=1e-12) @ F.normalize(keys, eps=1e-12).T
@@ -417,7 +416,7 @@ def test_paired_logits_function_value_and_gradcheck(normalize_negatives: bool) -
     options = PairedOptions(normalize_negatives=normalize_negatives, eps=1e-12)
 
     def function(query: Tensor, negatives: Tensor) -> Tensor:
-        return PairedLogits.apply(query, negatives, options)  # type: ignore[no-any-return]
+        return paired_logits(query, negatives, options)
 
     unit = negatives / negatives.norm(dim=-1, keepdim=True) if normalize_negatives else negatives
     expected = torch.einsum("bd,bmd->bm", query, unit)  # (B, M)
@@ -917,7 +916,7 @@ def test_log_sum_exp_function_over_two_segments_gradcheck(
 
     def function(rows: Tensor, extra: Tensor, temperature: Tensor) -> Tensor:
         # The rows are also the first segment (as in NT-Xent): gradients add up.
-        return LogSumExp.apply(rows, extra, temperature, options, rows, frozen)  # type: ignore[no-any-return]
+        return log_sum_exp(rows, (rows, frozen), extra, temperature, options)
 
     def explicit(rows: Tensor, extra: Tensor, temperature: Tensor) -> Tensor:
         units = rows / rows.norm(dim=1, keepdim=True)
@@ -1057,7 +1056,7 @@ def test_one_pass_tile_walk_gradcheck(tile_columns: int, reduction: str, decoupl
     )
 
     def function(rows: Tensor, extra: Tensor, temperature: Tensor) -> Tensor:
-        return LogSumExp.apply(rows, extra, temperature, options, *frozen)  # type: ignore[no-any-return]
+        return log_sum_exp(rows, frozen, extra, temperature, options)
 
     def explicit(rows: Tensor, extra: Tensor, temperature: Tensor) -> Tensor:
         units = rows / rows.norm(dim=1, keepdim=True)

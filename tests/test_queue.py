@@ -377,6 +377,85 @@ def test_module_scores_against_the_storage_without_a_copy() -> None:
     assert seen["labels"].data_ptr() == queue.entry_labels.data_ptr()
 
 
+@pytest.mark.parametrize("path", ["dense", "engine", TILES_PATH])
+@pytest.mark.parametrize(
+    ("module_name", "settings"),
+    [
+        pytest.param(name, settings, id=f"{name}-{id_}")
+        for name in ["InfoNCE", "NTXent"]
+        for settings, id_ in [
+            ({"reduction": "mean"}, "mean"),  # gradients built in forward: no key kept
+            ({"reduction": "none"}, "none"),  # backward recomputes the logits from the keys
+            ({"decoupled": True, "labelled": True}, "decoupled-labels"),  # and reads labels
+        ]
+    ]
+    + [pytest.param("InfoNCE", {"symmetric": True, "in_batch_negatives": True}, id="symmetric")],
+)
+def test_module_gradients_after_the_push_are_those_of_the_scored_queue(
+    path: str, settings: dict[str, object], module_name: str
+) -> None:
+    # The module pushes into the ring it scored against before backward runs:
+    # what backward reads must be the entries as scored (a copy where the
+    # loss keeps them), not the pushed ones, and no in-place error.
+    options = dict(settings)
+    labelled = bool(options.pop("labelled", False))
+    chunk = 3 if path == "engine" else None
+    size, dim, batch = 8, 5, 6
+    generator = torch.Generator().manual_seed(3)
+    queue = MemoryQueue(size, dim, dtype=torch.float64, labels=labelled)
+    queue.push(
+        torch.randn(size, dim, generator=generator, dtype=torch.float64),
+        torch.randint(0, 3, (size,), generator=generator) if labelled else None,
+    )
+    scored, scored_labels = (
+        queue.keys.clone(),
+        None if queue.labels is None else queue.labels.clone(),
+    )
+    query = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    key = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (batch,), generator=generator) if labelled else None
+    module: torch.nn.Module
+    if module_name == "InfoNCE":
+        module = InfoNCE(temperature=0.3, queue=queue, chunk_size=chunk, **options)  # type: ignore[arg-type]
+
+        def expected(q: Tensor, k: Tensor) -> Tensor:
+            return info_nce(
+                q,
+                k,
+                scored,
+                temperature=0.3,
+                chunk_size=chunk,
+                labels=labels,
+                negative_labels=scored_labels,
+                **options,  # type: ignore[arg-type]
+            )
+    else:
+        module = NTXent(temperature=0.3, queue=queue, chunk_size=chunk, **options)  # type: ignore[arg-type]
+
+        def expected(q: Tensor, k: Tensor) -> Tensor:
+            return nt_xent(
+                [q, k],
+                temperature=0.3,
+                chunk_size=chunk,
+                labels=labels,
+                negative_keys=scored,
+                negative_labels=scored_labels,
+                **options,  # type: ignore[arg-type]
+            )
+
+    def weighted(loss: Tensor) -> Tensor:  # a random upstream gradient for 'none'
+        upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(4))
+        return (loss * upstream).sum()
+
+    leaves = [query.clone().requires_grad_(), key.clone().requires_grad_()]
+    got = torch.autograd.grad(weighted(module(*leaves, labels=labels)), leaves)
+    assert not torch.equal(queue.unordered()[0], scored)  # the step pushed before backward
+    leaves = [query.clone().requires_grad_(), key.clone().requires_grad_()]
+    want = torch.autograd.grad(weighted(expected(*leaves)), leaves)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_module_pushes_only_in_training_with_gradients() -> None:
     module = InfoNCE(queue=MemoryQueue(16, 4))
     query, key = torch.randn(3, 4), torch.randn(3, 4)

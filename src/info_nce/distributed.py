@@ -11,7 +11,8 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
+
+from info_nce._autograd import guard_backward, refuse_derivative, refuse_vmap
 
 
 def is_distributed() -> bool:
@@ -47,6 +48,9 @@ def _all_gather_padded(tensor: Tensor, sizes: list[int]) -> Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
 
 
+_ALLGATHER = "gather_distributed (AllGather)"
+
+
 class AllGather(torch.autograd.Function):
     """All-gather along dim 0 whose backward returns each rank the gradient of its own rows.
 
@@ -57,22 +61,28 @@ class AllGather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, tensor: Tensor, sizes: list[int]) -> Tensor:
-        ctx.sizes = sizes  # type: ignore[attr-defined]
+    def forward(tensor: Tensor, sizes: list[int]) -> Tensor:
         return _all_gather_padded(tensor, sizes)
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        tensor, ctx.sizes = inputs
+        ctx.save_for_backward(tensor)  # to refuse a second derivative (see backward)
+
+    vmap = refuse_vmap(_ALLGATHER)
+
+    @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "AllGather: gather_distributed does not support differentiating the loss "
-                "twice (create_graph=True / double backward)"
-            )
-        sizes: list[int] = ctx.sizes
-        grad = grad_output.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = sum(sizes[: rank()])
-        return grad[start : start + sizes[rank()]], None
+        refuse = guard_backward(_ALLGATHER)
+        with torch.no_grad():
+            sizes: list[int] = ctx.sizes
+            grad = grad_output.contiguous()
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            start = sum(sizes[: rank()])
+            grads: tuple[Tensor | None, ...] = (grad[start : start + sizes[rank()]],)
+        if refuse:
+            grads = refuse_derivative(_ALLGATHER, grads, ctx.saved_tensors)
+        return grads[0], None
 
 
 def all_gather(tensor: Tensor, sizes: list[int]) -> Tensor:

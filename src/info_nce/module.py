@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from info_nce._validation import (
     check_temperature,
     check_variant,
 )
+from info_nce.engine import overwritten_after
 from info_nce.functional import info_nce, nt_xent
 from info_nce.queue import MemoryQueue
 
@@ -81,6 +83,15 @@ class _LossModule(nn.Module):
         if self.queue is None:
             return negative_keys, None
         return queue_negatives(self.queue, query, negative_keys, labels)
+
+    def _reading_queue(self) -> AbstractContextManager[None]:
+        """Around the loss: the queue is pushed to before backward (`overwritten_after`)."""
+        if self.queue is None:
+            return nullcontext()
+        storage = [self.queue.entries]
+        if self.queue.with_labels:
+            storage.append(self.queue.entry_labels)
+        return overwritten_after(*storage)
 
     def _push(self, keys: Tensor, labels: Tensor | None) -> None:
         """After the loss: the batch's keys (and labels) join the queue, in training only."""
@@ -267,25 +278,26 @@ class InfoNCE(_LossModule):
     ) -> Tensor:
         negative_mode = "unpaired" if self.queue is not None else self.negative_mode
         negative_keys, negative_labels = self._queue_negatives(query, negative_keys, labels)
-        loss = info_nce(
-            query,
-            positive_key,
-            negative_keys,
-            temperature=self.temperature,
-            reduction=self.reduction,
-            negative_mode=negative_mode,
-            symmetric=self.symmetric,
-            in_batch_negatives=self.in_batch_negatives,
-            labels=labels,
-            negative_labels=negative_labels,
-            negative_mask=negative_mask,
-            normalize=self.normalize,
-            chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
-            decoupled=self.decoupled,
-            false_negative_rate=self.false_negative_rate,
-            hard_negative_beta=self.hard_negative_beta,
-        )
+        with self._reading_queue():
+            loss = info_nce(
+                query,
+                positive_key,
+                negative_keys,
+                temperature=self.temperature,
+                reduction=self.reduction,
+                negative_mode=negative_mode,
+                symmetric=self.symmetric,
+                in_batch_negatives=self.in_batch_negatives,
+                labels=labels,
+                negative_labels=negative_labels,
+                negative_mask=negative_mask,
+                normalize=self.normalize,
+                chunk_size=self.chunk_size,
+                gather_distributed=self.gather_distributed,
+                decoupled=self.decoupled,
+                false_negative_rate=self.false_negative_rate,
+                hard_negative_beta=self.hard_negative_beta,
+            )
         self._push(positive_key, labels)  # after scoring: the next batch's negatives
         return loss
 
@@ -385,21 +397,22 @@ class NTXent(_LossModule):
         stacked: Tensor | Sequence[Tensor] = views[0] if len(views) == 1 else views
         last_view = views[-1] if len(views) > 1 else views[0][-1]  # (B, D)
         negative_keys, negative_labels = self._queue_negatives(last_view, None, labels)
-        loss = nt_xent(
-            stacked,
-            labels,
-            temperature=self.temperature,
-            reduction=self.reduction,
-            anchors=self.anchors,
-            normalize=self.normalize,
-            chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
-            decoupled=self.decoupled,
-            false_negative_rate=self.false_negative_rate,
-            hard_negative_beta=self.hard_negative_beta,
-            negative_keys=negative_keys,
-            negative_labels=negative_labels,
-        )
+        with self._reading_queue():
+            loss = nt_xent(
+                stacked,
+                labels,
+                temperature=self.temperature,
+                reduction=self.reduction,
+                anchors=self.anchors,
+                normalize=self.normalize,
+                chunk_size=self.chunk_size,
+                gather_distributed=self.gather_distributed,
+                decoupled=self.decoupled,
+                false_negative_rate=self.false_negative_rate,
+                hard_negative_beta=self.hard_negative_beta,
+                negative_keys=negative_keys,
+                negative_labels=negative_labels,
+            )
         self._push(last_view, labels)  # after scoring: the next batch's negatives
         return loss
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from info_nce import _normalize, distributed
+from info_nce._autograd import outside_transforms
 from info_nce._validation import (
     check_bool,
     check_positive_int,
@@ -180,7 +181,10 @@ class MemoryQueue(nn.Module):
             with_labels=self.with_labels,
             device=self.entries.device,
         )
-        keys = keys.detach()
+        with outside_transforms("MemoryQueue.push") as values:
+            self._push(values(keys.detach()), None if labels is None else values(labels))
+
+    def _push(self, keys: Tensor, labels: Tensor | None) -> None:
         if self.normalize:
             keys = _normalize.unit(keys)
         if self.gather_distributed and distributed.world_size() > 1:

@@ -12,17 +12,59 @@ classes) * D) autograd ops.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
+from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
 from info_nce._validation import Reduction, reduce_loss
 from info_nce.engine.function import LogSumExpOptions, log_sum_exp
 from info_nce.engine.walker import Diagonal, LabelRule, default_block_shape
 from info_nce.objectives import InfoNCEObjective, RowObjective, mean_positive_logit
 
-__all__ = ["Diagonal", "LabelRule", "Positives", "Problem", "Walk", "run"]
+__all__ = ["Diagonal", "LabelRule", "Positives", "Problem", "Walk", "overwritten_after", "run"]
+
+# Storage that the caller overwrites in place after the loss, before its
+# backward (a queue's ring, pushed to after scoring): see `overwritten_after`.
+# A plain list, which torch.compile traces (a ContextVar it does not); shared
+# by threads, where an entry of another thread's can cost a needless copy of
+# keys on the same storage, never a missed one.
+_OVERWRITTEN: list[Tensor] = []
+
+
+@contextmanager
+def overwritten_after(*storage: Tensor) -> Iterator[None]:
+    """Within: keys that view ``storage`` are copied where backward would read them.
+
+    A walk that builds its gradients in forward keeps no key; one that
+    recomputes them in backward (``reduction='none'``, the symmetric loss,
+    two-pass tiles) keeps its keys, and a key segment on storage that the
+    caller overwrites before backward is then kept as a copy (frozen keys
+    only). So the loss modules read their queue in place and push to it
+    after the loss.
+    """
+    _OVERWRITTEN.extend(storage)
+    try:
+        yield
+    finally:
+        for entry in storage:  # by identity (list.remove would compare tensors)
+            del _OVERWRITTEN[next(i for i, x in enumerate(_OVERWRITTEN) if x is entry)]
+
+
+def _kept_copy(keys: Tensor) -> Tensor:
+    """``keys`` (or labels), or a copy if they view storage in `overwritten_after`."""
+    storage = _OVERWRITTEN
+    if not storage or keys.requires_grad:  # keys with gradient are no ring
+        return keys
+    values = keys
+    while is_functorch_wrapped_tensor(values):  # inside torch.func's grad or vjp
+        values = get_unwrapped(values)
+    pointer = values.untyped_storage().data_ptr()
+    overwritten = any(s.untyped_storage().data_ptr() == pointer for s in storage)
+    return keys.clone() if overwritten else keys
 
 
 @dataclass(frozen=True)
@@ -141,4 +183,11 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         ),
         objective=walk.objective,
     )
-    return log_sum_exp(walk.rows, walk.segments, extra, tensor_temperature, options)
+    segments = walk.segments
+    if needs_grad and not options.grads_in_forward:  # backward reads the keys and labels
+        segments = tuple(_kept_copy(keys) for keys in segments)
+        rule = options.exclude_labels
+        if rule is not None:
+            labels = tuple(None if x is None else _kept_copy(x) for x in rule.segments)
+            options = replace(options, exclude_labels=LabelRule(rule.rows, labels))
+    return log_sum_exp(walk.rows, segments, extra, tensor_temperature, options)

@@ -11,12 +11,22 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
 
+from info_nce._autograd import (
+    DENSE_HINT,
+    guard_backward,
+    refuse_derivative,
+    refuse_forward_mode,
+    refuse_vmap,
+)
 from info_nce._validation import Reduction, reduce_loss
 from info_nce.engine import scales as sc
 from info_nce.engine import walker
 from info_nce.objectives import InfoNCEObjective, RowObjective
+
+# How the errors of `info_nce._autograd` name the Functions.
+_LOGSUMEXP = "the blockwise engine (LogSumExp)"
+_PAIREDLOGITS = "the blockwise engine (PairedLogits)"
 
 
 @dataclass(frozen=True)
@@ -87,42 +97,29 @@ class LogSumExpOptions:
         )
 
 
-def refuse_double_backward(function: str) -> None:
-    """Raise if a backward is being differentiated (``create_graph=True``).
-
-    The engine's backward passes are not built from differentiable ops, and
-    ``once_differentiable`` only raises when the incoming gradient itself needs
-    a gradient, which is not the case for a loss's first derivative: without
-    this check a second derivative would silently be wrong.
-    """
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"{function}: the blockwise engine does not support differentiating the loss "
-            "twice (create_graph=True / double backward); the dense path does, and is "
-            "taken for small problems with chunk_size=None"
-        )
-
-
 class LogSumExp(torch.autograd.Function):
     """Autograd Function: the reduced row loss (and column term) of rows against key segments.
 
-    ``apply(rows, extra, temperature, options, *segments)``. Inputs are the raw
-    rows and keys: normalisation and temperature are applied inside (see
-    `walker`) and differentiated in place, so no scaled copy of either exists.
-    A segment that needs no gradient costs no gradient product.
+    ``apply(rows, extra, temperature, options, needs_grad, *segments)``
+    returns the loss and what backward needs (see `log_sum_exp`). Inputs are
+    the raw rows and keys: normalisation and temperature are applied inside
+    (see `walker`) and differentiated in place, so no scaled copy of either
+    exists. ``needs_grad`` says which of ``(rows, extra, temperature,
+    *segments)`` get a gradient: forward builds only those (a segment that
+    needs none costs no gradient product). Forward takes no ``ctx``
+    (`setup_context` saves), so the Function works under torch.func.
     """
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
         rows: Tensor,
         extra: Tensor | None,
         temperature: Tensor | None,
         options: LogSumExpOptions,
+        needs_grad: tuple[bool, ...],
         *segments: Tensor,
-    ) -> Tensor:
-        needs_grad = ctx.needs_input_grad  # type: ignore[attr-defined]
-        segment_grads = tuple(needs_grad[4:])
+    ) -> tuple[Tensor | None, ...]:
+        segment_grads = tuple(needs_grad[3:])
         row_grads = needs_grad[0] or needs_grad[2]  # the temperature's comes from the rows'
         factors = _factors(rows, segments, temperature, options)
         walked, column_scales = segments, factors.columns
@@ -149,20 +146,6 @@ class LogSumExp(torch.autograd.Function):
             segment_grads=segment_grads,
             row_grads=row_grads,
         )
-        ctx.options = options  # type: ignore[attr-defined]
-        ctx.num_rows = len(rows)  # type: ignore[attr-defined]
-        ctx.temperature_shape = None if temperature is None else temperature.shape  # type: ignore[attr-defined]
-        if options.grads_in_forward:
-            if scaled_copy:  # the scaled copies' gradients, to the keys'
-                for grad, s in zip(result.grad_segments, factors.columns, strict=True):
-                    if grad is not None and s is not None:
-                        grad.mul_(s.unsqueeze(1))
-            grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
-            saved = (result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments)
-            ctx.save_for_backward(*saved)  # type: ignore[arg-type]  # some may be None
-        else:
-            saved = (rows, extra, temperature, result.row_stat, result.column_lse, *segments)
-            ctx.save_for_backward(*saved)  # type: ignore[arg-type]  # some may be None
         assert result.row_loss is not None
         output = options.row_scale * result.row_loss  # (B,)
         if result.column_lse is not None:
@@ -170,22 +153,67 @@ class LogSumExp(torch.autograd.Function):
             if result.target_logit is not None:
                 column_term = column_term - result.target_logit
             output = output + options.column_scale * column_term
-        return reduce_loss(output, options.reduction)
+        loss = reduce_loss(output, options.reduction)
+        if not options.grads_in_forward:
+            return loss, result.row_stat, result.column_lse
+        if scaled_copy:  # the scaled copies' gradients, to the keys'
+            for grad, s in zip(result.grad_segments, factors.columns, strict=True):
+                if grad is not None and s is not None:
+                    grad.mul_(s.unsqueeze(1))
+        grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
+        return loss, result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        refuse_double_backward("LogSumExp")
-        options: LogSumExpOptions = ctx.options
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor | None, ...]) -> None:
+        rows, extra, temperature, options, _, *segments = inputs
+        _, *kept = output  # the saved statistics, or the gradients built in forward
+        ctx.options = options
+        ctx.num_rows = len(rows)
+        ctx.num_kept = len(kept)
+        ctx.temperature_shape = None if temperature is None else temperature.shape
+        ctx.mark_non_differentiable(*(t for t in kept if t is not None))
+        ctx.set_materialize_grads(False)  # no zeros for the outputs that are no loss
+        inputs = (rows, extra, temperature, *segments)
         if options.grads_in_forward:
-            grad_rows, grad_extra, grad_temperature, *grad_segments = ctx.saved_tensors
+            # Backward reads no input; those that need a gradient (alive
+            # anyway) are what a gradient that must refuse a derivative hangs
+            # off. Frozen keys (a queue's ring) are not kept.
+            inputs = tuple(x for x in inputs if x is not None and x.requires_grad)
+        ctx.save_for_backward(*kept, *inputs)
+
+    vmap = refuse_vmap(_LOGSUMEXP, DENSE_HINT)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
+        if grad_output is None:  # no gradient reaches the loss (the other outputs take none)
+            return (None,) * (5 + len(ctx.needs_input_grad[5:]))
+        refuse = guard_backward(_LOGSUMEXP, DENSE_HINT)
+        saved = ctx.saved_tensors
+        with torch.no_grad():
+            grads = LogSumExp.gradients(ctx, grad_output, saved)
+        return refuse_derivative(_LOGSUMEXP, grads, saved, DENSE_HINT) if refuse else grads
+
+    @staticmethod
+    def gradients(
+        ctx: Any, grad_output: Tensor, saved: tuple[Tensor | None, ...]
+    ) -> tuple[Tensor | None, ...]:
+        """Backward's gradients (grad mode off)."""
+        options: LogSumExpOptions = ctx.options
+        kept = saved[: ctx.num_kept]
+        if options.grads_in_forward:
+            grad_rows, grad_extra, grad_temperature, *grad_segments = kept
             scale = _scalar_scale(grad_output, options, ctx.num_rows)
             grad_rows, grad_extra, grad_temperature, *grad_segments = (
                 None if grad is None else grad * scale
                 for grad in (grad_rows, grad_extra, grad_temperature, *grad_segments)
             )
-            return grad_rows, grad_extra, grad_temperature, None, *grad_segments
-        rows, extra, temperature, row_stat, column_lse, *segment_list = ctx.saved_tensors
-        segments = tuple(segment_list)
+            return grad_rows, grad_extra, grad_temperature, None, None, *grad_segments
+        row_stat, column_lse = kept
+        rows, extra, temperature, *segment_list = saved[ctx.num_kept :]
+        segments = cast(tuple[Tensor, ...], tuple(segment_list))
+        assert row_stat is not None
+        assert rows is not None
+        needs_grad = ctx.needs_input_grad
         row_weight: Tensor | None = None
         column_weight: Tensor | float
         if options.reduction == "none":
@@ -207,12 +235,10 @@ class LogSumExp(torch.autograd.Function):
             column_scales=factors.columns,
             row_weight=row_weight,
             column_weight=column_weight,
-            segment_grads=tuple(ctx.needs_input_grad[4:]),
-            row_grads=ctx.needs_input_grad[0] or ctx.needs_input_grad[2],
+            segment_grads=tuple(needs_grad[5:]),
+            row_grads=needs_grad[0] or needs_grad[2],
         )
-        grad_temperature = _input_grads(
-            rows, segments, result, factors, options, ctx.needs_input_grad[2]
-        )
+        grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
         grads = (result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments)
         if row_weight is None:
             scale = _scalar_scale(grad_output, options, len(rows))
@@ -220,7 +246,7 @@ class LogSumExp(torch.autograd.Function):
         grad_rows, grad_extra, grad_temperature, *grad_segments = grads
         if grad_temperature is not None:
             grad_temperature = grad_temperature.reshape(ctx.temperature_shape)
-        return grad_rows, grad_extra, grad_temperature, None, *grad_segments
+        return grad_rows, grad_extra, grad_temperature, None, None, *grad_segments
 
 
 def _factors(
@@ -280,8 +306,12 @@ def log_sum_exp(
     (logits[:, E:E + C].logsumexp(0) - target)``, reduced, without the logits
     matrix or the normalised copies.
     """
-    output = LogSumExp.apply(rows, extra, temperature, options, *segments)  # type: ignore[no-untyped-call]
-    return cast(Tensor, output)
+    refuse_forward_mode(_LOGSUMEXP, DENSE_HINT)
+    inputs = (rows, extra, temperature, *segments)
+    grad_mode = torch.is_grad_enabled()
+    needs_grad = tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
+    outputs = LogSumExp.apply(rows, extra, temperature, options, needs_grad, *segments)  # type: ignore[no-untyped-call]
+    return cast(Tensor, outputs[0])
 
 
 @dataclass(frozen=True)
@@ -306,23 +336,43 @@ class PairedLogits(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: FunctionCtx, query: Tensor, negative_keys: Tensor, options: PairedOptions
-    ) -> Tensor:
+    def forward(query: Tensor, negative_keys: Tensor, options: PairedOptions) -> tuple[Tensor, ...]:
         logits = torch.bmm(negative_keys, query.unsqueeze(2)).squeeze(2)  # (B, M) dot products
-        norms = None
-        if options.normalize_negatives:
-            norms = torch.linalg.vector_norm(negative_keys, dim=2)  # (B, M)
-            logits.div_(norms.clamp_min(options.eps))
-        ctx.options = options  # type: ignore[attr-defined]
-        ctx.save_for_backward(query, negative_keys, logits, norms)  # type: ignore[arg-type]
-        return logits
+        if not options.normalize_negatives:
+            return (logits,)
+        norms = torch.linalg.vector_norm(negative_keys, dim=2)  # (B, M)
+        logits.div_(norms.clamp_min(options.eps))
+        return logits, norms
 
     @staticmethod
-    def backward(ctx: Any, grad_logits: Tensor) -> tuple[Tensor | None, ...]:
-        refuse_double_backward("PairedLogits")
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        query, negative_keys, options = inputs
+        logits, *norms = output
+        ctx.options = options
+        ctx.mark_non_differentiable(*norms)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(query, negative_keys, logits, *norms)
+
+    vmap = refuse_vmap(_PAIREDLOGITS, DENSE_HINT)
+
+    @staticmethod
+    def backward(ctx: Any, grad_logits: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
+        if grad_logits is None:  # no gradient reaches the logits (the norms take none)
+            return None, None, None
+        refuse = guard_backward(_PAIREDLOGITS, DENSE_HINT)
+        saved = ctx.saved_tensors
+        with torch.no_grad():
+            grads = PairedLogits.gradients(ctx, grad_logits, saved)
+        return refuse_derivative(_PAIREDLOGITS, grads, saved, DENSE_HINT) if refuse else grads
+
+    @staticmethod
+    def gradients(
+        ctx: Any, grad_logits: Tensor, saved: tuple[Tensor, ...]
+    ) -> tuple[Tensor | None, ...]:
+        """Backward's gradients (grad mode off)."""
         options: PairedOptions = ctx.options
-        query, negatives, logits, norms = ctx.saved_tensors
+        query, negatives, logits, *saved_norms = saved
+        norms = saved_norms[0] if saved_norms else None
         grad_dots = grad_logits  # (B, M) gradient of the raw dot products
         if norms is not None:
             inverse_norms = norms.clamp_min(options.eps).reciprocal()  # (B, M)
@@ -344,5 +394,6 @@ class PairedLogits(torch.autograd.Function):
 
 def paired_logits(query: Tensor, negative_keys: Tensor, options: PairedOptions) -> Tensor:
     """(B, M) logits of each query against its own negatives through `PairedLogits`."""
-    logits = PairedLogits.apply(query, negative_keys, options)  # type: ignore[no-untyped-call]
-    return cast(Tensor, logits)
+    refuse_forward_mode(_PAIREDLOGITS, DENSE_HINT)
+    outputs = PairedLogits.apply(query, negative_keys, options)  # type: ignore[no-untyped-call]
+    return cast(Tensor, outputs[0])
