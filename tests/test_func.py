@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.func
+from grid import PATHS, B, D, Loss, chunk, inputs, options
 from ranks import run_ranks
 from reference import assert_close
 from tiling import TILES_PATH, tiles_on_path  # noqa: F401  (autouse: the tiles path)
@@ -26,79 +27,7 @@ from info_nce import InfoNCE, MemoryQueue, NTXent, info_nce, nt_xent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-B, D, M = 13, 5, 3
-PATHS = ["dense", "engine", TILES_PATH]
-Loss = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-
-
-def chunk(path: str) -> int | None:
-    return 4 if path == "engine" else None  # dense: small problems; tiles: `on_path`
-
-
-def options(path: str, reduction: str = "mean") -> dict[str, Loss]:
-    """Each option as a loss of (query, key, negatives, temperature) on ``path``."""
-    c = chunk(path)
-    labels = torch.arange(B) % 4
-    return {
-        "in-batch": lambda q, k, n, t: info_nce(
-            q, k, temperature=t, chunk_size=c, reduction=reduction
-        ),
-        "unpaired": lambda q, k, n, t: info_nce(
-            q, k, n[:, 0], negative_mode="unpaired", chunk_size=c, reduction=reduction
-        ),
-        "paired-mask": lambda q, k, n, t: info_nce(
-            q,
-            k,
-            n,
-            negative_mode="paired",
-            negative_mask=(torch.arange(B * M) % 5 > 0).reshape(B, M),
-            chunk_size=c,
-            reduction=reduction,
-        ),
-        "in-batch+hard": lambda q, k, n, t: info_nce(
-            q,
-            k,
-            n,
-            negative_mode="paired",
-            in_batch_negatives=True,
-            chunk_size=c,
-            reduction=reduction,
-        ),
-        "symmetric": lambda q, k, n, t: info_nce(
-            q, k, temperature=t, symmetric=True, chunk_size=c, reduction=reduction
-        ),
-        "labels": lambda q, k, n, t: info_nce(
-            q, k, labels=labels, chunk_size=c, reduction=reduction
-        ),
-        "decoupled": lambda q, k, n, t: info_nce(
-            q, k, decoupled=True, chunk_size=c, reduction=reduction
-        ),
-        "nt_xent": lambda q, k, n, t: nt_xent(
-            [q, k], temperature=t, chunk_size=c, reduction=reduction
-        ),
-        "nt_xent-debiased": lambda q, k, n, t: nt_xent(
-            [q, k], false_negative_rate=0.1, chunk_size=c, reduction=reduction
-        ),
-        "nt_xent-hard-negative": lambda q, k, n, t: nt_xent(
-            [q, k],
-            false_negative_rate=0.1,
-            hard_negative_beta=1.0,
-            chunk_size=c,
-            reduction=reduction,
-        ),
-    }
-
-
 CASES = [(path, name) for path in PATHS for name in options(path)]
-
-
-def inputs(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    query = torch.randn(B, D, generator=generator, dtype=torch.float64)
-    key = torch.randn(B, D, generator=generator, dtype=torch.float64)
-    negatives = torch.randn(B, M, D, generator=generator, dtype=torch.float64)
-    temperature = torch.tensor(0.3, dtype=torch.float64)
-    return query, key, negatives, temperature
 
 
 def autograd_grads(loss: Loss, args: tuple[Tensor, ...], upstream: Tensor | None) -> list[Tensor]:

@@ -31,7 +31,7 @@ from info_nce import _normalize
 from info_nce._validation import Reduction, Variant
 from info_nce.distributed import Gatherer
 from info_nce.engine import Diagonal, LabelRule, Positives, Problem, Walk
-from info_nce.engine.function import PairedOptions, paired_logits
+from info_nce.engine.function import PairedOptions, autocast_product_dtype, paired_logits
 from info_nce.objectives import (
     DebiasedObjective,
     DecoupledObjective,
@@ -166,7 +166,9 @@ def info_nce_problem(
     if negative_keys is not None and paired:
         assert scaled_query is not None
         options = PairedOptions(
-            normalize_negatives=normalize, eps=_normalize.normalization_eps(negative_keys.dtype)
+            normalize_negatives=normalize,
+            eps=_normalize.normalization_eps(negative_keys.dtype),
+            product_dtype=autocast_product_dtype(query),
         )
         negative_logits = paired_logits(
             scaled_query, negative_keys.to(query.dtype), options

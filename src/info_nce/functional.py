@@ -164,7 +164,10 @@ def info_nce(
 
     Returns:
         The loss. Its dtype is the inputs' dtype, except float32 for float16
-        and bfloat16 inputs (softmax statistics are kept in float32).
+        and bfloat16 inputs (softmax statistics are kept in float32). Under
+        ``torch.autocast`` the similarity products run in autocast's dtype
+        and the statistics, loss and gradient accumulation in float32, on
+        the dense path and the engine alike.
 
     Raises:
         TypeError: an input is not a floating-point tensor, the inputs' dtypes
@@ -348,7 +351,7 @@ def nt_xent(
 
     Returns:
         The loss. Its dtype is the views' dtype, except float32 for float16
-        and bfloat16 views.
+        and bfloat16 views. Under ``torch.autocast``: as `info_nce`.
 
     Raises:
         TypeError: views that are not floating-point tensors or of different

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
 from info_nce._validation import Reduction, reduce_loss
-from info_nce.engine.function import LogSumExpOptions, log_sum_exp
+from info_nce.engine.function import LogSumExpOptions, autocast_product_dtype, log_sum_exp
 from info_nce.engine.walker import Diagonal, LabelRule, default_block_shape
 from info_nce.objectives import InfoNCEObjective, RowObjective, mean_positive_logit
 
@@ -173,6 +173,7 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         normalize=problem.normalize and has_keys,
         eps=problem.eps,
         temperature=1.0 if isinstance(temperature, Tensor) or not has_keys else temperature,
+        product_dtype=autocast_product_dtype(walk.rows),
         grads_in_forward=(
             needs_grad
             and problem.reduction != "none"

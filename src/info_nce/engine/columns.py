@@ -72,7 +72,8 @@ def column_lse_pass(
     The safe way, for when `column_lse` cannot be trusted (a column far below
     the largest row log-sum-exp): each block's logits against the first
     ``column_keys`` keys are recomputed in ``buffer`` and reduced over the rows a
-    chunk of columns at a time.
+    chunk of columns at a time. The products are taken in the keys' dtype
+    (the walk's product dtype), the logits kept in the rows'.
     """
     result = rows.new_full((column_keys,), float("-inf"))  # (C,)
     block_rows = len(buffer)
@@ -80,7 +81,11 @@ def column_lse_pass(
     for start in range(0, len(rows), block_rows):
         block = slice(start, min(start + block_rows, len(rows)))
         logits = flat[: (block.stop - start) * column_keys].view(-1, column_keys)  # (R, C)
-        torch.mm(rows[block] * row_scales[block].unsqueeze(1), keys[:column_keys].T, out=logits)
+        scaled = rows[block] * row_scales[block].unsqueeze(1)  # (R, D)
+        if keys.dtype == rows.dtype:
+            torch.mm(scaled, keys[:column_keys].T, out=logits)
+        else:
+            logits.copy_(torch.mm(scaled.to(keys.dtype), keys[:column_keys].T))
         for columns in column_chunks(column_keys, column_keys, chunk):
             chunk_logits = logits[:, columns]
             if column_scales is not None:

@@ -61,6 +61,8 @@ class LogSumExpOptions:
             least ``eps``).
         eps: smallest norm divided by, as in `F.normalize`.
         temperature: the temperature when no temperature tensor is given.
+        product_dtype: the dtype of the matrix products (under autocast, its
+            dtype; None: the inputs'), see `walker.Layout`.
         grads_in_forward: build the gradients during forward (scalar
             reduction, no columns, an input needs a gradient).
         objective: the loss of each row's logits.
@@ -80,6 +82,7 @@ class LogSumExpOptions:
     normalize: bool = False
     eps: float = 1e-12
     temperature: float = 1.0
+    product_dtype: torch.dtype | None = None
     grads_in_forward: bool = False
     objective: RowObjective = field(default_factory=InfoNCEObjective)
 
@@ -94,6 +97,7 @@ class LogSumExpOptions:
             exclusions=self.exclusions,
             exclude_target=self.exclude_target,
             exclude_labels=self.exclude_labels,
+            product_dtype=self.product_dtype,
         )
 
 
@@ -189,7 +193,7 @@ class LogSumExp(torch.autograd.Function):
             return (None,) * (5 + len(ctx.needs_input_grad[5:]))
         refuse = guard_backward(_LOGSUMEXP, DENSE_HINT)
         saved = ctx.saved_tensors
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(grad_output):
             grads = LogSumExp.gradients(ctx, grad_output, saved)
         return refuse_derivative(_LOGSUMEXP, grads, saved, DENSE_HINT) if refuse else grads
 
@@ -310,8 +314,28 @@ def log_sum_exp(
     inputs = (rows, extra, temperature, *segments)
     grad_mode = torch.is_grad_enabled()
     needs_grad = tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
-    outputs = LogSumExp.apply(rows, extra, temperature, options, needs_grad, *segments)  # type: ignore[no-untyped-call]
+    with _autocast_off(rows):  # the products' dtype is the options' (autocast's, if it was on)
+        outputs = LogSumExp.apply(rows, extra, temperature, options, needs_grad, *segments)  # type: ignore[no-untyped-call]
     return cast(Tensor, outputs[0])
+
+
+def autocast_product_dtype(like: Tensor) -> torch.dtype | None:
+    """The products' dtype under autocast: autocast's dtype on ``like``'s device, for float32.
+
+    None outside autocast, or for other dtypes (float64 is never autocast).
+    The library's autocast policy: the similarity products (logits, and the
+    products of d loss / d logits with rows and keys) in this dtype; the
+    statistics, the loss and gradient accumulation in float32.
+    """
+    device = like.device.type
+    if like.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _autocast_off(like: Tensor) -> torch.autocast:
+    """Autocast off on ``like``'s device: the Functions round to their product dtype themselves."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 @dataclass(frozen=True)
@@ -322,10 +346,13 @@ class PairedOptions:
         normalize_negatives: divide each negative's logit by its norm (the
             negatives arrive unnormalised).
         eps: smallest norm divided by, as in `F.normalize`.
+        product_dtype: the dtype of the (batched) products (autocast's;
+            None: the inputs'); norms and logits stay in the inputs' dtype.
     """
 
     normalize_negatives: bool
     eps: float
+    product_dtype: torch.dtype | None = None
 
 
 class PairedLogits(torch.autograd.Function):
@@ -337,7 +364,10 @@ class PairedLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(query: Tensor, negative_keys: Tensor, options: PairedOptions) -> tuple[Tensor, ...]:
-        logits = torch.bmm(negative_keys, query.unsqueeze(2)).squeeze(2)  # (B, M) dot products
+        dtype = options.product_dtype or query.dtype
+        # (B, M) dot products
+        logits = torch.bmm(negative_keys.to(dtype), query.unsqueeze(2).to(dtype)).squeeze(2)
+        logits = logits.to(query.dtype)
         if not options.normalize_negatives:
             return (logits,)
         norms = torch.linalg.vector_norm(negative_keys, dim=2)  # (B, M)
@@ -361,7 +391,7 @@ class PairedLogits(torch.autograd.Function):
             return None, None, None
         refuse = guard_backward(_PAIREDLOGITS, DENSE_HINT)
         saved = ctx.saved_tensors
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(grad_logits):
             grads = PairedLogits.gradients(ctx, grad_logits, saved)
         return refuse_derivative(_PAIREDLOGITS, grads, saved, DENSE_HINT) if refuse else grads
 
@@ -380,7 +410,9 @@ class PairedLogits(torch.autograd.Function):
         needs_query, needs_negatives, _ = ctx.needs_input_grad
         grad_query = grad_negatives = None
         if needs_query:
-            grad_query = torch.bmm(grad_dots.unsqueeze(1), negatives).squeeze(1)  # (B, D)
+            dtype = options.product_dtype or query.dtype
+            grad_query = torch.bmm(grad_dots.unsqueeze(1).to(dtype), negatives.to(dtype))
+            grad_query = grad_query.squeeze(1).to(query.dtype)  # (B, D)
         if needs_negatives:
             if norms is not None:
                 # d(x / |x|) / dx = (I - x x^T / |x|^2) / |x|; no radial term where |x| < eps.
@@ -395,5 +427,6 @@ class PairedLogits(torch.autograd.Function):
 def paired_logits(query: Tensor, negative_keys: Tensor, options: PairedOptions) -> Tensor:
     """(B, M) logits of each query against its own negatives through `PairedLogits`."""
     refuse_forward_mode(_PAIREDLOGITS, DENSE_HINT)
-    outputs = PairedLogits.apply(query, negative_keys, options)  # type: ignore[no-untyped-call]
+    with _autocast_off(query):  # the products' dtype is the options' (autocast's, if it was on)
+        outputs = PairedLogits.apply(query, negative_keys, options)  # type: ignore[no-untyped-call]
     return cast(Tensor, outputs[0])

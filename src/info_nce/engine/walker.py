@@ -155,6 +155,10 @@ class Layout:
         exclusions: keys of segment 0 that are no candidate of their rows.
         exclude_target: the target is no candidate either (its logit is still read).
         exclude_labels: keys with the row's label are no candidate.
+        product_dtype: the dtype of the matrix products (autocast's; None:
+            the rows'). Their operands are rounded to it once (the keys per
+            walk, the scaled rows per block, d loss / d logits per piece);
+            logits, statistics and gradients stay in the rows' dtype.
     """
 
     block_rows: int
@@ -165,6 +169,7 @@ class Layout:
     exclusions: tuple[Diagonal, ...] = ()
     exclude_target: bool = False
     exclude_labels: LabelRule | None = None
+    product_dtype: torch.dtype | None = None
 
     @property
     def has_target(self) -> bool:
@@ -248,6 +253,15 @@ class _Blocks:
         ]
         width = self.tiles[0].columns.stop  # the first tile is the widest
         self.buffer = rows.new_empty(min(layout.block_rows, len(rows)), width)
+        dtype = layout.product_dtype
+        self.product_dtype = None if dtype is None or dtype == rows.dtype else dtype
+        # The keys as the products take them, and the block's products before
+        # they are widened into the block (only with a product dtype).
+        self.product_keys = segments
+        self.staging: Tensor | None = None
+        if self.product_dtype is not None:
+            self.product_keys = tuple(keys.to(self.product_dtype) for keys in segments)
+            self.staging = torch.empty_like(self.buffer, dtype=self.product_dtype)
         # Key columns per elementwise step of the column work.
         self.chunk = max(1, col.COLUMN_CHUNK_ELEMENTS // max(1, len(self.buffer)))
         if segment_grads is None:
@@ -302,8 +316,27 @@ class _Blocks:
         return [slice(a, min(a + step, total)) for a in range(0, total, step)]
 
     def row_block(self, span: slice, row_scales: Tensor) -> Tensor:
-        """The block's (R, D) scaled rows."""
-        return self.rows[span] * row_scales[span].unsqueeze(1)
+        """The block's (R, D) scaled rows, in the product dtype."""
+        block = self.rows[span] * row_scales[span].unsqueeze(1)
+        return block if self.product_dtype is None else block.to(self.product_dtype)
+
+    def product_(self, out: Tensor, a: Tensor, b: Tensor, *, add: bool = False) -> None:
+        """``out = a @ b`` (``+=`` with ``add``): a product in the product dtype, kept in out's.
+
+        ``b`` is in the product dtype; ``a`` is rounded to it here (via
+        the staging buffer when it is a slice of the block: d loss / d logits).
+        """
+        if self.product_dtype is None:
+            if add:
+                out.addmm_(a, b)
+            else:
+                torch.mm(a, b, out=out)
+            return
+        product = torch.mm(a.to(self.product_dtype), b)
+        if add:
+            out.add_(product)
+        else:
+            out.copy_(product)
 
     def logits(self, span: slice, row_block: Tensor, tile: _Tile) -> Tensor:
         """The block's (R, tile width) products, before column scales."""
@@ -313,9 +346,15 @@ class _Blocks:
             block[:, : self.width] = self.extra[span]
         if tile.has_extra:
             block[:, self.width : self.key_start] = float("-inf")
+        staging = None if self.staging is None else self.staging[: len(row_block)]
         for piece in tile.pieces:
-            keys = self.segments[piece.segment][piece.keys]
-            torch.mm(row_block, keys.T, out=block[:, piece.columns])
+            keys = self.product_keys[piece.segment][piece.keys]
+            if staging is None:
+                torch.mm(row_block, keys.T, out=block[:, piece.columns])
+            else:  # the product in its dtype, widened into the block
+                product = staging[:, piece.columns]
+                torch.mm(row_block, keys.T, out=product)
+                block[:, piece.columns] = product
         return block
 
     def scale_columns_(
@@ -371,16 +410,16 @@ class _Blocks:
             self.grad_extra[span] = block[:, : self.width]
         for n, piece in enumerate(tile.pieces):
             values = block[:, piece.columns]  # (R, n_k)
-            keys = self.segments[piece.segment][piece.keys]
+            if self.staging is not None:  # rounded to the product dtype once
+                values = self.staging[: len(block), piece.columns].copy_(values)
+            keys = self.product_keys[piece.segment][piece.keys]
             grad_keys = self.grad_segments[piece.segment]
             if grad_keys is not None:
-                grad_keys[piece.keys].addmm_(values.T, row_block)
+                self.product_(grad_keys[piece.keys], values.T, row_block, add=True)
             if self.grad_rows is None:
                 continue
-            if tile.has_extra and n == 0:
-                torch.mm(values, keys, out=self.grad_rows[span])
-            else:
-                self.grad_rows[span].addmm_(values, keys)
+            first = tile.has_extra and n == 0
+            self.product_(self.grad_rows[span], values, keys, add=not first)
 
     def chunks(self, tile: _Tile) -> list[tuple[_Piece, int]]:
         """The tile's pieces in cache-sized chunks (segment 0 split after its column keys).
@@ -535,7 +574,13 @@ def statistics_pass(
         torch.compiler.is_compiling() or col.needs_separate_pass(column_stats, row_stat[:, 0])
     ):
         column_stats = col.column_lse_pass(
-            rows, segments[0], row_scales, column_scales[0], column_keys, blocks.buffer, chunk
+            rows,
+            blocks.product_keys[0],
+            row_scales,
+            column_scales[0],
+            column_keys,
+            blocks.buffer,
+            chunk,
         )
     result = blocks.result(row_stat)
     result.row_loss, result.column_lse, result.target_logit = row_loss, column_stats, target_logit
@@ -612,8 +657,8 @@ def _online_pass(
             grad_rows.mul_(rescale.unsqueeze(1))
             blocks.scale_columns_(block, tile, column_scales)
             for piece in tile.pieces:
-                keys = segments[piece.segment][piece.keys]
-                grad_rows.addmm_(block[:, piece.columns], keys)
+                keys = blocks.product_keys[piece.segment][piece.keys]
+                blocks.product_(grad_rows, block[:, piece.columns], keys, add=True)
         shift = _shift(running_max)
         lse = running_sum.log().add_(shift).unsqueeze(1)  # (R, 1); -inf: no candidate
         whole_rows = RowContext(span.start, candidates=context.candidates)

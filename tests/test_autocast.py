@@ -1,0 +1,68 @@
+"""The autocast policy: one rule on every path, against a float32 ground truth.
+
+Under ``torch.autocast`` (CPU bfloat16 here) the similarity products (the
+logits, and d loss / d logits times rows or keys) run in the autocast dtype;
+log-sum-exp statistics, the loss and the gradient accumulation stay in
+float32, and the loss is float32. The dense path gets this from autocast's
+matmul and its float32 statistics; the engine rounds its product operands
+itself. Both must agree with the float32 loss (no autocast) and with each
+other to bfloat16 tolerance, and must really have taken bfloat16 products.
+Outside autocast nothing changes (the rest of the suite).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from grid import PATHS, Loss, inputs, options
+from reference import assert_close
+from tiling import tiles_on_path  # noqa: F401  (autouse: the tiles path)
+from torch import Tensor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# bfloat16 keeps 8 significant bits: each product operand is off by up to
+# 2^-9 relative, so a logit of unit vectors over t = 0.3 by up to ~0.013, and
+# the mean loss and its gradients by a few 1e-3. Measured worst over this
+# grid against float32: loss 9.6e-3 (dense, unpaired), gradient entry 6.6e-3
+# (engine, hard-negative objective); the loss is O(1), gradient entries up
+# to 0.8 (the temperature's, 4.9).
+LOSS_TOLERANCE = 2e-2
+GRAD_TOLERANCE = 2e-2
+
+CASES = [(path, name) for path in PATHS for name in options(path)]
+
+
+def loss_and_grads(loss: Loss, autocast: bool) -> tuple[Tensor, list[Tensor]]:
+    query, key, negatives, temperature = (x.requires_grad_() for x in inputs(0, torch.float32))
+    leaves = [query, key, negatives, temperature]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        value = loss(*leaves)
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return value, [
+        torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(("path", "name"), CASES)
+def test_autocast_takes_bfloat16_products_and_matches_float32(path: str, name: str) -> None:
+    loss = options(path)[name]
+    exact, exact_grads = loss_and_grads(loss, autocast=False)
+    value, grads = loss_and_grads(loss, autocast=True)
+    assert value.dtype == torch.float32
+    assert_close(value, exact, rtol=0, atol=LOSS_TOLERANCE, name=f"{name} loss")
+    for got, want in zip(grads, exact_grads, strict=True):
+        assert got.dtype == torch.float32
+        assert_close(got, want, rtol=0, atol=GRAD_TOLERANCE, name=f"{name} gradient")
+    # The products were bfloat16: the loss and the query's gradient moved.
+    assert not torch.equal(value, exact)
+    assert not torch.equal(grads[0], exact_grads[0])
+
+
+@pytest.mark.parametrize("name", options("engine"))
+def test_dense_and_engine_agree_under_autocast(name: str) -> None:
+    dense, dense_grads = loss_and_grads(options("dense")[name], autocast=True)
+    engine, engine_grads = loss_and_grads(options("engine")[name], autocast=True)
+    assert_close(engine, dense, rtol=0, atol=LOSS_TOLERANCE, name=f"{name} loss")
+    for got, want in zip(engine_grads, dense_grads, strict=True):
+        assert_close(got, want, rtol=0, atol=GRAD_TOLERANCE, name=f"{name} gradient")
