@@ -11,6 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 from reference import single_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +98,21 @@ def lightly_dcl_loss() -> type:
             module = _run_source(archive, LIGHTLY_WHEEL, "lightly/loss/dcl_loss.py", "dcl_loss")
     loss: type = module.DCLLoss
     return loss
+
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="CUDA is not available on this machine"
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device a correctness test runs on: the CPU always, CUDA where there is one."""
+    return torch.device(request.param)

@@ -40,7 +40,7 @@ def options(path: str, reduction: str = "mean") -> dict[str, Loss]:
             k,
             n,
             negative_mode="paired",
-            negative_mask=(torch.arange(B * M) % 5 > 0).reshape(B, M),
+            negative_mask=(torch.arange(B * M, device=q.device) % 5 > 0).reshape(B, M),
             chunk_size=c,
             reduction=reduction,
         ),
@@ -57,7 +57,7 @@ def options(path: str, reduction: str = "mean") -> dict[str, Loss]:
             q, k, temperature=t, symmetric=True, chunk_size=c, reduction=reduction
         ),
         "labels": lambda q, k, n, t: info_nce(
-            q, k, labels=labels, chunk_size=c, reduction=reduction
+            q, k, labels=labels.to(q.device), chunk_size=c, reduction=reduction
         ),
         "decoupled": lambda q, k, n, t: info_nce(
             q, k, decoupled=True, chunk_size=c, reduction=reduction
@@ -82,12 +82,17 @@ CASES = [(path, name) for path in PATHS for name in options(path)]
 
 
 def inputs(
-    seed: int = 0, dtype: torch.dtype = torch.float64
+    seed: int = 0, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(B, D) queries and keys, (B, M, D) negatives and a temperature tensor."""
+    """(B, D) queries and keys, (B, M, D) negatives and a temperature tensor.
+
+    The same values (to ``dtype``'s rounding) in every dtype and on every
+    device: drawn in float64 on the CPU.
+    """
     generator = torch.Generator().manual_seed(seed)
-    query = torch.randn(B, D, generator=generator, dtype=dtype)
-    key = torch.randn(B, D, generator=generator, dtype=dtype)
-    negatives = torch.randn(B, M, D, generator=generator, dtype=dtype)
-    temperature = torch.tensor(0.3, dtype=dtype)
-    return query, key, negatives, temperature
+    query = torch.randn(B, D, generator=generator, dtype=torch.float64)
+    key = torch.randn(B, D, generator=generator, dtype=torch.float64)
+    negatives = torch.randn(B, M, D, generator=generator, dtype=torch.float64)
+    temperature = torch.tensor(0.3, dtype=torch.float64)
+    drawn = (query, key, negatives, temperature)
+    return tuple(x.to(device, dtype) for x in drawn)  # type: ignore[return-value]

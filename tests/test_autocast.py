@@ -1,6 +1,6 @@
 """The autocast policy: one rule on every path, against a float32 ground truth.
 
-Under ``torch.autocast`` (CPU bfloat16 here) the similarity products (the
+Under ``torch.autocast`` (bfloat16, on each device) the similarity products (the
 logits, and d loss / d logits times rows or keys) run in the autocast dtype;
 log-sum-exp statistics, the loss and the gradient accumulation stay in
 float32, and the loss is float32. The dense path gets this from autocast's
@@ -33,10 +33,9 @@ GRAD_TOLERANCE = 2e-2
 CASES = [(path, name) for path in PATHS for name in options(path)]
 
 
-def loss_and_grads(loss: Loss, autocast: bool) -> tuple[Tensor, list[Tensor]]:
-    query, key, negatives, temperature = (x.requires_grad_() for x in inputs(0, torch.float32))
-    leaves = [query, key, negatives, temperature]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+def loss_and_grads(loss: Loss, autocast: bool, device: torch.device) -> tuple[Tensor, list[Tensor]]:
+    leaves = [x.requires_grad_() for x in inputs(0, torch.float32, device)]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         value = loss(*leaves)
     grads = torch.autograd.grad(value, leaves, allow_unused=True)
     return value, [
@@ -45,10 +44,12 @@ def loss_and_grads(loss: Loss, autocast: bool) -> tuple[Tensor, list[Tensor]]:
 
 
 @pytest.mark.parametrize(("path", "name"), CASES)
-def test_autocast_takes_bfloat16_products_and_matches_float32(path: str, name: str) -> None:
+def test_autocast_takes_bfloat16_products_and_matches_float32(
+    device: torch.device, path: str, name: str
+) -> None:
     loss = options(path)[name]
-    exact, exact_grads = loss_and_grads(loss, autocast=False)
-    value, grads = loss_and_grads(loss, autocast=True)
+    exact, exact_grads = loss_and_grads(loss, autocast=False, device=device)
+    value, grads = loss_and_grads(loss, autocast=True, device=device)
     assert value.dtype == torch.float32
     assert_close(value, exact, rtol=0, atol=LOSS_TOLERANCE, name=f"{name} loss")
     for got, want in zip(grads, exact_grads, strict=True):
@@ -60,9 +61,9 @@ def test_autocast_takes_bfloat16_products_and_matches_float32(path: str, name: s
 
 
 @pytest.mark.parametrize("name", options("engine"))
-def test_dense_and_engine_agree_under_autocast(name: str) -> None:
-    dense, dense_grads = loss_and_grads(options("dense")[name], autocast=True)
-    engine, engine_grads = loss_and_grads(options("engine")[name], autocast=True)
+def test_dense_and_engine_agree_under_autocast(device: torch.device, name: str) -> None:
+    dense, dense_grads = loss_and_grads(options("dense")[name], autocast=True, device=device)
+    engine, engine_grads = loss_and_grads(options("engine")[name], autocast=True, device=device)
     assert_close(engine, dense, rtol=0, atol=LOSS_TOLERANCE, name=f"{name} loss")
     for got, want in zip(engine_grads, dense_grads, strict=True):
         assert_close(got, want, rtol=0, atol=GRAD_TOLERANCE, name=f"{name} gradient")

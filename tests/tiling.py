@@ -40,6 +40,8 @@ def column_tiles(rows: int, tile: int) -> Iterator[list[int | None]]:
                 MIN_TILED_ROWS=rows,
                 TARGET_BLOCK_ELEMENTS=rows * tile,
                 MAX_BLOCK_ELEMENTS=rows * tile,
+                ACCELERATOR_BLOCK_SCALE=1,
+                ACCELERATOR_ROW_SCALE=1,
             )
         )
         stack.enter_context(

@@ -71,11 +71,12 @@ def check_temperature(temperature: object) -> float | Tensor:
                 f"got a tensor of dtype {temperature.dtype} and shape {tuple(temperature.shape)}"
             )
         valid = torch.isfinite(temperature).all() & (temperature > 0).all()
-        if torch.compiler.is_compiling():
-            # In a compiled graph: an assert op in the graph (a RuntimeError
-            # when it fails), no graph break and no host sync.
+        if torch.compiler.is_compiling() or temperature.device.type != "cpu":
+            # Compiled: an assert op in the graph (a RuntimeError when it
+            # fails), no graph break. On an accelerator: a device-side assert,
+            # no host sync per step (it stops the process when it fails).
             torch._assert_async(valid, "temperature must be finite and > 0")
-        elif not bool(valid):  # one host sync: a silent NaN would cost far more
+        elif not bool(valid):  # on the CPU a host sync is free
             raise ValueError(
                 f"temperature must be finite and > 0, got {temperature.detach().cpu().item()!r}"
             )

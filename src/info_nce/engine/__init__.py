@@ -154,7 +154,11 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
     tileable = walk.objective.tileable and not walk.column_keys
     frozen_keys = walk.target_offset is None and not any(k.requires_grad for k in walk.segments)
     block_rows, tile_columns = default_block_shape(
-        len(walk.rows), candidates, tileable=tileable, frozen_keys=frozen_keys
+        len(walk.rows),
+        candidates,
+        tileable=tileable,
+        frozen_keys=frozen_keys,
+        device=walk.rows.device,
     )
     if problem.chunk_size is not None:  # the caller's rows per block, complete rows
         block_rows, tile_columns = problem.chunk_size, None

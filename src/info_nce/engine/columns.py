@@ -16,10 +16,18 @@ from torch import Tensor
 # probabilities in the gradient pass) is done this many logits at a time, so
 # that it stays in cache and needs no second block-sized buffer.
 COLUMN_CHUNK_ELEMENTS = 1 << 18
+# On an accelerator, where a cache-sized chunk would be one kernel launch per
+# few hundred columns: this many logits (64 MiB in float32) at a time.
+ACCELERATOR_COLUMN_CHUNK_ELEMENTS = 1 << 24
 # Column log-sum-exps taken from the blocks' row probabilities (`column_lse`)
 # are exact to rounding when none is more than this below the largest row
 # log-sum-exp; otherwise the column statistics take a pass of their own.
 COLUMN_LSE_MARGIN = 50.0
+
+
+def column_chunk_elements(device: torch.device) -> int:
+    """Logits per step of the column work on ``device``."""
+    return COLUMN_CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_COLUMN_CHUNK_ELEMENTS
 
 
 def column_chunks(split: int, num_columns: int, chunk: int) -> list[slice]:

@@ -82,31 +82,71 @@ KEY_ALIGN_BYTES = 64
 MIN_TILED_ROWS = 64
 
 
-def default_block_rows(num_rows: int, num_candidates: int) -> int:
-    """Rows per logits block for `num_candidates` candidates per row."""
+# On an accelerator (CUDA and the like) a block of a few million logits
+# leaves the device idle between kernel launches: blocks there are this many
+# times larger (target 32M logits, at most 128M: 512 MiB in float32) and
+# hold this many times more rows. Starting values, not yet measured on a GPU
+# (`benchmarks/gpu.py` measures them where one is available).
+ACCELERATOR_BLOCK_SCALE = 8
+ACCELERATOR_ROW_SCALE = 4
+
+
+@dataclass(frozen=True)
+class BlockLimits:
+    """The block sizes of a device: rows per block at least, logits per block."""
+
+    min_rows: int
+    target_elements: int
+    max_elements: int
+
+    @staticmethod
+    def of(device: torch.device) -> BlockLimits:
+        """The CPU's limits, or an accelerator's (scaled up)."""
+        if device.type == "cpu":
+            return BlockLimits(MIN_BLOCK_ROWS, TARGET_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS)
+        return BlockLimits(
+            MIN_BLOCK_ROWS * ACCELERATOR_ROW_SCALE,
+            TARGET_BLOCK_ELEMENTS * ACCELERATOR_BLOCK_SCALE,
+            MAX_BLOCK_ELEMENTS * ACCELERATOR_BLOCK_SCALE,
+        )
+
+
+_CPU = torch.device("cpu")
+
+
+def default_block_rows(num_rows: int, num_candidates: int, device: torch.device = _CPU) -> int:
+    """Rows per logits block for `num_candidates` candidates per row on ``device``."""
+    limits = BlockLimits.of(device)
     candidates = max(1, num_candidates)
-    rows = max(MIN_BLOCK_ROWS, TARGET_BLOCK_ELEMENTS // candidates)
-    rows = min(rows, MAX_BLOCK_ELEMENTS // candidates)
+    rows = max(limits.min_rows, limits.target_elements // candidates)
+    rows = min(rows, limits.max_elements // candidates)
     return max(1, min(num_rows, rows))
 
 
 def default_block_shape(
-    num_rows: int, num_candidates: int, *, tileable: bool, frozen_keys: bool = False
+    num_rows: int,
+    num_candidates: int,
+    *,
+    tileable: bool,
+    frozen_keys: bool = False,
+    device: torch.device = _CPU,
 ) -> tuple[int, int | None]:
-    """Rows per block and columns per tile (None: complete rows) for a walk.
+    """Rows per block and columns per tile (None: complete rows) for a walk on ``device``.
 
     A walk that may be tiled (``tileable``: the objective allows it, no
-    column statistics) takes `MIN_BLOCK_ROWS` rows against tiles of about
-    `TARGET_BLOCK_ELEMENTS` logits when its rows are longer than a tile and
+    column statistics) takes the device's minimum rows (`MIN_BLOCK_ROWS` on
+    the CPU) against tiles of about its target logits
+    (`TARGET_BLOCK_ELEMENTS`) when its rows are longer than a tile and
     either its keys need no gradient and its target is no key
     (``frozen_keys``: a queue; then `_online_pass` builds the gradients in
     the one pass, with the products of complete rows), or complete rows
     would leave fewer than `MIN_TILED_ROWS` rows per block. Otherwise blocks
-    of complete rows.
+    of complete rows. Accelerators take larger blocks (`BlockLimits`).
     """
-    rows = default_block_rows(num_rows, num_candidates)
-    tile_rows = max(1, min(num_rows, MIN_BLOCK_ROWS))
-    tile = max(1, TARGET_BLOCK_ELEMENTS // tile_rows)
+    limits = BlockLimits.of(device)
+    rows = default_block_rows(num_rows, num_candidates, device)
+    tile_rows = max(1, min(num_rows, limits.min_rows))
+    tile = max(1, limits.target_elements // tile_rows)
     if tileable and (
         (frozen_keys and num_candidates > 2 * tile) or rows < min(num_rows, MIN_TILED_ROWS)
     ):
@@ -263,7 +303,7 @@ class _Blocks:
             self.product_keys = tuple(keys.to(self.product_dtype) for keys in segments)
             self.staging = torch.empty_like(self.buffer, dtype=self.product_dtype)
         # Key columns per elementwise step of the column work.
-        self.chunk = max(1, col.COLUMN_CHUNK_ELEMENTS // max(1, len(self.buffer)))
+        self.chunk = max(1, col.column_chunk_elements(rows.device) // max(1, len(self.buffer)))
         if segment_grads is None:
             segment_grads = (True,) * len(segments)
         self.grad_rows: Tensor | None = None

@@ -25,9 +25,10 @@ class DecoupledObjective(InfoNCEObjective):
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
     ) -> Tensor:
         empty = torch.isneginf(block.amax(dim=1, keepdim=True))  # (R, 1) rows without a negative
-        # Eager: one host sync per block skips the masking where no row is
-        # empty; compiled: always masked, no sync.
-        if not torch.compiler.is_compiling() and not bool(empty.any()):
+        # Eager on the CPU: one (free) host sync per block skips the masking
+        # where no row is empty; compiled or on an accelerator: always
+        # masked, no sync.
+        if _may_sync(empty) and not bool(empty.any()):
             return super().forward_(block, context, row_stat, target_logit)
         block.masked_fill_(empty, 0.0)  # any finite row: its softmax is discarded below
         loss = super().forward_(block, context, row_stat, target_logit)
@@ -55,6 +56,11 @@ class DecoupledObjective(InfoNCEObjective):
 def _alive(row_stat: Tensor, weight: Tensor | float) -> Tensor | float:
     """The rows' weights, 0 for rows without negatives (their statistic is +inf)."""
     empty = torch.isposinf(row_stat[:, :1])  # (R, 1)
-    if not torch.compiler.is_compiling() and not bool(empty.any()):
+    if _may_sync(empty) and not bool(empty.any()):
         return weight
     return torch.where(empty, 0.0, weight)
+
+
+def _may_sync(tensor: Tensor) -> bool:
+    """Whether reading ``tensor`` on the host is free: eager, on the CPU."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -1,0 +1,219 @@
+"""The GPU check, one command: correctness on the device, then timings and peak memory.
+
+1. Correctness: the device-parametrised tests (every option of the test grid
+   on the dense, engine and tiles paths, every reduction, against a float64
+   CPU reference; the autocast policy; a queue module), run by pytest on
+   ``--device``.
+2. Timings: forward+backward of our loss, the dense loss (where it fits) and
+   the matrix-product floor (the products of forward+backward alone: three of
+   (B, N, D) each), timed with device events in the same process, and each
+   one's peak ``torch.cuda.max_memory_allocated`` above its inputs, for
+
+   * in-batch InfoNCE, B = N = 32768, D = 512;
+   * the symmetric loss, B = 32768, D = 512;
+   * ``nt_xent`` over V = 2 views of B = 16384, D = 512 (2B rows against 2B);
+
+   each in bfloat16 under autocast (bfloat16 embeddings, as an autocast
+   encoder returns them) and in float32 with TF32 products.
+
+It prints a markdown table and writes ``--json``. Run from the repository
+root on a machine with a GPU (after ``make setup``), about 3 minutes on one
+H200 (its budget is 8):
+
+    .venv/bin/python benchmarks/gpu.py --device cuda --json gpu.json
+
+``--small`` runs the same on tiny sizes (what the test suite does on the CPU,
+to keep the script working without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from info_nce import info_nce, nt_xent
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int  # B: rows of each input
+    dim: int
+    kind: str  # "in-batch", "symmetric" or "nt_xent"
+
+
+CASES = (
+    Case("in-batch B=N=32768 D=512", 32768, 512, "in-batch"),
+    Case("symmetric B=32768 D=512", 32768, 512, "symmetric"),
+    Case("nt_xent V=2 B=16384 D=512", 16384, 512, "nt_xent"),
+)
+SMALL_CASES = (
+    Case("in-batch B=N=96 D=16", 96, 16, "in-batch"),
+    Case("symmetric B=96 D=16", 96, 16, "symmetric"),
+    Case("nt_xent V=2 B=48 D=16", 48, 16, "nt_xent"),
+)
+PRECISIONS = ("bf16-autocast", "fp32-tf32")
+TEMPERATURE = 0.1
+
+
+def ours(case: Case, a: Tensor, b: Tensor) -> Tensor:
+    if case.kind == "nt_xent":
+        return nt_xent([a, b], temperature=TEMPERATURE)
+    return info_nce(a, b, temperature=TEMPERATURE, symmetric=case.kind == "symmetric")
+
+
+def dense(case: Case, a: Tensor, b: Tensor) -> Tensor:
+    """The plain-PyTorch formula with the logits matrix (what a user writes)."""
+    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    if case.kind == "nt_xent":
+        z = torch.cat([a, b])  # (2B, D)
+        logits = (z @ z.T).float() / TEMPERATURE  # (2B, 2B)
+        logits.fill_diagonal_(float("-inf"))
+        n = len(a)
+        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(a.device)
+        return F.cross_entropy(logits, targets)
+    logits = (a @ b.T).float() / TEMPERATURE  # (B, B)
+    targets = torch.arange(len(a), device=a.device)
+    loss = F.cross_entropy(logits, targets)
+    if case.kind == "symmetric":
+        loss = (loss + F.cross_entropy(logits.T, targets)) / 2
+    return loss
+
+
+def floor(case: Case, a: Tensor, b: Tensor) -> Tensor:
+    """Forward+backward's matrix products alone: logits, then d rows and d keys."""
+    rows = torch.cat([a, b]) if case.kind == "nt_xent" else a
+    keys = rows if case.kind == "nt_xent" else b
+    logits = rows @ keys.T  # (R, N)
+    return (logits @ keys).sum() + (logits.T @ rows).sum()
+
+
+def timed(
+    step: Callable[[], None], device: torch.device, repeats: int
+) -> tuple[float, float] | None:
+    """Median seconds of ``step`` and its peak memory (MiB) above what was allocated before."""
+    cuda = device.type == "cuda"
+    try:
+        step()  # warm-up (and the kernels' autotuning)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device) if cuda else 0
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20 if cuda else 0.0
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+    return statistics.median(times), peak
+
+
+def run_case(case: Case, precision: str, device: torch.device, repeats: int) -> dict[str, object]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float32
+    a = torch.randn(case.batch, case.dim, device=device, generator=generator, dtype=dtype)
+    b = torch.randn(case.batch, case.dim, device=device, generator=generator, dtype=dtype)
+    a.requires_grad_()
+    b.requires_grad_()
+    autocast = precision == "bf16-autocast"
+
+    def step_of(loss_fn: Callable[[Case, Tensor, Tensor], Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            a.grad = b.grad = None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(case, a, b)
+            loss.backward()
+
+        return step
+
+    row: dict[str, object] = {"case": case.name, "precision": precision}
+    for label, loss_fn in (("ours", ours), ("dense", dense), ("floor", floor)):
+        result = timed(step_of(loss_fn), device, repeats)
+        row[f"{label}_s"] = None if result is None else result[0]
+        row[f"{label}_mib"] = None if result is None else result[1]
+    return row
+
+
+def correctness(device: torch.device) -> int:
+    """The device-parametrised tests on ``device`` (pytest's exit status)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", device.type]
+    command += ["tests/test_device.py", "tests/test_autocast.py"]
+    print("$", " ".join(command), flush=True)
+    return subprocess.run(command, cwd=REPO, check=False).returncode
+
+
+def ratio(numerator: object, denominator: object) -> str:
+    if not isinstance(numerator, float) or not isinstance(denominator, float):
+        return "-"
+    return f"{numerator / denominator:.2f}x"
+
+
+def number(value: object, unit: str) -> str:
+    return "OOM" if value is None else f"{value:.3f} {unit}" if unit == "s" else f"{value:.0f}"
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "| case | precision | ours | dense | floor | ours / floor | dense / ours "
+        "| ours MiB | dense MiB | floor MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['case']} | {row['precision']} | {number(row['ours_s'], 's')} "
+            f"| {number(row['dense_s'], 's')} | {number(row['floor_s'], 's')} "
+            f"| {ratio(row['ours_s'], row['floor_s'])} | {ratio(row['dense_s'], row['ours_s'])} "
+            f"| {number(row['ours_mib'], 'MiB')} | {number(row['dense_mib'], 'MiB')} "
+            f"| {number(row['floor_mib'], 'MiB')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="the device to check (default: cuda)")
+    parser.add_argument("--small", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument("--skip-tests", action="store_true", help="timings only")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available on this machine")
+        print(torch.cuda.get_device_name(device), "torch", torch.__version__, flush=True)
+    status = 0 if args.skip_tests else correctness(device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 rows' products: TF32
+    rows = []
+    for case in SMALL_CASES if args.small else CASES:
+        for precision in PRECISIONS:
+            rows.append(run_case(case, precision, device, args.repeats))
+            print(f"  {case.name} {precision}: done", flush=True)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "rows": rows}, indent=2))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
