@@ -98,19 +98,23 @@ def refuse_vmap(function: str, hint: str = "") -> Any:
     return staticmethod(vmap)
 
 
-def refuse_forward_mode(function: str, hint: str = "") -> None:
-    """Raise a clear error under torch.func's forward-mode transforms (jvp, jacfwd).
+def refuse_transforms(function: str, hint: str = "") -> None:
+    """Raise a clear error under torch.func's forward mode (jvp, jacfwd) and vmap.
 
-    (A ``jvp`` staticmethod would say so too, but Dynamo cannot trace a
-    Function that has one.)
+    Called before a Function runs (its ``vmap`` staticmethod says so too, but
+    a Function that needs no gradient is not applied; and Dynamo cannot
+    trace a Function with a ``jvp`` staticmethod).
 
     Raises:
-        RuntimeError: under ``torch.func.jvp`` or ``jacfwd``.
+        RuntimeError: under ``torch.func.jvp``, ``jacfwd`` or ``vmap``.
     """
     if torch.compiler.is_compiling():
         return
-    if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+    transforms = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
+    if TransformType.Jvp in transforms:
         raise RuntimeError(_NO_JVP.format(function=function, hint=hint))
+    if TransformType.Vmap in transforms:
+        raise RuntimeError(_NO_VMAP.format(function=function, hint=hint))
 
 
 @contextlib.contextmanager

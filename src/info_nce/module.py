@@ -82,12 +82,19 @@ class _LossModule(nn.Module):
         """
         if self.queue is None:
             return negative_keys, None
-        return queue_negatives(self.queue, query, negative_keys, labels)
+        keys, entry_labels = queue_negatives(self.queue, query, negative_keys, labels)
+        if torch.compiler.is_compiling() and self._pushes():
+            # Compiled, the push after the loss lands in the same graph, and
+            # backward may read the entries: a copy as scored (eagerly the
+            # engine copies only what backward keeps, `_reading_queue`).
+            keys = keys.clone()
+            entry_labels = None if entry_labels is None else entry_labels.clone()
+        return keys, entry_labels
 
     def _reading_queue(self) -> AbstractContextManager[None]:
         """Around the loss: the queue is pushed to before backward (`overwritten_after`)."""
-        if self.queue is None:
-            return nullcontext()
+        if self.queue is None or torch.compiler.is_compiling():
+            return nullcontext()  # compiled: `_queue_negatives` copies
         storage = [self.queue.entries]
         if self.queue.with_labels:
             storage.append(self.queue.entry_labels)
@@ -95,8 +102,12 @@ class _LossModule(nn.Module):
 
     def _push(self, keys: Tensor, labels: Tensor | None) -> None:
         """After the loss: the batch's keys (and labels) join the queue, in training only."""
-        if self.queue is not None and self.training and torch.is_grad_enabled():
+        if self.queue is not None and self._pushes():
             self.queue.push(keys, labels if self.queue.with_labels else None)
+
+    def _pushes(self) -> bool:
+        """Whether this step pushes to the queue: in training, with gradients."""
+        return self.queue is not None and self.training and torch.is_grad_enabled()
 
     @property
     def temperature(self) -> float | Tensor:

@@ -104,11 +104,23 @@ class MemoryQueue(nn.Module):
             self.register_buffer("entry_labels", torch.zeros(size, dtype=torch.long))
         self.register_buffer("position", torch.zeros((), dtype=torch.long))  # the next write
         self.register_buffer("count", torch.zeros((), dtype=torch.long))  # valid entries
-        # Python copies of position and count, so that reading the queue needs
-        # no device sync; refreshed whenever a state dict is loaded.
-        self._position = 0
-        self._count = 0
+        # A host copy of the count, so that reading the valid entries needs no
+        # device sync; refreshed whenever a state dict is loaded.
+        self._set_count(0)
         self.register_load_state_dict_post_hook(_refresh_counters)  # type: ignore[no-untyped-call]
+
+    def _set_count(self, count: int) -> None:
+        # The host count is the length of an empty CPU tensor: torch.compile
+        # treats a tensor's size as dynamic once it changes, where an int
+        # attribute of a module is a constant of the graph (one graph per
+        # value while the queue fills). The write position stays on the
+        # device (`position`), for the same reason: it takes size / gcd(size,
+        # b) values.
+        self._count_size = torch.empty(count, 0)
+
+    @property
+    def _count(self) -> int:
+        return self._count_size.shape[0]
 
     def __len__(self) -> int:
         return self._count
@@ -158,9 +170,12 @@ class MemoryQueue(nn.Module):
         return self.entries[: self._count], labels
 
     def _in_order(self, storage: Tensor) -> Tensor:
-        if self._count < self.size or self._position == 0:
+        if self._count < self.size:
             return storage[: self._count]
-        return torch.cat([storage[self._position :], storage[: self._position]])
+        position = int(self.position)  # once full, where the oldest entry is (a sync)
+        if position == 0:
+            return storage
+        return torch.cat([storage[position:], storage[:position]])
 
     @torch.no_grad()
     def push(self, keys: Tensor, labels: Tensor | None = None) -> None:
@@ -192,26 +207,20 @@ class MemoryQueue(nn.Module):
             keys = distributed.all_gather(keys, sizes)
             if labels is not None:
                 labels = distributed.all_gather(labels, sizes)
-        self._write(self.entries, keys.to(self.entries.dtype))
-        if labels is not None:
-            self._write(self.entry_labels, labels.to(torch.long))
         total = len(keys)
-        if total >= self.size:
-            self._position = 0
-        else:
-            self._position = (self._position + total) % self.size
-        self._count = min(self.size, self._count + total)
-        self.position.fill_(self._position)
+        if total >= self.size:  # only the newest fit: they fill the ring from 0
+            keys = keys[total - self.size :]
+            labels = None if labels is None else labels[total - self.size :]
+            self.position.zero_()
+        # Slot of each key: from the write position on, around the ring. (b,)
+        slots = torch.arange(len(keys), device=keys.device).add_(self.position)
+        slots.remainder_(self.size)
+        self.entries.index_copy_(0, slots, keys.to(self.entries.dtype))
+        if labels is not None:
+            self.entry_labels.index_copy_(0, slots, labels.to(torch.long))
+        self.position.add_(len(keys)).remainder_(self.size)
+        self._set_count(min(self.size, self._count + total))
         self.count.fill_(self._count)
-
-    def _write(self, storage: Tensor, values: Tensor) -> None:
-        """Write ``values`` into the ring from the current position (not moving it)."""
-        if len(values) >= self.size:  # only the newest fit: they fill the ring from 0
-            storage.copy_(values[len(values) - self.size :])
-            return
-        first = min(len(values), self.size - self._position)
-        storage[self._position : self._position + first] = values[:first]
-        storage[: len(values) - first] = values[first:]
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -219,7 +228,7 @@ class MemoryQueue(nn.Module):
         self.entries.zero_()
         if self.with_labels:
             self.entry_labels.zero_()
-        self._position = self._count = 0
+        self._set_count(0)
         self.position.zero_()
         self.count.zero_()
 
@@ -232,7 +241,7 @@ class MemoryQueue(nn.Module):
 
 
 def _refresh_counters(module: nn.Module, incompatible_keys: Any) -> None:
-    """After ``load_state_dict``: the Python counters follow the loaded buffers."""
+    """After ``load_state_dict``: the host count follows the loaded buffers (both checked)."""
     assert isinstance(module, MemoryQueue)
     position, count = int(module.position), int(module.count)
     if not (0 <= count <= module.size and 0 <= position < module.size):
@@ -240,4 +249,4 @@ def _refresh_counters(module: nn.Module, incompatible_keys: Any) -> None:
             f"MemoryQueue state: count must be in [0, size={module.size}] and position in "
             f"[0, size), got count={count}, position={position}"
         )
-    module._position, module._count = position, count
+    module._set_count(count)

@@ -16,7 +16,7 @@ from info_nce._autograd import (
     DENSE_HINT,
     guard_backward,
     refuse_derivative,
-    refuse_forward_mode,
+    refuse_transforms,
     refuse_vmap,
 )
 from info_nce._validation import Reduction, reduce_loss
@@ -310,12 +310,19 @@ def log_sum_exp(
     (logits[:, E:E + C].logsumexp(0) - target)``, reduced, without the logits
     matrix or the normalised copies.
     """
-    refuse_forward_mode(_LOGSUMEXP, DENSE_HINT)
+    refuse_transforms(_LOGSUMEXP, DENSE_HINT)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace a Function given one tensor twice (nt_xent's
+        # rows are its keys): the keys as an alias of the rows.
+        segments = tuple(rows.view_as(rows) if keys is rows else keys for keys in segments)
     inputs = (rows, extra, temperature, *segments)
     grad_mode = torch.is_grad_enabled()
     needs_grad = tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
+    # Without any gradient the Function's bookkeeping is moot: its forward
+    # alone (compiled, Dynamo also mistraces a ctx-less Function then).
+    function = LogSumExp.apply if any(needs_grad) else LogSumExp.forward
     with _autocast_off(rows):  # the products' dtype is the options' (autocast's, if it was on)
-        outputs = LogSumExp.apply(rows, extra, temperature, options, needs_grad, *segments)  # type: ignore[no-untyped-call]
+        outputs = function(rows, extra, temperature, options, needs_grad, *segments)
     return cast(Tensor, outputs[0])
 
 
@@ -426,7 +433,9 @@ class PairedLogits(torch.autograd.Function):
 
 def paired_logits(query: Tensor, negative_keys: Tensor, options: PairedOptions) -> Tensor:
     """(B, M) logits of each query against its own negatives through `PairedLogits`."""
-    refuse_forward_mode(_PAIREDLOGITS, DENSE_HINT)
+    refuse_transforms(_PAIREDLOGITS, DENSE_HINT)
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or negative_keys.requires_grad)
+    function = PairedLogits.apply if needs_grad else PairedLogits.forward  # as in `log_sum_exp`
     with _autocast_off(query):  # the products' dtype is the options' (autocast's, if it was on)
-        outputs = PairedLogits.apply(query, negative_keys, options)  # type: ignore[no-untyped-call]
+        outputs = function(query, negative_keys, options)
     return cast(Tensor, outputs[0])

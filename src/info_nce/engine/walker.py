@@ -389,7 +389,10 @@ class _Blocks:
         staging = None if self.staging is None else self.staging[: len(row_block)]
         for piece in tile.pieces:
             keys = self.product_keys[piece.segment][piece.keys]
-            if staging is None:
+            if staging is None and torch.compiler.is_compiling():
+                # Compiled, into a slice: Dynamo cannot trace a strided out=.
+                block[:, piece.columns] = torch.mm(row_block, keys.T)
+            elif staging is None:
                 torch.mm(row_block, keys.T, out=block[:, piece.columns])
             else:  # the product in its dtype, widened into the block
                 product = staging[:, piece.columns]

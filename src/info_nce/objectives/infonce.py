@@ -91,9 +91,9 @@ def mean_positive_logit(
             loss): a row with as many positives has no negative, and gets 0.
     """
     all_labels = labels[0] if len(labels) == 1 else torch.cat(labels)  # (sum N_k,)
-    _, label_index, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
+    label_index, counts = _classes(all_labels)
     local = label_index[offset : offset + len(rows)]  # (R,) each row's class
-    sums = keys[0].new_zeros(len(counts), keys[0].shape[1])  # (C, D)
+    sums = keys[0].new_zeros(len(counts), keys[0].shape[1])  # (N, D), rows past the classes 0
     start = 0
     for key_set in keys:
         sums = sums.index_add(0, label_index[start : start + len(key_set)], key_set)
@@ -107,3 +107,18 @@ def mean_positive_logit(
     if candidates is not None:
         mean = torch.where(sizes < candidates, mean, 0.0)
     return mean
+
+
+def _classes(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Each label's class index (in [0, C), C distinct labels) and each class's size.
+
+    As ``torch.unique(labels, return_inverse=True, return_counts=True)``,
+    except that the sizes are a (N,) table whose entries past the C classes
+    are 0: no shape depends on the data, so a compiled graph needs no break.
+    """
+    ordered, order = torch.sort(labels)  # (N,)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]  # where a new label begins
+    index = torch.empty_like(order).scatter_(0, order, torch.cumsum(starts, 0) - 1)  # (N,)
+    counts = torch.zeros_like(index).index_add_(0, index, torch.ones_like(index))  # (N,)
+    return index, counts
