@@ -1,6 +1,8 @@
 """torch.compile: every option compiles as one graph and gives the eager result.
 
-Each case is compiled with ``fullgraph=True`` (any graph break is an error)
+Compiled, the engine is two custom ops (`info_nce.engine.op`); the rest of
+the loss (validation, the problem, dense paths, class sums) is traced. Each
+case is compiled with ``fullgraph=True`` (any graph break is an error)
 on the ``aot_eager`` backend (Dynamo and AOT autograd without code
 generation, to keep the tests fast) and must equal eager, loss and
 gradients, to float32 rounding; `torch._dynamo.explain` counts 0 breaks on
@@ -23,18 +25,17 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 
 from info_nce import InfoNCE, MemoryQueue, NTXent, info_nce
+from info_nce.engine import op, walker
+from info_nce.engine.function import LogSumExpOptions
+from info_nce.objectives import DecoupledObjective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ENGINE_OPTIONS = list(options("engine"))
-# Reduction 'none' (gradients in backward) and the other paths, on a few options.
-MORE = [
-    ("engine", "none", "in-batch"),
-    ("engine", "none", "symmetric"),
-    ("dense", "mean", "labels"),
-    ("dense", "none", "nt_xent-hard-negative"),
-    (TILES_PATH, "mean", "unpaired"),
-    (TILES_PATH, "none", "in-batch+hard"),
+CASES = [
+    (path, reduction, name)
+    for path in ("engine", "dense", TILES_PATH)
+    for reduction in ("mean", "none")
+    for name in options(path)
 ]
 
 
@@ -58,22 +59,17 @@ def float_inputs() -> list[Tensor]:
     return [x.requires_grad_() for x in inputs(0, torch.float32)]
 
 
-@pytest.mark.parametrize("name", ENGINE_OPTIONS)
-def test_every_option_compiles_as_one_graph_and_equals_eager(name: str) -> None:
-    assert_compiled_equals_eager(options("engine")[name], float_inputs())
-
-
-@pytest.mark.parametrize(("path", "reduction", "name"), MORE)
-def test_other_paths_and_reductions_compile_as_one_graph(
+@pytest.mark.parametrize(("path", "reduction", "name"), CASES)
+def test_every_option_compiles_as_one_graph_and_equals_eager(
     path: str, reduction: str, name: str
 ) -> None:
     assert_compiled_equals_eager(options(path, reduction)[name], float_inputs())
 
 
-@pytest.mark.parametrize("name", ["labels", "nt_xent"])
+@pytest.mark.parametrize("name", ["unpaired", "labels", "nt_xent"])
 def test_explain_counts_no_graph_break(name: str) -> None:
-    # Once broken by torch.unique, a strided out= product and a Function
-    # given one tensor twice.
+    # Traced through the walker, these broke the graph: a strided out=
+    # product, torch.unique, a Function given one tensor twice.
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(options("engine")[name])(*float_inputs())
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -140,6 +136,65 @@ def test_a_queue_module_compiles_and_stops_recompiling_once_full(
     graphs = run_steps(module, 7, labelled=labelled)
     assert graphs[-1] <= 4, graphs  # while the queue fills
     assert graphs[3:] == [graphs[3]] * 4, graphs  # full: no recompilation
+
+
+def op_cases() -> list[tuple[LogSumExpOptions, tuple[Tensor, ...]]]:
+    """The engine op's inputs for both kinds of walk, float64."""
+    generator = torch.Generator().manual_seed(4)
+
+    def draw(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    rows, keys, frozen, extra = draw(5, 3), draw(5, 3), draw(4, 3), draw(5, 2)
+    temperature = torch.tensor(0.4, dtype=torch.float64)
+    labels = walker.LabelRule(torch.arange(5) % 2, (torch.arange(5) % 2, torch.arange(4) % 2))
+    two_pass = LogSumExpOptions(
+        reduction="none",
+        block_rows=2,
+        column_keys=5,
+        row_scale=0.5,
+        column_scale=0.5,
+        target_offset=0,
+        normalize=True,
+    )
+    in_forward = LogSumExpOptions(
+        reduction="mean",
+        block_rows=2,
+        target_extra=True,
+        exclude_target=True,
+        exclude_labels=labels,
+        normalize=True,
+        grads_in_forward=True,
+        objective=DecoupledObjective(),
+    )
+    return [
+        (two_pass, (rows, None, temperature, keys)),
+        (in_forward, (rows, extra, temperature, keys, frozen)),
+    ]
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["two-pass", "grads-in-forward"])
+def test_the_engine_ops_pass_torch_library_opcheck(case: int) -> None:
+    # Schema, fake (meta) shapes, autograd registration and AOT dispatch.
+    options, (rows, extra, temperature, *segments) = op_cases()[case]
+    rule = options.exclude_labels
+    inputs = (rows, extra, temperature, *segments)
+    # Every input needs a gradient but a second segment (frozen keys, a queue).
+    needs = [True, extra is not None, True, True] + [False] * (len(segments) - 1)
+    for x, flag in zip(inputs, needs, strict=True):
+        if x is not None:
+            x.requires_grad_(flag)
+    args = (
+        rows,
+        extra,
+        temperature,
+        list(segments),
+        None if rule is None else rule.rows,
+        [] if rule is None else list(rule.segments),
+        op._key(options.parts()),
+        needs,
+    )
+    torch.library.opcheck(torch.ops.info_nce.log_sum_exp.default, args)
 
 
 def test_a_bad_temperature_fails_inside_the_compiled_graph() -> None:

@@ -2,8 +2,9 @@
 
 `run` takes a `Problem` (built by `info_nce._problem`, the only reader of the
 losses' flags) and walks each of its walks through the `LogSumExp` Function
-(`function`), whose forward and backward are the block walker's two passes
-(`walker`); the loss of each row of a block is
+(`function`; compiled, through the custom ops of `op`), whose forward and
+backward are the block walker's two passes (`walker`); the loss of each row
+of a block is
 the objective's (`info_nce.objectives`). Normalisation and temperature are
 row and column factors (`scales`); the symmetric loss's column statistics are
 in `columns`. Positives that are not a target column are class sums, O((B +
@@ -21,7 +22,8 @@ from torch import Tensor
 from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
 from info_nce._validation import Reduction, reduce_loss
-from info_nce.engine.function import LogSumExpOptions, autocast_product_dtype, log_sum_exp
+from info_nce.engine.function import LogSumExpOptions, autocast_product_dtype
+from info_nce.engine.op import log_sum_exp
 from info_nce.engine.walker import Diagonal, LabelRule, default_block_shape
 from info_nce.objectives import InfoNCEObjective, RowObjective, mean_positive_logit
 

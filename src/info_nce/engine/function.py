@@ -86,6 +86,56 @@ class LogSumExpOptions:
     grads_in_forward: bool = False
     objective: RowObjective = field(default_factory=InfoNCEObjective)
 
+    def parts(self) -> tuple[Any, ...]:
+        """Every setting as plain values, without label tensors (`from_parts` rebuilds)."""
+        rule = self.exclude_labels
+        return (
+            self.reduction,
+            self.block_rows,
+            self.tile_columns,
+            self.column_keys,
+            self.row_scale,
+            self.column_scale,
+            self.target_offset,
+            self.target_extra,
+            tuple((d.key_offset, d.start, d.stop) for d in self.exclusions),
+            self.exclude_target,
+            None if rule is None else len(rule.segments),
+            self.normalize,
+            self.eps,
+            self.temperature,
+            self.product_dtype,
+            self.grads_in_forward,
+            type(self.objective),
+            self.objective.parts(),
+        )
+
+    @staticmethod
+    def from_parts(parts: tuple[Any, ...], labels: walker.LabelRule | None) -> LogSumExpOptions:
+        """The options of `parts`, with their label rule."""
+        (reduction, block_rows, tile_columns, column_keys, row_scale, column_scale) = parts[:6]
+        (target_offset, target_extra, exclusions, exclude_target, _, normalize) = parts[6:12]
+        (eps, temperature, product_dtype, grads_in_forward, objective_type, settings) = parts[12:]
+        return LogSumExpOptions(
+            reduction=reduction,
+            block_rows=block_rows,
+            tile_columns=tile_columns,
+            column_keys=column_keys,
+            row_scale=row_scale,
+            column_scale=column_scale,
+            target_offset=target_offset,
+            target_extra=target_extra,
+            exclusions=tuple(walker.Diagonal(*rule) for rule in exclusions),
+            exclude_target=exclude_target,
+            exclude_labels=labels,
+            normalize=normalize,
+            eps=eps,
+            temperature=temperature,
+            product_dtype=product_dtype,
+            grads_in_forward=grads_in_forward,
+            objective=objective_type(*settings),
+        )
+
     @property
     def layout(self) -> walker.Layout:
         return walker.Layout(
@@ -123,49 +173,7 @@ class LogSumExp(torch.autograd.Function):
         needs_grad: tuple[bool, ...],
         *segments: Tensor,
     ) -> tuple[Tensor | None, ...]:
-        segment_grads = tuple(needs_grad[3:])
-        row_grads = needs_grad[0] or needs_grad[2]  # the temperature's comes from the rows'
-        factors = _factors(rows, segments, temperature, options)
-        walked, column_scales = segments, factors.columns
-        scaled_copy = options.grads_in_forward and options.normalize and not options.tile_columns
-        if scaled_copy:
-            # A scaled copy of the keys saves two passes over every logits block.
-            # It never sets the peak here: backward holds the saved gradients
-            # and their rescaled copies, (B + N) * D twice. (Elsewhere the peak
-            # is the backward pass's, and the copy would only fragment the heap.)
-            walked = tuple(
-                keys if s is None else keys * s.unsqueeze(1)
-                for keys, s in zip(segments, factors.columns, strict=True)
-            )
-            column_scales = [None] * len(segments)
-        result = walker.statistics_pass(
-            rows,
-            walked,
-            extra,
-            options.objective,
-            options.layout,
-            row_scales=factors.rows,
-            column_scales=column_scales,
-            compute_grads=options.grads_in_forward,
-            segment_grads=segment_grads,
-            row_grads=row_grads,
-        )
-        assert result.row_loss is not None
-        output = options.row_scale * result.row_loss  # (B,)
-        if result.column_lse is not None:
-            column_term = result.column_lse
-            if result.target_logit is not None:
-                column_term = column_term - result.target_logit
-            output = output + options.column_scale * column_term
-        loss = reduce_loss(output, options.reduction)
-        if not options.grads_in_forward:
-            return loss, result.row_stat, result.column_lse
-        if scaled_copy:  # the scaled copies' gradients, to the keys'
-            for grad, s in zip(result.grad_segments, factors.columns, strict=True):
-                if grad is not None and s is not None:
-                    grad.mul_(s.unsqueeze(1))
-        grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
-        return loss, result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments
+        return forward_outputs(rows, extra, temperature, options, needs_grad, segments)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor | None, ...]) -> None:
@@ -174,7 +182,6 @@ class LogSumExp(torch.autograd.Function):
         ctx.options = options
         ctx.num_rows = len(rows)
         ctx.num_kept = len(kept)
-        ctx.temperature_shape = None if temperature is None else temperature.shape
         ctx.mark_non_differentiable(*(t for t in kept if t is not None))
         ctx.set_materialize_grads(False)  # no zeros for the outputs that are no loss
         inputs = (rows, extra, temperature, *segments)
@@ -193,64 +200,137 @@ class LogSumExp(torch.autograd.Function):
             return (None,) * (5 + len(ctx.needs_input_grad[5:]))
         refuse = guard_backward(_LOGSUMEXP, DENSE_HINT)
         saved = ctx.saved_tensors
+        kept, inputs = saved[: ctx.num_kept], saved[ctx.num_kept :]
         with torch.no_grad(), _autocast_off(grad_output):
-            grads = LogSumExp.gradients(ctx, grad_output, saved)
+            grads = backward_grads(
+                ctx.options,
+                grad_output,
+                kept,
+                inputs,
+                ctx.needs_input_grad[:3] + ctx.needs_input_grad[5:],
+                ctx.num_rows,
+            )
+        grad_rows, grad_extra, grad_temperature, *grad_segments = grads
+        grads = (grad_rows, grad_extra, grad_temperature, None, None, *grad_segments)
         return refuse_derivative(_LOGSUMEXP, grads, saved, DENSE_HINT) if refuse else grads
 
-    @staticmethod
-    def gradients(
-        ctx: Any, grad_output: Tensor, saved: tuple[Tensor | None, ...]
-    ) -> tuple[Tensor | None, ...]:
-        """Backward's gradients (grad mode off)."""
-        options: LogSumExpOptions = ctx.options
-        kept = saved[: ctx.num_kept]
-        if options.grads_in_forward:
-            grad_rows, grad_extra, grad_temperature, *grad_segments = kept
-            scale = _scalar_scale(grad_output, options, ctx.num_rows)
-            grad_rows, grad_extra, grad_temperature, *grad_segments = (
-                None if grad is None else grad * scale
-                for grad in (grad_rows, grad_extra, grad_temperature, *grad_segments)
-            )
-            return grad_rows, grad_extra, grad_temperature, None, None, *grad_segments
-        row_stat, column_lse = kept
-        rows, extra, temperature, *segment_list = saved[ctx.num_kept :]
-        segments = cast(tuple[Tensor, ...], tuple(segment_list))
-        assert row_stat is not None
-        assert rows is not None
-        needs_grad = ctx.needs_input_grad
-        row_weight: Tensor | None = None
-        column_weight: Tensor | float
-        if options.reduction == "none":
-            row_weight = options.row_scale * grad_output  # (B,)
-            column_weight = options.column_scale * grad_output  # (B,): column j pairs with row j
-        else:
-            # Every row weighs alike: weigh the columns relative to the rows and
-            # scale the gradients once instead of every (R, N) block.
-            column_weight = options.column_scale / options.row_scale
-        factors = _factors(rows, segments, temperature, options)
-        result = walker.gradient_pass(
-            rows,
-            segments,
-            extra,
-            options.objective,
-            options.layout,
-            walker.BlockPass(row_stat=row_stat, column_lse=column_lse),
-            row_scales=factors.rows,
-            column_scales=factors.columns,
-            row_weight=row_weight,
-            column_weight=column_weight,
-            segment_grads=tuple(needs_grad[5:]),
-            row_grads=needs_grad[0] or needs_grad[2],
+
+def forward_outputs(
+    rows: Tensor,
+    extra: Tensor | None,
+    temperature: Tensor | None,
+    options: LogSumExpOptions,
+    needs_grad: tuple[bool, ...],
+    segments: tuple[Tensor, ...],
+) -> tuple[Tensor | None, ...]:
+    """`LogSumExp`'s forward: the loss, then what backward needs.
+
+    With ``options.grads_in_forward``: ``(loss, grad_rows, grad_extra,
+    grad_temperature, *grad_segments)``, the gradients of the unscaled loss
+    (None where not needed); otherwise ``(loss, row_stat, column_lse)``.
+    ``needs_grad`` says which of ``(rows, extra, temperature, *segments)``
+    need a gradient.
+    """
+    segment_grads = tuple(needs_grad[3:])
+    row_grads = needs_grad[0] or needs_grad[2]  # the temperature's comes from the rows'
+    factors = _factors(rows, segments, temperature, options)
+    walked, column_scales = segments, factors.columns
+    scaled_copy = options.grads_in_forward and options.normalize and not options.tile_columns
+    if scaled_copy:
+        # A scaled copy of the keys saves two passes over every logits block.
+        # It never sets the peak here: backward holds the saved gradients
+        # and their rescaled copies, (B + N) * D twice. (Elsewhere the peak
+        # is the backward pass's, and the copy would only fragment the heap.)
+        walked = tuple(
+            keys if s is None else keys * s.unsqueeze(1)
+            for keys, s in zip(segments, factors.columns, strict=True)
         )
-        grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
-        grads = (result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments)
-        if row_weight is None:
-            scale = _scalar_scale(grad_output, options, len(rows))
-            grads = tuple(None if grad is None else grad.mul_(scale) for grad in grads)
-        grad_rows, grad_extra, grad_temperature, *grad_segments = grads
-        if grad_temperature is not None:
-            grad_temperature = grad_temperature.reshape(ctx.temperature_shape)
-        return grad_rows, grad_extra, grad_temperature, None, None, *grad_segments
+        column_scales = [None] * len(segments)
+    result = walker.statistics_pass(
+        rows,
+        walked,
+        extra,
+        options.objective,
+        options.layout,
+        row_scales=factors.rows,
+        column_scales=column_scales,
+        compute_grads=options.grads_in_forward,
+        segment_grads=segment_grads,
+        row_grads=row_grads,
+    )
+    assert result.row_loss is not None
+    output = options.row_scale * result.row_loss  # (B,)
+    if result.column_lse is not None:
+        column_term = result.column_lse
+        if result.target_logit is not None:
+            column_term = column_term - result.target_logit
+        output = output + options.column_scale * column_term
+    loss = reduce_loss(output, options.reduction)
+    if not options.grads_in_forward:
+        return loss, result.row_stat, result.column_lse
+    if scaled_copy:  # the scaled copies' gradients, to the keys'
+        for grad, s in zip(result.grad_segments, factors.columns, strict=True):
+            if grad is not None and s is not None:
+                grad.mul_(s.unsqueeze(1))
+    grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
+    return loss, result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments
+
+
+def backward_grads(
+    options: LogSumExpOptions,
+    grad_output: Tensor,
+    kept: tuple[Tensor | None, ...],
+    inputs: tuple[Tensor | None, ...],
+    needs_grad: tuple[bool, ...],
+    num_rows: int,
+) -> tuple[Tensor | None, ...]:
+    """`LogSumExp`'s backward: ``(grad_rows, grad_extra, grad_temperature, *grad_segments)``.
+
+    ``kept`` is what `forward_outputs` returned after the loss; ``inputs``
+    are ``(rows, extra, temperature, *segments)`` (only read without
+    ``grads_in_forward``); ``needs_grad`` as in `forward_outputs`. Grad mode off.
+    """
+    if options.grads_in_forward:
+        scale = _scalar_scale(grad_output, options, num_rows)
+        return tuple(None if grad is None else grad * scale for grad in kept)
+    row_stat, column_lse = kept
+    rows, extra, temperature, *segment_list = inputs
+    segments = cast(tuple[Tensor, ...], tuple(segment_list))
+    assert row_stat is not None
+    assert rows is not None
+    row_weight: Tensor | None = None
+    column_weight: Tensor | float
+    if options.reduction == "none":
+        row_weight = options.row_scale * grad_output  # (B,)
+        column_weight = options.column_scale * grad_output  # (B,): column j pairs with row j
+    else:
+        # Every row weighs alike: weigh the columns relative to the rows and
+        # scale the gradients once instead of every (R, N) block.
+        column_weight = options.column_scale / options.row_scale
+    factors = _factors(rows, segments, temperature, options)
+    result = walker.gradient_pass(
+        rows,
+        segments,
+        extra,
+        options.objective,
+        options.layout,
+        walker.BlockPass(row_stat=row_stat, column_lse=column_lse),
+        row_scales=factors.rows,
+        column_scales=factors.columns,
+        row_weight=row_weight,
+        column_weight=column_weight,
+        segment_grads=tuple(needs_grad[3:]),
+        row_grads=needs_grad[0] or needs_grad[2],
+    )
+    grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
+    grads = (result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments)
+    if row_weight is None:
+        scale = _scalar_scale(grad_output, options, len(rows))
+        grads = tuple(None if grad is None else grad.mul_(scale) for grad in grads)
+    grad_rows, grad_extra, grad_temperature, *grad_segments = grads
+    if grad_temperature is not None and temperature is not None:
+        grad_temperature = grad_temperature.reshape(temperature.shape)
+    return grad_rows, grad_extra, grad_temperature, *grad_segments
 
 
 def _factors(
@@ -311,15 +391,10 @@ def log_sum_exp(
     matrix or the normalised copies.
     """
     refuse_transforms(_LOGSUMEXP, DENSE_HINT)
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace a Function given one tensor twice (nt_xent's
-        # rows are its keys): the keys as an alias of the rows.
-        segments = tuple(rows.view_as(rows) if keys is rows else keys for keys in segments)
     inputs = (rows, extra, temperature, *segments)
     grad_mode = torch.is_grad_enabled()
     needs_grad = tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
-    # Without any gradient the Function's bookkeeping is moot: its forward
-    # alone (compiled, Dynamo also mistraces a ctx-less Function then).
+    # Without any gradient the Function's bookkeeping is moot: its forward alone.
     function = LogSumExp.apply if any(needs_grad) else LogSumExp.forward
     with _autocast_off(rows):  # the products' dtype is the options' (autocast's, if it was on)
         outputs = function(rows, extra, temperature, options, needs_grad, *segments)

@@ -389,10 +389,7 @@ class _Blocks:
         staging = None if self.staging is None else self.staging[: len(row_block)]
         for piece in tile.pieces:
             keys = self.product_keys[piece.segment][piece.keys]
-            if staging is None and torch.compiler.is_compiling():
-                # Compiled, into a slice: Dynamo cannot trace a strided out=.
-                block[:, piece.columns] = torch.mm(row_block, keys.T)
-            elif staging is None:
+            if staging is None:
                 torch.mm(row_block, keys.T, out=block[:, piece.columns])
             else:  # the product in its dtype, widened into the block
                 product = staging[:, piece.columns]
@@ -612,10 +609,7 @@ def statistics_pass(
         blocks.scale_columns_(block, tile, column_scales)
         blocks.gradient_products(block, row_block, span, tile)
 
-    if column_stats is not None and (
-        # Compiled, no host sync: the exact pass of its own, always.
-        torch.compiler.is_compiling() or col.needs_separate_pass(column_stats, row_stat[:, 0])
-    ):
+    if column_stats is not None and col.needs_separate_pass(column_stats, row_stat[:, 0]):
         column_stats = col.column_lse_pass(
             rows,
             blocks.product_keys[0],

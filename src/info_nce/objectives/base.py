@@ -96,6 +96,10 @@ class RowObjective(Protocol):
         """
         ...
 
+    def parts(self) -> tuple[float, ...]:
+        """The objective's settings: ``type(objective)(*parts)`` rebuilds it."""
+        ...
+
     def forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
     ) -> Tensor:

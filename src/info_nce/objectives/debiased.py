@@ -64,11 +64,14 @@ class DebiasedObjective:
     hard_negative_beta: float
     clamp_column: int
     # Q's buffer, reused from block to block within one loss call.
-    _scratch: list[Tensor] = field(default_factory=list, compare=False, repr=False)
+    _scratch: list[Tensor] = field(default_factory=list, init=False, compare=False, repr=False)
 
     num_stats = 6
     needs_candidates = True
     tileable = False  # P and Q need complete rows
+
+    def parts(self) -> tuple[float, ...]:
+        return (self.false_negative_rate, self.hard_negative_beta, self.clamp_column)
 
     def forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None

@@ -11,6 +11,8 @@ InfoNCE's formula would give -inf.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -18,6 +20,7 @@ from info_nce.objectives.base import RowContext
 from info_nce.objectives.infonce import InfoNCEObjective
 
 
+@dataclass(frozen=True)
 class DecoupledObjective(InfoNCEObjective):
     """InfoNCE over the negatives alone; a row without negatives costs 0."""
 
@@ -25,9 +28,8 @@ class DecoupledObjective(InfoNCEObjective):
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
     ) -> Tensor:
         empty = torch.isneginf(block.amax(dim=1, keepdim=True))  # (R, 1) rows without a negative
-        # Eager on the CPU: one (free) host sync per block skips the masking
-        # where no row is empty; compiled or on an accelerator: always
-        # masked, no sync.
+        # On the CPU one (free) host sync per block skips the masking where
+        # no row is empty; on an accelerator: always masked, no sync.
         if _may_sync(empty) and not bool(empty.any()):
             return super().forward_(block, context, row_stat, target_logit)
         block.masked_fill_(empty, 0.0)  # any finite row: its softmax is discarded below
@@ -62,5 +64,5 @@ def _alive(row_stat: Tensor, weight: Tensor | float) -> Tensor | float:
 
 
 def _may_sync(tensor: Tensor) -> bool:
-    """Whether reading ``tensor`` on the host is free: eager, on the CPU."""
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether reading ``tensor`` on the host is free: on the CPU."""
+    return tensor.device.type == "cpu"

@@ -9,18 +9,24 @@ O((B + classes) * D) without a (B, B) mask.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from info_nce.objectives.base import RowContext, add_to_targets_
 
 
+@dataclass(frozen=True)
 class InfoNCEObjective:
     """Cross-entropy of each row's logits with its target column (none: the log-sum-exp alone)."""
 
     num_stats = 1  # the row log-sum-exp
     needs_candidates = False
     tileable = True  # the loss is the log-sum-exp minus the target logit
+
+    def parts(self) -> tuple[float, ...]:
+        return ()
 
     def forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
