@@ -44,7 +44,9 @@ def _key(parts: tuple[Any, ...]) -> str:
     return key
 
 
-def _options(key: str, label_rows: Tensor | None, label_segments: list[Tensor | None]) -> Any:
+def _options(
+    key: str, label_rows: Tensor | None, label_segments: list[Tensor | None]
+) -> LogSumExpOptions:
     """The options of ``key`` (a fresh objective: no state across calls), with their labels."""
     rule = None if label_rows is None else walker.LabelRule(label_rows, tuple(label_segments))
     return LogSumExpOptions.from_parts(_OPTIONS[key], rule)
@@ -56,8 +58,10 @@ def _present(x: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _unaliased(outputs: list[Tensor]) -> list[Tensor]:
-    """An op's outputs may not share memory: a copy of each that does (the gradients
-    of the rows and the keys are one allocation)."""
+    """A copy of each output that shares memory with an earlier one (an op's may not).
+
+    The rows' and the keys' gradients are one allocation.
+    """
     seen: set[int] = set()
     result = []
     for x in outputs:
@@ -70,6 +74,7 @@ def _unaliased(outputs: list[Tensor]) -> list[Tensor]:
 
 
 def _absent(x: Tensor) -> Tensor | None:
+    """None for the empty stand-in of `_present` (a real output is never 1-D and empty)."""
     return None if x.numel() == 0 and x.dim() == 1 else x
 
 
