@@ -8,9 +8,25 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
+import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessContext, start_processes
+
+# A rank waiting longer than this for the others has lost them: fail, not hang.
+GLOO_TIMEOUT = timedelta(seconds=60)
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join the gloo group of ``world`` ranks at ``tcp://127.0.0.1:port`` (in a worker)."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=GLOO_TIMEOUT,
+    )
 
 
 def free_ports(count: int) -> list[int]:

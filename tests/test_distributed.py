@@ -21,14 +21,13 @@ import subprocess
 import sys
 import traceback
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import free_ports, join_ranks, run_ranks, start_ranks
+from ranks import free_ports, init_gloo, join_ranks, run_ranks, start_ranks
 from reference import assert_close as assert_close_scaled
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -42,7 +41,6 @@ IN_FEATURES, HIDDEN, EMBEDDING = 5, 7, 6
 PAIRED_NEGATIVES = 3  # negatives per query in paired mode
 CLASSES = 3  # labels are arange(B) % CLASSES: repeated, and spread over the ranks
 WORLD_SIZES = (2, 3)
-GLOO_TIMEOUT = timedelta(seconds=60)  # a collective that hangs fails instead
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -494,16 +492,6 @@ def run_all(world: int, rank: int | None, gather: bool) -> dict[str, dict[str, A
         except Exception:
             results[case.name] = {"error": traceback.format_exc()}
     return results
-
-
-def init_gloo(rank: int, world: int, port: int) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=GLOO_TIMEOUT,
-    )
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:

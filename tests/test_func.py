@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.func
 from grid import PATHS, B, D, Loss, chunk, inputs, options
-from ranks import run_ranks
+from ranks import init_gloo, run_ranks
 from reference import assert_close
 from tiling import TILES_PATH, tiles_on_path  # noqa: F401  (autouse: the tiles path)
 from torch import Tensor
@@ -153,13 +152,7 @@ def test_the_dense_path_takes_a_second_derivative_under_torch_func() -> None:
 
 def _func_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     try:
         generator = torch.Generator().manual_seed(rank)
         query = torch.randn(rank + 3, D, generator=generator, dtype=torch.float64)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ranks import run_ranks
+from ranks import init_gloo, run_ranks
 from tiling import TILES_PATH, tiles_on_path  # noqa: F401  (an autouse fixture)
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -250,13 +249,7 @@ def rank_batch(rank: int, step: int) -> tuple[Tensor, Tensor]:
 
 def _queue_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     try:
         queue = MemoryQueue(9, 3, labels=True, normalize=False, gather_distributed=True)
         states = []
