@@ -7,12 +7,12 @@ import doctest
 import pytest
 
 import info_nce
-from info_nce import functional, module, queue
+from info_nce import cache, functional, module, queue
 
 PUBLIC = [getattr(info_nce, name) for name in info_nce.__all__ if name != "__version__"]
 TESTS = [
     test
-    for source in (functional, module, queue)
+    for source in (cache, functional, module, queue)
     for test in doctest.DocTestFinder().find(source)
     if test.examples and any(test.name.endswith("." + obj.__name__) for obj in PUBLIC)
 ]

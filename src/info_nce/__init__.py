@@ -1,8 +1,17 @@
 """InfoNCE contrastive loss for PyTorch."""
 
 from info_nce._version import __version__
+from info_nce.cache import grad_cache
 from info_nce.functional import info_nce, nt_xent
 from info_nce.module import InfoNCE, NTXent
 from info_nce.queue import MemoryQueue
 
-__all__ = ["InfoNCE", "MemoryQueue", "NTXent", "__version__", "info_nce", "nt_xent"]
+__all__ = [
+    "InfoNCE",
+    "MemoryQueue",
+    "NTXent",
+    "__version__",
+    "grad_cache",
+    "info_nce",
+    "nt_xent",
+]
