@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from info_nce import InfoNCE, distributed
+from info_nce import InfoNCE, distributed, grad_cache
 from info_nce.cli._arguments import at_least, positive_float
 
 if TYPE_CHECKING:
@@ -115,6 +115,8 @@ class DemoConfig:
     eval_every: int = DEFAULT_EVAL_EVERY
     eval_samples: int = DEFAULT_EVAL_SAMPLES
     nproc: int = 1
+    # Rows per chunk of `grad_cache` (None: the plain encoder pass).
+    grad_cache_chunk: int | None = None
     # Intra-op threads per process; None: torch's default, or the cores split among nproc > 1.
     threads: int | None = None
     progress: bool = True
@@ -310,7 +312,11 @@ class _Trainer:
         latents = sample_sphere(self.local_batch, self.config.latent_dim, self.data)  # (b, n)
         positives = sample_von_mises_fisher(latents, self.config.kappa, self.data)  # (b, n)
         observations = self.mixing(torch.cat([latents, positives])).float()  # (2b, n)
-        embeddings = self.encoder(observations)  # (2b, n), one pass for both views
+        chunk = self.config.grad_cache_chunk
+        if chunk is None:
+            embeddings = self.encoder(observations)  # (2b, n), one pass for both views
+        else:  # the same, replayed chunk by chunk in backward
+            embeddings = grad_cache(self.encoder, observations, chunk_size=chunk)
         loss = self.loss(embeddings[: self.local_batch], embeddings[self.local_batch :])
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
@@ -774,6 +780,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="linear layers of the mixing g (leaky ReLUs between them)",
     )
     parser.add_argument(
+        "--grad-cache-chunk",
+        type=at_least(1),
+        default=None,
+        help="embed through info_nce.grad_cache in chunks of this many rows (no activations "
+        "kept; each chunk runs again in backward)",
+    )
+    parser.add_argument(
         "--nproc",
         type=at_least(1),
         default=1,
@@ -812,6 +825,7 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         eval_samples=args.eval_samples,
         nproc=args.nproc,
+        grad_cache_chunk=args.grad_cache_chunk,
         threads=args.threads,
     )
     problem = _check_config(config)
