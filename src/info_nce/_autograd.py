@@ -117,6 +117,13 @@ def refuse_transforms(function: str, hint: str = "") -> None:
         raise RuntimeError(_NO_VMAP.format(function=function, hint=hint))
 
 
+def plain_values(tensor: Tensor) -> Tensor:
+    """The tensor under torch.func's wrappers (itself outside any transform)."""
+    while is_functorch_wrapped_tensor(tensor):
+        tensor = get_unwrapped(tensor)
+    return tensor
+
+
 @contextlib.contextmanager
 def outside_transforms(what: str) -> Iterator[Callable[[Tensor], Tensor]]:
     """Within: buffers may be written in place under torch.func's ``grad``/``vjp``.
@@ -135,10 +142,5 @@ def outside_transforms(what: str) -> Iterator[Callable[[Tensor], Tensor]]:
     if any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters()):
         raise RuntimeError(f"{what} is not supported under torch.func.vmap")
 
-    def values(tensor: Tensor) -> Tensor:
-        while is_functorch_wrapped_tensor(tensor):
-            tensor = get_unwrapped(tensor)
-        return tensor
-
     with temporarily_clear_interpreter_stack():
-        yield values
+        yield plain_values

@@ -19,10 +19,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
-from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
+from info_nce._autograd import plain_values
 from info_nce._validation import Reduction, reduce_loss
-from info_nce.engine.function import LogSumExpOptions, autocast_product_dtype
+from info_nce.engine.function import (
+    LogSumExpOptions,
+    autocast_product_dtype,
+    input_grads_needed,
+)
 from info_nce.engine.op import log_sum_exp
 from info_nce.engine.walker import Diagonal, LabelRule, default_block_shape
 from info_nce.objectives import InfoNCEObjective, RowObjective, mean_positive_logit
@@ -61,10 +65,7 @@ def _kept_copy(keys: Tensor) -> Tensor:
     storage = _OVERWRITTEN
     if not storage or keys.requires_grad:  # keys with gradient are no ring
         return keys
-    values = keys
-    while is_functorch_wrapped_tensor(values):  # inside torch.func's grad or vjp
-        values = get_unwrapped(values)
-    pointer = values.untyped_storage().data_ptr()
+    pointer = plain_values(keys).untyped_storage().data_ptr()  # inside torch.func: its values
     overwritten = any(s.untyped_storage().data_ptr() == pointer for s in storage)
     return keys.clone() if overwritten else keys
 
@@ -150,8 +151,7 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
     # only): no factors to apply then.
     has_keys = bool(walk.segments)
     tensor_temperature = temperature if isinstance(temperature, Tensor) and has_keys else None
-    inputs = (walk.rows, extra, tensor_temperature, *walk.segments)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    needs_grad = any(input_grads_needed(walk.rows, extra, tensor_temperature, walk.segments))
     candidates = sum(len(keys) for keys in walk.segments) + (0 if extra is None else extra.shape[1])
     tileable = walk.objective.tileable and not walk.column_keys
     frozen_keys = walk.target_offset is None and not any(k.requires_grad for k in walk.segments)

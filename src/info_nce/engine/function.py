@@ -373,6 +373,15 @@ def _scalar_scale(grad_output: Tensor, options: LogSumExpOptions, num_rows: int)
     return scale / max(1, num_rows) if options.reduction == "mean" else scale
 
 
+def input_grads_needed(
+    rows: Tensor, extra: Tensor | None, temperature: Tensor | None, segments: tuple[Tensor, ...]
+) -> tuple[bool, ...]:
+    """Which of ``(rows, extra, temperature, *segments)`` get a gradient (none in no-grad mode)."""
+    grad_mode = torch.is_grad_enabled()
+    inputs = (rows, extra, temperature, *segments)
+    return tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
+
+
 def log_sum_exp(
     rows: Tensor,
     segments: tuple[Tensor, ...],
@@ -391,9 +400,7 @@ def log_sum_exp(
     matrix or the normalised copies.
     """
     refuse_transforms(_LOGSUMEXP, DENSE_HINT)
-    inputs = (rows, extra, temperature, *segments)
-    grad_mode = torch.is_grad_enabled()
-    needs_grad = tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
+    needs_grad = input_grads_needed(rows, extra, temperature, segments)
     # Without any gradient the Function's bookkeeping is moot: its forward alone.
     function = LogSumExp.apply if any(needs_grad) else LogSumExp.forward
     with _autocast_off(rows):  # the products' dtype is the options' (autocast's, if it was on)

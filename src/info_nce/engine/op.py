@@ -255,9 +255,7 @@ def log_sum_exp(
     """`fn.log_sum_exp`: eagerly the `LogSumExp` Function, compiled the custom op."""
     if not torch.compiler.is_compiling():
         return fn.log_sum_exp(rows, segments, extra, temperature, options)
-    grad_mode = torch.is_grad_enabled()
-    inputs = (rows, extra, temperature, *segments)
-    needs_grad = [grad_mode and x is not None and x.requires_grad for x in inputs]
+    needs_grad = list(fn.input_grads_needed(rows, extra, temperature, segments))
     rule = options.exclude_labels
     label_rows = None if rule is None else rule.rows
     label_segments = [] if rule is None else list(rule.segments)
