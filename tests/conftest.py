@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import os
-import sys
 import types
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
+from peers import lightly_loss
 from reference import single_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED_WHEEL_ENV = "INFO_NCE_SEED_WHEEL"
 DEFAULT_SEED_WHEEL = REPO_ROOT / ".venv" / "reference" / "info_nce_pytorch-0.1.4-py3-none-any.whl"
 SEED_MODULE_NAME = "info_nce_pytorch_0_1_4"
-LIGHTLY_WHEEL = REPO_ROOT / ".venv" / "reference" / "lightly-1.6.0-py3-none-any.whl"
 
 
 def seed_wheel_path() -> Path:
@@ -64,40 +62,13 @@ def one_thread() -> Iterator[None]:
         yield
 
 
-def _run_source(archive: zipfile.ZipFile, wheel: Path, path: str, name: str) -> types.ModuleType:
-    """One source file of a wheel, executed as a fresh module called ``name``."""
-    module = types.ModuleType(name)
-    module.__file__ = f"{wheel}/{path}"
-    source = archive.read(path).decode("utf-8")
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
-    return module
-
-
 @pytest.fixture(scope="session")
 def lightly_dcl_loss() -> type:
-    """lightly 1.6.0's ``DCLLoss``, from its wheel; never downloaded here.
-
-    lightly itself needs torchvision, pytorch-lightning and hydra (its wheel's
-    metadata), none of which this project wants. ``lightly/loss/dcl_loss.py``
-    imports only torch and ``lightly.utils.dist`` (torch only), so those two
-    files are read out of the wheel and run as modules, the second standing in
-    for the package during the first's import.
-    """
-    if not LIGHTLY_WHEEL.is_file():
-        pytest.fail(
-            f"lightly 1.6.0 wheel not found at {LIGHTLY_WHEEL}. Run `make test`, which "
-            "downloads it (pip download --no-deps lightly==1.6.0 -d .venv/reference).",
-            pytrace=False,
-        )
-    with zipfile.ZipFile(LIGHTLY_WHEEL) as archive:
-        dist = _run_source(archive, LIGHTLY_WHEEL, "lightly/utils/dist.py", "lightly.utils.dist")
-        package = types.ModuleType("lightly.utils")
-        package.dist = dist  # type: ignore[attr-defined]
-        stand_ins = {"lightly": types.ModuleType("lightly"), "lightly.utils": package}
-        with mock.patch.dict(sys.modules, {**stand_ins, "lightly.utils.dist": dist}):
-            module = _run_source(archive, LIGHTLY_WHEEL, "lightly/loss/dcl_loss.py", "dcl_loss")
-    loss: type = module.DCLLoss
-    return loss
+    """lightly 1.6.0's ``DCLLoss``, from its wheel (`peers`); never downloaded here."""
+    try:
+        return lightly_loss("DCLLoss")
+    except FileNotFoundError as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 DEVICES = [

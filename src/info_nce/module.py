@@ -187,9 +187,12 @@ class InfoNCE(_LossModule):
             group, score each rank's queries against all ranks' candidates, with
             gradients that reach the owning rank (see `info_nce.info_nce` for the
             contract).
-        decoupled, false_negative_rate, hard_negative_beta: keyword-only; the
-            decoupled, debiased and hard-negative objectives (see
-            `info_nce.info_nce`).
+        decoupled: keyword-only; the decoupled objective (DCL), see
+            `info_nce.info_nce`.
+        false_negative_rate: keyword-only; the debiased objective's τ⁺, see
+            `info_nce.info_nce`.
+        hard_negative_beta: keyword-only; the hard-negative objective's β, see
+            `info_nce.info_nce`.
         queue: keyword-only; a `MemoryQueue` (a submodule: saved in the
             state dict, moved by ``.to``). ``forward`` then takes no
             ``negative_keys``: it scores the batch against the queue's
@@ -341,9 +344,12 @@ class NTXent(_LossModule):
             implementation, a positive int forces the blockwise engine.
         gather_distributed: keyword-only; score each rank's anchors against all
             ranks' embeddings (see `info_nce.nt_xent`).
-        decoupled, false_negative_rate, hard_negative_beta: keyword-only; the
-            decoupled, debiased and hard-negative objectives (see
-            `info_nce.nt_xent`).
+        decoupled: keyword-only; the decoupled objective (DCL), see
+            `info_nce.nt_xent`.
+        false_negative_rate: keyword-only; the debiased objective's τ⁺, see
+            `info_nce.nt_xent`.
+        hard_negative_beta: keyword-only; the hard-negative objective's β, see
+            `info_nce.nt_xent`.
         queue: keyword-only; a `MemoryQueue`, as in `InfoNCE`: every anchor
             is scored against the queue's entries as extra negatives (its
             ``negative_keys``), as the queue was before this batch; then the
