@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 import info_nce.functional as functional
-from info_nce import InfoNCE, info_nce
+from info_nce import InfoNCE, NTXent, info_nce, nt_xent
 from info_nce.engine import columns
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -692,6 +692,45 @@ def test_fixed_temperature_is_reassignable_and_learnable_is_not() -> None:
     learnable = InfoNCE(learn_temperature=True)
     with pytest.raises(AttributeError, match="temperature"):
         learnable.temperature = 0.2
+
+
+# Each module and its functional with the same inputs: (query, key, temperature) -> loss.
+FUNCTIONAL_OF = {
+    InfoNCE: lambda q, p, t: info_nce(q, p, temperature=t),
+    NTXent: lambda q, p, t: nt_xent([q, p], temperature=t),
+}
+
+
+@pytest.mark.parametrize("module_type", list(FUNCTIONAL_OF), ids=lambda m: m.__name__)
+def test_a_tensor_temperature_on_a_module_gets_gradients(module_type: type) -> None:
+    # As in info-nce-pytorch, whose module divides by whatever it was given.
+    inputs = case_inputs(Case(batch=6, dim=8))
+    q, p = inputs["query"].detach(), inputs["positive_key"].detach()
+    functional = FUNCTIONAL_OF[module_type]
+    temperature = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    loss = module_type(temperature=temperature)(q, p)
+    reference = temperature.detach().clone().requires_grad_()
+    expected = functional(q, p, reference)
+    assert_close(loss, expected, name="loss")
+    (grad,) = torch.autograd.grad(loss, [temperature])
+    (expected_grad,) = torch.autograd.grad(expected, [reference])
+    assert_close(grad, expected_grad, name="gradient of the temperature")
+    assert scalar(grad) != 0
+
+
+@pytest.mark.parametrize(
+    ("temperature", "max_logit_scale"), [(0.001, 100.0), (0.1, 5.0)], ids=["default-cap", "custom"]
+)
+def test_a_learnable_temperature_must_start_above_its_floor(
+    temperature: float, max_logit_scale: float
+) -> None:
+    with pytest.raises(ValueError, match=r"temperature=.* below 1 / max_logit_scale"):
+        InfoNCE(temperature=temperature, learn_temperature=True, max_logit_scale=max_logit_scale)
+    with pytest.raises(ValueError, match="max_logit_scale"):
+        NTXent(temperature=temperature, learn_temperature=True, max_logit_scale=max_logit_scale)
+    # At the floor exactly it starts at the clamp, which is allowed.
+    floor = InfoNCE(temperature=0.01, learn_temperature=True)
+    assert scalar(floor.temperature) == pytest.approx(0.01, rel=1e-6)
 
 
 def test_module_passes_every_option_on() -> None:

@@ -38,7 +38,7 @@ class _LossModule(nn.Module):
 
     def __init__(
         self,
-        temperature: float,
+        temperature: float | Tensor,
         reduction: Reduction,
         *,
         normalize: bool,
@@ -52,9 +52,7 @@ class _LossModule(nn.Module):
         queue: MemoryQueue | None,
     ) -> None:
         super().__init__()
-        initial_temperature = check_temperature(temperature)
-        if isinstance(initial_temperature, Tensor):
-            initial_temperature = float(initial_temperature.detach().cpu())
+        checked_temperature = check_temperature(temperature)
         self.reduction = check_reduction(reduction)
         self.normalize = check_bool("normalize", normalize)
         self.chunk_size = check_chunk_size(chunk_size)
@@ -68,9 +66,19 @@ class _LossModule(nn.Module):
         self.false_negative_rate = variant.false_negative_rate
         self.hard_negative_beta = variant.hard_negative_beta
         self.logit_scale: nn.Parameter | None = None
-        self._temperature: float = initial_temperature
+        # A fixed tensor temperature stays a tensor: gradients flow into it, as
+        # they do in info-nce-pytorch.
+        self._temperature: float | Tensor = checked_temperature
         if learn_temperature:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / initial_temperature)))
+            initial = float(checked_temperature)  # the parameter's initial value only
+            if initial * self.max_logit_scale < 1:
+                raise ValueError(
+                    f"temperature={initial:g} is below 1 / max_logit_scale = "
+                    f"{1 / self.max_logit_scale:g}, the floor of a learnable temperature: it "
+                    "would start clamped, with no gradient; raise max_logit_scale or the "
+                    "temperature"
+                )
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / initial)))
         self.queue = check_queue(queue, gather_distributed=self.gather_distributed)
 
     def _queue_negatives(
@@ -111,26 +119,24 @@ class _LossModule(nn.Module):
 
     @property
     def temperature(self) -> float | Tensor:
-        """The temperature in use: a float, or (learnable) a 0-dim tensor with gradient.
+        """The temperature in use: a float, or a 0-dim tensor (learnable, or given as one).
 
         A fixed temperature can be reassigned (validated), as in info-nce-pytorch;
-        a learnable one is read-only: it is ``exp(-logit_scale)``, clamped.
+        a tensor given as the temperature is used as it is, so gradients flow into
+        it. A learnable one is read-only: it is ``exp(-logit_scale)``, clamped.
         """
         if self.logit_scale is None:
             return self._temperature
         return torch.exp(-self.logit_scale.clamp(max=math.log(self.max_logit_scale)))
 
     @temperature.setter
-    def temperature(self, value: float) -> None:
+    def temperature(self, value: float | Tensor) -> None:
         if self.logit_scale is not None:
             raise AttributeError(
                 "temperature is learnable (learn_temperature=True) and read-only; "
                 "set logit_scale = log(1 / temperature) instead"
             )
-        checked = check_temperature(value)
-        if isinstance(checked, Tensor):
-            checked = float(checked.detach().cpu())
-        self._temperature = checked
+        self._temperature = check_temperature(value)
 
     def _settings_repr(self, *own: str) -> str:
         """Every setting as ``name=value``: the temperature, ``own`` (the subclass's), the rest.
@@ -165,8 +171,10 @@ class InfoNCE(_LossModule):
     `info_nce.info_nce` for the formula and the options.
 
     Args:
-        temperature: logits are divided by it; a finite number > 0 (the
-            initial value when ``learn_temperature``).
+        temperature: logits are divided by it; a finite number > 0, or a
+            one-element floating-point tensor, used as it is (gradients flow
+            into it). With ``learn_temperature``, the initial value, at least
+            ``1 / max_logit_scale``.
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         negative_mode: ``'unpaired'``: negatives (M, D) shared by all queries;
             ``'paired'``: negatives (B, M, D), M per query.
@@ -246,7 +254,7 @@ class InfoNCE(_LossModule):
 
     def __init__(
         self,
-        temperature: float = 0.1,
+        temperature: float | Tensor = 0.1,
         reduction: Reduction = "mean",
         negative_mode: NegativeMode = "unpaired",
         *,
@@ -331,8 +339,10 @@ class NTXent(_LossModule):
     label). See `info_nce.nt_xent` for the formula and the options.
 
     Args:
-        temperature: logits are divided by it; a finite number > 0 (the
-            initial value when ``learn_temperature``).
+        temperature: logits are divided by it; a finite number > 0, or a
+            one-element floating-point tensor, used as it is (gradients flow
+            into it). With ``learn_temperature``, the initial value, at least
+            ``1 / max_logit_scale``.
         reduction: ``'mean'`` over the anchors, ``'sum'`` or ``'none'``.
         anchors: keyword-only; ``'all'`` or ``'first'`` (only view 0's embeddings).
         normalize: keyword-only; L2-normalise the embeddings (default True).
@@ -381,7 +391,7 @@ class NTXent(_LossModule):
 
     def __init__(
         self,
-        temperature: float = 0.1,
+        temperature: float | Tensor = 0.1,
         reduction: Reduction = "mean",
         *,
         anchors: Anchors = "all",
