@@ -9,8 +9,11 @@ migration page asserts its equalities that way). A block that only includes a fi
 from __future__ import annotations
 
 import re
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -133,3 +136,20 @@ def test_the_two_tower_guide_shows_info_nce_pytorchs_examples() -> None:
     sources = {block.source.strip() for block in python_blocks(DOCS / "guides" / "two-tower.md")}
     missing = [name for name, code in SEED_README_EXAMPLES.items() if code.strip() not in sources]
     assert not missing, f"the two-tower guide lacks info-nce-pytorch's README examples: {missing}"
+
+
+def test_the_info_nce_pytorch_migration_runs_on_both_packages(
+    info_nce_pytorch: types.ModuleType,
+) -> None:
+    blocks = blocks_under(DOCS / "migrating.md", "## From info-nce-pytorch")
+    assert blocks, "the migration page has no info-nce-pytorch section with code"
+    ours = run_page(blocks)
+    with mock.patch.dict(sys.modules, {"info_nce": info_nce_pytorch}):
+        theirs = run_page(blocks)
+    assert theirs["InfoNCE"] is info_nce_pytorch.InfoNCE
+    assert ours["InfoNCE"] is not info_nce_pytorch.InfoNCE
+    for name in ("output", "query"):
+        assert isinstance(ours[name], torch.Tensor), name
+        assert isinstance(theirs[name], torch.Tensor), name
+    torch.testing.assert_close(ours["output"], theirs["output"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours["query"].grad, theirs["query"].grad, rtol=1e-5, atol=1e-7)

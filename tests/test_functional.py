@@ -11,10 +11,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import re
 import types
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +43,6 @@ from info_nce.dense import dense_info_nce
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FLOAT_DTYPES = (torch.float64, torch.float32)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def loss_and_grads(
@@ -424,7 +421,7 @@ def test_half_precision_at_low_temperature(mode: Mode, reduction: str, dtype: to
     )
 
 
-# --- The README's examples ------------------------------------------------------
+# --- info-nce-pytorch's README examples (test_docs.py runs ours) -------------
 
 # The usage snippets of info-nce-pytorch's README, verbatim (they assume `import torch`).
 SEED_README_IMPORT = "from info_nce import InfoNCE, info_nce\n"
@@ -478,36 +475,6 @@ def test_seed_readme_examples_run_and_match_info_nce_pytorch(
     assert output.shape == ()
     assert torch.isfinite(output)
     assert_close(output, expected, rtol=1e-5, atol=1e-6, name="output")
-
-
-def readme_python_blocks() -> list[str]:
-    """The python blocks of README.md (the seed's snippets while there is none)."""
-    readme = REPO_ROOT / "README.md"
-    if not readme.is_file():
-        return ["import torch\n" + SEED_README_IMPORT, *SEED_README_EXAMPLES.values()]
-    return re.findall(r"^```python\n(.*?)^```", readme.read_text(), flags=re.M | re.S)
-
-
-def test_readme_python_blocks_run_as_written() -> None:
-    # Blocks that start a process group need torchrun (test_distributed.py
-    # covers that path); every other block runs, in order, in one namespace.
-    blocks = [block for block in readme_python_blocks() if "init_process_group" not in block]
-    assert blocks, "README.md has no python blocks"
-    namespace: dict[str, object] = {}
-    for block in blocks:
-        run_snippet(block, namespace)
-    outputs = [value for value in namespace.values() if isinstance(value, Tensor)]
-    assert outputs, "the README examples computed nothing"
-    assert all(torch.isfinite(t).all() for t in outputs)
-
-
-def test_readme_shows_the_seed_examples() -> None:
-    readme = REPO_ROOT / "README.md"
-    if not readme.is_file():
-        pytest.skip("no README.md yet: test_readme_python_blocks_run_as_written runs the seed's")
-    blocks = {block.strip() for block in readme_python_blocks()}
-    missing = [name for name, code in SEED_README_EXAMPLES.items() if code.strip() not in blocks]
-    assert not missing, f"README.md lacks the seed's usage examples: {missing}"
 
 
 @pytest.mark.parametrize("labels", [False, True], ids=["no-labels", "labels"])
