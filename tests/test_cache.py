@@ -92,6 +92,25 @@ def test_one_tower_with_dropout_equals_the_plain_backward(chunk_size: int) -> No
     assert_same(grads_of(cached, [encoder]), grads_of(reference, [encoder]))
 
 
+def test_batch_norm_sees_each_chunk_and_updates_its_running_statistics_once() -> None:
+    def encoder_with_batch_norm() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.Linear(16, D_OUT))
+
+    cached_encoder, plain_encoder = encoder_with_batch_norm().double(), encoder_with_batch_norm()
+    plain_encoder = plain_encoder.double()
+    x, y = batch(1), keys(2)
+    cached = grads_of(
+        lambda: info_nce(grad_cache(cached_encoder, x, chunk_size=5), y), [cached_encoder]
+    )
+    reference = grads_of(lambda: info_nce(plain(plain_encoder, x, 5), y), [plain_encoder])
+    assert_same(cached, reference)
+    norm, plain_norm = cached_encoder[1], plain_encoder[1]
+    assert int(norm.num_batches_tracked) == 3  # 13 rows in chunks of 5: one update per chunk
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(norm, name), getattr(plain_norm, name)), name
+
+
 def test_the_replay_draws_the_same_dropout_masks() -> None:
     # Not a tautology: with fresh masks the gradients differ.
     encoder = mlp(dropout=0.5)

@@ -55,6 +55,29 @@ class _State:
             yield
 
 
+@contextlib.contextmanager
+def _running_stats_kept(encoder: Callable[..., Any]) -> Iterator[None]:
+    """Within: a replay; after it, every batch norm's running statistics as they were.
+
+    The first run updated them once per chunk; the replay computes the same
+    outputs (training mode normalises with the chunk's own statistics) and
+    must not update them a second time.
+    """
+    buffers = []
+    if isinstance(encoder, nn.Module):
+        for module in encoder.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                stats = (module.running_mean, module.running_var, module.num_batches_tracked)
+                buffers += [t for t in stats if t is not None]
+    saved = [t.clone() for t in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
+
+
 def _batch_size(inputs: Inputs) -> int:
     """The shared first dimension of the tensors in ``inputs``."""
     tensors = _tensors(inputs)
@@ -155,7 +178,8 @@ class _GradCache(torch.autograd.Function):
             if isinstance(encoder, nn.parallel.DistributedDataParallel) and not last:
                 sync = encoder.no_sync()  # type: ignore[assignment]
             leaves: dict[int, Tensor] = {}
-            with sync, ctx.states[n].restored(ctx.devices), torch.enable_grad():
+            replay = ctx.states[n].restored(ctx.devices)
+            with sync, replay, _running_stats_kept(encoder), torch.enable_grad():
                 chunk = _chunk(inputs, rows, leaves)
                 output = _checked(_call(encoder, chunk), rows.stop - rows.start)
                 torch.autograd.backward(output, grad[rows].to(output.dtype))
@@ -192,8 +216,10 @@ def grad_cache(encoder: Callable[..., Any], inputs: Inputs, *, chunk_size: int) 
         plain backward over the same chunks; for an encoder without random
         or batch-dependent layers, those of the full-batch backward.
         BatchNorm in training mode sees each chunk's statistics, as in
-        GradCache. Under ``DistributedDataParallel`` the gradients are
-        all-reduced once per backward, with the last chunk.
+        GradCache; its running statistics are updated once per chunk, by
+        the first run (the replay leaves them as they were). Under
+        ``DistributedDataParallel`` the gradients are all-reduced once per
+        backward, with the last chunk.
 
     Raises:
         ValueError: ``chunk_size`` is not a positive int; the inputs'
