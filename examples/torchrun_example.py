@@ -3,7 +3,7 @@
 Each process embeds its own share of the batch; ``gather_distributed=True`` scores
 its queries against the keys of every process, and DistributedDataParallel
 averages the gradients, so the update is the one a single process would make on
-the whole batch (see "Many processes: `gather_distributed`" in the README).
+the whole batch (see docs/distributed.md, "Distributed training" on the documentation site).
 
 Run it on one machine, two processes (CPU, gloo), from the repository root:
 
