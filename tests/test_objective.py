@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ import pytest
 import torch
 from reference import assert_close as assert_close_scaled
 from reference import upstream_gradient
-from torch import Tensor
+from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 import info_nce.functional as functional
@@ -716,6 +717,33 @@ def test_a_tensor_temperature_on_a_module_gets_gradients(module_type: type) -> N
     (expected_grad,) = torch.autograd.grad(expected, [reference])
     assert_close(grad, expected_grad, name="gradient of the temperature")
     assert scalar(grad) != 0
+
+
+@pytest.mark.parametrize("module_type", list(FUNCTIONAL_OF), ids=lambda m: m.__name__)
+def test_a_parameter_temperature_is_registered_as_info_nce_pytorch_does(
+    module_type: type, info_nce_pytorch: types.ModuleType
+) -> None:
+    inputs = case_inputs(Case(batch=6, dim=8))
+    q, p = inputs["query"].detach().float(), inputs["positive_key"].detach().float()
+    temperature = nn.Parameter(torch.tensor(0.2))
+    module = module_type(temperature=temperature)
+    assert dict(module.named_parameters()) == {"temperature": temperature}
+    seed = info_nce_pytorch.InfoNCE(temperature=nn.Parameter(torch.tensor(0.3)))
+    assert list(module.state_dict()) == list(seed.state_dict()) == ["temperature"]
+    module.load_state_dict(seed.state_dict())  # an info-nce-pytorch checkpoint loads
+    assert scalar(module.temperature) == pytest.approx(0.3)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
+    module(q, p).backward()
+    optimizer.step()
+    assert scalar(temperature) != pytest.approx(0.3)  # trained through parameters()
+    assert module.double().temperature.dtype == torch.float64  # moved with the module
+    module.temperature = 0.5  # a number replaces it
+    assert list(module.parameters()) == []
+    assert_close(
+        module(q.double(), p.double()),
+        FUNCTIONAL_OF[module_type](q.double(), p.double(), 0.5),
+        name="loss",
+    )
 
 
 @pytest.mark.parametrize(

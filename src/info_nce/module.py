@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,6 @@ class _LossModule(nn.Module):
         queue: MemoryQueue | None,
     ) -> None:
         super().__init__()
-        checked_temperature = check_temperature(temperature)
         self.reduction = check_reduction(reduction)
         self.normalize = check_bool("normalize", normalize)
         self.chunk_size = check_chunk_size(chunk_size)
@@ -66,11 +66,13 @@ class _LossModule(nn.Module):
         self.false_negative_rate = variant.false_negative_rate
         self.hard_negative_beta = variant.hard_negative_beta
         self.logit_scale: nn.Parameter | None = None
-        # A fixed tensor temperature stays a tensor: gradients flow into it, as
-        # they do in info-nce-pytorch.
-        self._temperature: float | Tensor = checked_temperature
-        if learn_temperature:
-            initial = float(checked_temperature)  # the parameter's initial value only
+        self._temperature: float | Tensor = 0.1  # set below
+        if not learn_temperature:
+            self._set_fixed_temperature(temperature)
+        else:
+            checked = check_temperature(temperature)  # logit_scale's initial value
+            initial = float(checked.detach()) if isinstance(checked, Tensor) else checked
+            self._temperature = initial
             if initial * self.max_logit_scale < 1:
                 raise ValueError(
                     f"temperature={initial:g} is below 1 / max_logit_scale = "
@@ -117,6 +119,24 @@ class _LossModule(nn.Module):
         """Whether this step pushes to the queue: in training, with gradients."""
         return self.queue is not None and self.training and torch.is_grad_enabled()
 
+    def _set_fixed_temperature(self, value: object) -> None:
+        """A fixed temperature: a number, or a tensor used as it is (gradients flow into it).
+
+        An ``nn.Parameter`` is registered under the name ``temperature``, as
+        info-nce-pytorch's module (an attribute assignment) registers it:
+        ``parameters()`` yields it, the state dict holds it, ``.to`` moves it.
+        """
+        self._temperature = check_temperature(value)
+        self._parameters.pop("temperature", None)
+        if isinstance(value, nn.Parameter):
+            self._parameters["temperature"] = value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "temperature":  # the property's setter, also for an nn.Parameter
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def temperature(self) -> float | Tensor:
         """The temperature in use: a float, or a 0-dim tensor (learnable, or given as one).
@@ -126,7 +146,8 @@ class _LossModule(nn.Module):
         it. A learnable one is read-only: it is ``exp(-logit_scale)``, clamped.
         """
         if self.logit_scale is None:
-            return self._temperature
+            registered = self._parameters.get("temperature")
+            return self._temperature if registered is None else registered
         return torch.exp(-self.logit_scale.clamp(max=math.log(self.max_logit_scale)))
 
     @temperature.setter
@@ -136,7 +157,7 @@ class _LossModule(nn.Module):
                 "temperature is learnable (learn_temperature=True) and read-only; "
                 "set logit_scale = log(1 / temperature) instead"
             )
-        self._temperature = check_temperature(value)
+        self._set_fixed_temperature(value)
 
     def _settings_repr(self, *own: str) -> str:
         """Every setting as ``name=value``: the temperature, ``own`` (the subclass's), the rest.
