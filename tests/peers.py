@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from unittest import mock
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / ".venv" / "reference"
 LIGHTLY_WHEEL = REFERENCE_DIR / "lightly-1.6.0-py3-none-any.whl"
@@ -39,6 +38,28 @@ def run_source(archive: zipfile.ZipFile, wheel: Path, path: str, name: str) -> t
     source = archive.read(path).decode("utf-8")
     exec(compile(source, module.__file__, "exec"), module.__dict__)
     return module
+
+
+@contextmanager
+def _modules_as(modules: dict[str, types.ModuleType]) -> Iterator[None]:
+    """Within: ``modules`` in ``sys.modules``; after: those names as they were.
+
+    Unlike ``mock.patch.dict(sys.modules, ...)``, which restores the whole
+    dict, modules first imported inside (torch's submodules, a peer's
+    dependencies) stay imported: re-importing them later would run them twice.
+    Names added to ``modules`` while inside are removed too.
+    """
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name in modules:
+            previous = saved.get(name)
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
 
 
 def _package(name: str, **members: object) -> types.ModuleType:
@@ -65,7 +86,7 @@ def _lightly_modules() -> dict[str, types.ModuleType]:
         "lightly.models.modules": _package("lightly.models.modules"),
         "lightly.loss": _package("lightly.loss"),
     }
-    with zipfile.ZipFile(LIGHTLY_WHEEL) as archive, mock.patch.dict(sys.modules, modules):
+    with zipfile.ZipFile(LIGHTLY_WHEEL) as archive, _modules_as(modules):
         files = {
             "lightly.utils.dist": "lightly/utils/dist.py",
             "lightly.models.modules.memory_bank": "lightly/models/modules/memory_bank.py",
@@ -92,7 +113,7 @@ def _open_clip_modules() -> dict[str, types.ModuleType]:
     """open_clip 3.3.0's ``loss.py`` (torch only) under a stand-in ``open_clip`` package."""
     _check(OPEN_CLIP_WHEEL)
     modules = {"open_clip": _package("open_clip")}
-    with zipfile.ZipFile(OPEN_CLIP_WHEEL) as archive, mock.patch.dict(sys.modules, modules):
+    with zipfile.ZipFile(OPEN_CLIP_WHEEL) as archive, _modules_as(modules):
         modules["open_clip.loss"] = run_source(
             archive, OPEN_CLIP_WHEEL, "open_clip/loss.py", "open_clip.loss"
         )
@@ -110,5 +131,5 @@ def lightly_loss(name: str) -> type:
 @contextmanager
 def peer_packages() -> Iterator[None]:
     """``lightly.loss`` and ``open_clip.loss`` importable, for as long as the block runs."""
-    with mock.patch.dict(sys.modules, {**_lightly_modules(), **_open_clip_modules()}):
+    with _modules_as({**_lightly_modules(), **_open_clip_modules()}):
         yield

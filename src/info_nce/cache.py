@@ -194,9 +194,13 @@ def grad_cache(encoder: Callable[..., Any], inputs: Inputs, *, chunk_size: int) 
     """The (B, D) embeddings of ``inputs`` under ``encoder``, computed without keeping activations.
 
     Args:
-        encoder: a callable (usually an ``nn.Module``) mapping a chunk of
-            the inputs to a (b, D) tensor. A dict of inputs is passed as
-            keyword arguments, a tuple or list as positional ones.
+        encoder: a callable mapping a chunk of the inputs to a (b, D)
+            tensor: an ``nn.Module`` or its ``DistributedDataParallel``
+            wrapper. A dict of inputs is passed as keyword arguments, a tuple
+            or list as positional ones. The batch norms whose running
+            statistics the replay keeps, the CUDA devices of the parameters
+            (whose random state it restores) and DDP's ``no_sync`` are found
+            through the module; a plain function is run as given.
         inputs: a tensor, or a dict/tuple/list whose tensors share their
             first dimension B (a tokenizer's output); other values are
             passed to every chunk unchanged.
