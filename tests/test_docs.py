@@ -135,6 +135,22 @@ def test_page_python_blocks_run(page: Path, seed: int) -> None:
     assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
+# About what a page's code column shows without scrolling; info-nce-pytorch's verbatim
+# examples (88) set the bound.
+MAX_LINE = 88
+
+
+def test_code_lines_fit_the_page() -> None:
+    long = [
+        f"{block.page.relative_to(REPO)}:{block.line + n} has {len(line)} characters"
+        for page in PAGES
+        for block in python_blocks(page)
+        for n, line in enumerate(block.source.splitlines())
+        if len(line) > MAX_LINE
+    ]
+    assert not long, f"lines longer than {MAX_LINE} characters: {long}"
+
+
 def test_the_two_tower_guide_shows_info_nce_pytorchs_examples() -> None:
     sources = {block.source.strip() for block in python_blocks(DOCS / "guides" / "two-tower.md")}
     missing = [name for name, code in SEED_README_EXAMPLES.items() if code.strip() not in sources]
