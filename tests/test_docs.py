@@ -9,7 +9,9 @@ migration page asserts its equalities that way). A block that only includes a fi
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 import types
 from dataclasses import dataclass
@@ -174,3 +176,24 @@ def test_the_info_nce_pytorch_migration_runs_on_both_packages(
         assert isinstance(theirs[name], torch.Tensor), name
     torch.testing.assert_close(ours["output"], theirs["output"], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours["query"].grad, theirs["query"].grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_built_site_loads_nothing_from_the_web(tmp_path: Path) -> None:
+    # `make docs` builds with --strict in CI; this build checks what the pages load: the
+    # theme's own assets only (no web font, no CDN script), so the site reads offline.
+    site = tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr
+    remote = re.compile(r"<(?:link|script|img)\b[^>]*\b(?:href|src)=\"(?:https?:)?//", re.I)
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) >= len(list(DOCS.rglob("*.md")))
+    loading = [str(p.relative_to(site)) for p in pages if remote.search(p.read_text())]
+    assert not loading, f"pages that load from the web: {loading}"
