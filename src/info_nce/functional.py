@@ -114,9 +114,12 @@ def info_nce(
         chunk_size: ``None`` (default) picks the faster exact implementation:
             the dense loss for small problems, the blockwise engine (no (B, N)
             logits matrix) for large ones. A positive int forces the blockwise
-            engine with that many queries per block (in paired mode without
-            in-batch candidates, where no large matrix exists, it forces the
-            engine's lean path). Results agree to floating-point rounding.
+            engine with that many queries per block, each block against
+            complete rows of candidates (``None`` may instead walk very long
+            rows of keys without gradient, such as a queue, in column tiles);
+            in paired mode without in-batch candidates, where no large matrix
+            exists, it forces the engine's lean path. Results agree to
+            floating-point rounding.
         gather_distributed: with an initialised default process group of W > 1
             processes, gather the candidates that other ranks hold (positive
             keys, unpaired negatives, labels, and for the symmetric loss the
@@ -320,7 +323,8 @@ def nt_xent(
             products.
         chunk_size: ``None`` (default) picks the dense loss for small problems
             and the blockwise engine (no (V * B)^2 logits or mask) for large
-            ones; a positive int forces the engine with that many anchors per block.
+            ones; a positive int forces the engine with that many anchors per
+            block, against complete rows (no column tiles).
         gather_distributed: with an initialised process group of W > 1
             processes, each rank's anchors (its own V * B embeddings) are
             scored against all ranks' embeddings, with gradients reaching the
