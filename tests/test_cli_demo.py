@@ -172,6 +172,22 @@ def test_nproc_2_trains(tmp_path: Path) -> None:
     assert abs(distributed_loss - single_loss) < 0.2, (distributed_loss, single_loss)
 
 
+def test_grad_cache_chunks_on_two_processes_train_as_the_plain_run(tmp_path: Path) -> None:
+    # grad_cache under gather_distributed: the gather's backward brings each rank
+    # the gradient of its own embeddings, then the chunks are replayed.
+    plain = run_demo(tmp_path / "plain", "--nproc", "2")
+    cached = run_demo(tmp_path / "cached", "--nproc", "2", "--grad-cache-chunk", "16")
+    assert cached["options"]["grad_cache_chunk"] == 16  # type: ignore[index]
+    assert abs(cached["r2_after"] - plain["r2_after"]) < 1e-6  # type: ignore[operator]
+    for (step, got), (want_step, want) in zip(
+        cached["loss_history"],
+        plain["loss_history"],
+        strict=True,  # type: ignore[call-overload]
+    ):
+        assert step == want_step
+        assert abs(got - want) < 1e-5
+
+
 @pytest.mark.parametrize(
     ("arguments", "option"),
     [
