@@ -137,9 +137,12 @@ def test_page_python_blocks_run(page: Path, seed: int) -> None:
     assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
-# About what a page's code column shows without scrolling; info-nce-pytorch's verbatim
-# examples (88) set the bound.
-MAX_LINE = 88
+# What a page's code column shows without scrolling in a 1280-pixel window;
+# info-nce-pytorch's examples, quoted verbatim, are exempt.
+MAX_LINE = 80
+
+
+VERBATIM = {code.strip() for code in SEED_README_EXAMPLES.values()}
 
 
 def test_code_lines_fit_the_page() -> None:
@@ -147,6 +150,8 @@ def test_code_lines_fit_the_page() -> None:
     for page in PAGES:
         text = page.read_text()
         for fence in FENCE.finditer(text):
+            if fence["body"].strip() in VERBATIM:
+                continue
             first = text.count("\n", 0, fence.start()) + 2
             for n, line in enumerate(fence["body"].splitlines()):
                 width = len(line) - len(fence["indent"])
