@@ -202,3 +202,12 @@ def test_the_built_site_loads_nothing_from_the_web(tmp_path: Path) -> None:
     assert len(pages) >= len(list(DOCS.rglob("*.md")))
     loading = [str(p.relative_to(site)) for p in pages if remote.search(p.read_text())]
     assert not loading, f"pages that load from the web: {loading}"
+
+
+def test_the_readmes_links_reach_files() -> None:
+    # The README is read on its own (GitHub, PyPI), outside the site's link checks.
+    text = (REPO / "README.md").read_text()
+    targets = re.findall(r"\]\((?!https?://|#)([^)#\s]+)", text)
+    assert targets, "the README links to no page of the docs"
+    missing = [target for target in targets if not (REPO / target).exists()]
+    assert not missing, f"README links to missing files: {missing}"
