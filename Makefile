@@ -45,8 +45,9 @@ docs: $(STAMP)
 	@echo "The site is built: open $(CURDIR)/site/index.html"
 
 # The built site in headless Chromium (Debian's `chromium` package). Not in CI:
-# installing Chromium on a fresh machine (115 packages, 113 MB) takes over a
-# minute; the check itself takes about 4 s.
+# installing Chromium where it is absent is 115 packages and 113 MB to download;
+# the first install here took about 70 s (17 s of it unpacking, by apt's history
+# log), over the minute CI may spend on it. The check itself takes about 4 s.
 docs-check: docs
 	$(BIN)/python tools/check_site.py site
 
