@@ -61,6 +61,28 @@ def options(path: str, reduction: str = "mean") -> dict[str, Loss]:
         "labels": lambda q, k, n, t: info_nce(
             q, k, labels=labels.to(q.device), chunk_size=c, reduction=reduction
         ),
+        "shared-hardness": lambda q, k, n, t: info_nce(
+            q,
+            k,
+            n,
+            temperature=t,
+            negative_mode="shared",
+            negative_mask=(torch.arange(B * M, device=q.device) % 4 > 0).reshape(B, M),
+            hardness_mode="all_negatives",
+            hardness_strength=3.0,
+            chunk_size=c,
+            reduction=reduction,
+        ),
+        "gte-shared": lambda q, k, n, t: info_nce(
+            q,
+            k,
+            n,
+            temperature=t,
+            negative_mode="shared",
+            directions=("query_to_key", "key_to_query", "query_to_query", "key_to_key"),
+            chunk_size=c,
+            reduction=reduction,
+        ),
         "decoupled": lambda q, k, n, t: info_nce(
             q, k, decoupled=True, chunk_size=c, reduction=reduction
         ),

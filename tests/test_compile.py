@@ -167,20 +167,33 @@ def op_cases() -> list[tuple[LogSumExpOptions, tuple[Tensor, ...]]]:
         grads_in_forward=True,
         objective=DecoupledObjective(),
     )
+    # Shared negatives: each row's band of 2 own negatives excluded, padding
+    # masked, the in-batch keys and the negatives raised (hardness).
+    shared = LogSumExpOptions(
+        reduction="sum",
+        block_rows=2,
+        target_offset=0,
+        exclusions=(walker.Diagonal(0, segment=1, width=2),),
+        valid_keys=(None, torch.arange(10) % 3 > 0),
+        raised_segments=(0, 1),
+        raise_strength=2.0,
+        normalize=True,
+    )
     return [
         (two_pass, (rows, None, temperature, keys)),
         (in_forward, (rows, extra, temperature, keys, frozen)),
+        (shared, (rows, extra, temperature, keys, draw(10, 3))),
     ]
 
 
-@pytest.mark.parametrize("case", [0, 1], ids=["two-pass", "grads-in-forward"])
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["two-pass", "grads-in-forward", "shared"])
 def test_the_engine_ops_pass_torch_library_opcheck(case: int) -> None:
     # Schema, fake (meta) shapes, autograd registration and AOT dispatch.
     options, (rows, extra, temperature, *segments) = op_cases()[case]
     rule = options.exclude_labels
     inputs = (rows, extra, temperature, *segments)
     # Every input needs a gradient but a second segment (frozen keys, a queue).
-    needs = [True, extra is not None, True, True] + [False] * (len(segments) - 1)
+    needs = [True, extra is not None, True, True] + [case == 2] * (len(segments) - 1)
     for x, flag in zip(inputs, needs, strict=True):
         if x is not None:
             x.requires_grad_(flag)
@@ -191,6 +204,7 @@ def test_the_engine_ops_pass_torch_library_opcheck(case: int) -> None:
         list(segments),
         None if rule is None else rule.rows,
         [] if rule is None else list(rule.segments),
+        [mask for mask in options.valid_keys if mask is not None],
         op._key(options.parts()),
         needs,
     )

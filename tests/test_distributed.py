@@ -41,6 +41,7 @@ IN_FEATURES, HIDDEN, EMBEDDING = 5, 7, 6
 PAIRED_NEGATIVES = 3  # negatives per query in paired mode
 CLASSES = 3  # labels are arange(B) % CLASSES: repeated, and spread over the ranks
 WORLD_SIZES = (2, 3)
+GTE = ("query_to_key", "key_to_query", "query_to_query", "key_to_key")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,9 +53,9 @@ class Case:
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)  # keywords of InfoNCE / info_nce
-    negatives: Literal["unpaired", "paired"] | None = None
+    negatives: Literal["unpaired", "paired", "shared"] | None = None
     labels: bool = False
-    mask: bool = False  # negative_mask (paired): some padding negatives, one row all padding
+    mask: bool = False  # negative_mask (paired, shared): some padding, one row all padding
     reduction: Literal["mean", "sum", "none"] = "mean"
     unequal: bool = False  # local batch sizes 5, 3, 4 instead of 4 each
     unequal_negatives: bool = False  # shares of unpaired negatives 2, 5, 1 instead of 3 each
@@ -97,6 +98,77 @@ CASES = [
         labels=True,
         mask=True,
         ddp=True,
+    ),
+    # Shared negatives: every query against all ranks' B * M; its own M are hard.
+    Case("shared", negatives="shared"),
+    Case("shared-mask-unequal-none", negatives="shared", mask=True, unequal=True, reduction="none"),
+    Case(
+        "shared-hardness-mask-unequal-sum",
+        {"hardness_mode": "all_negatives", "hardness_strength": 4.0},
+        negatives="shared",
+        mask=True,
+        unequal=True,
+        reduction="sum",
+    ),
+    Case(
+        "shared-hardness-symmetric-blockwise-none",
+        {
+            "hardness_mode": "in_batch_negatives",
+            "hardness_strength": 2.0,
+            "symmetric": True,
+            "chunk_size": 2,
+        },
+        negatives="shared",
+        mask=True,
+        reduction="none",
+    ),
+    Case(
+        "shared-hard-negatives-no-in-batch-blockwise",
+        {
+            "hardness_mode": "hard_negatives",
+            "hardness_strength": 3.0,
+            "in_batch_negatives": False,
+            "chunk_size": 2,
+        },
+        negatives="shared",
+        mask=True,
+        learn_temperature=False,
+    ),
+    Case(
+        "unpaired-hardness-in-batch-ddp",
+        {"hardness_mode": "all_negatives", "hardness_strength": 3.0, "in_batch_negatives": True},
+        negatives="unpaired",
+        unequal_negatives=True,
+        ddp=True,
+    ),
+    # GTE's joint loss of four directions: every direction's candidates from all ranks.
+    Case("gte-ddp", {"directions": GTE}, ddp=True),
+    Case(
+        "gte-shared-mask-unequal-sum",
+        {"directions": GTE},
+        negatives="shared",
+        mask=True,
+        unequal=True,
+        reduction="sum",
+    ),
+    Case(
+        "gte-shared-hardness-blockwise-none",
+        {
+            "directions": GTE,
+            "hardness_mode": "all_negatives",
+            "hardness_strength": 2.0,
+            "chunk_size": 2,
+        },
+        negatives="shared",
+        mask=True,
+        reduction="none",
+    ),
+    Case(
+        "joint-key-to-key-unpaired-fixed-temperature",
+        {"directions": ("query_to_key", "key_to_key"), "in_batch_negatives": True},
+        negatives="unpaired",
+        unequal_negatives=True,
+        learn_temperature=False,
     ),
     Case("no-normalize", {"normalize": False}),
     Case(
@@ -328,9 +400,7 @@ class TwoTower(nn.Module):
         )
         self.key_net = nn.Linear(IN_FEATURES, EMBEDDING)
         self.frozen_query = case.frozen_query
-        negative_mode: Literal["unpaired", "paired"] = (
-            "paired" if case.negatives == "paired" else "unpaired"
-        )
+        negative_mode: Literal["unpaired", "paired", "shared"] = case.negatives or "unpaired"
         self.views = case.views
         self.criterion: InfoNCE | NTXent | None = None
         self.functional_options: dict[str, Any] = {}
@@ -420,7 +490,7 @@ def inputs_for(case: Case, world: int, rank: int | None) -> dict[str, Tensor | N
     negatives = None
     if case.negatives == "unpaired":
         negatives = unpaired[negative_rows]
-    elif case.negatives == "paired":
+    elif case.negatives in ("paired", "shared"):
         negatives = paired[rows]
     return {
         "x": x[rows],

@@ -19,16 +19,30 @@ engine walks, and nothing else decides it:
 * each walk's objective (`info_nce.objectives`), from the variant: the
   decoupled loss excludes the positives from the candidates; the debiased
   one excludes the target and adds the clamp logit ``-1/t`` as the last
-  extra column.
+  extra column;
+* shared negatives (every query against all B * M of them): a query's own
+  M are extra columns, as paired ones are, and all ranks' are a segment
+  whose band of each row's own is excluded (a `Diagonal` of width M), its
+  padding a key mask;
+* hardness weighting: ``alpha * s`` (detached) on the selected negatives'
+  logits of the query-to-key walk, through autograd on the own negatives'
+  extra columns and as raised segments (`Walk.raised_segments`) elsewhere;
+* the joint partition of several directions (GTE): one walk whose row i is
+  pair i's row in all of them, the queries' segments followed by the
+  key-to-query and key-to-key ones, scored against the positive keys as the
+  walk's partner rows (`Walk.partner_rows`); each direction's exclusions are
+  `Diagonal` rules and key masks on its own segments.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from info_nce import _normalize
-from info_nce._validation import Reduction, Variant
+from info_nce._validation import Directions, Hardness, Reduction, Variant
 from info_nce.distributed import Gatherer
 from info_nce.engine import Diagonal, LabelRule, Positives, Problem, Walk
 from info_nce.engine.function import PairedOptions, autocast_product_dtype, paired_logits
@@ -65,6 +79,28 @@ def _unpaired_negatives(
     return gatherer(negatives), labels
 
 
+def _shared_negatives(
+    negative_keys: Tensor, negative_mask: Tensor | None, dtype: torch.dtype, gather: bool
+) -> tuple[Tensor, Tensor | None, int]:
+    """All ranks' shared negatives (N, D), their (N,) validity, where this rank's start.
+
+    Query i's own negatives are rows ``start + i * M`` to ``start + (i + 1) * M``.
+    """
+    flat = negative_keys.to(dtype).flatten(0, 1)  # (B * M, D), query i's from i * M
+    valid = None if negative_mask is None else negative_mask.flatten()  # (B * M,)
+    if not gather:
+        return flat, valid, 0
+    gatherer = Gatherer(len(flat), flat.device)
+    if valid is not None:  # as bytes: gloo gathers no bool
+        valid = gatherer(valid.to(torch.uint8)).bool()
+    return gatherer(flat), valid, gatherer.offset
+
+
+def _raised(logits: Tensor, temperature: float | Tensor, strength: float) -> Tensor:
+    """``logits + strength * stopgrad(logits * t)``: hardness weighting of per-row logits."""
+    return logits + strength * (logits * temperature).detach()
+
+
 def _clamp_logits(rows: Tensor, temperature: float | Tensor) -> Tensor:
     """(R, 1) the debiased estimator's clamp logit ``-1/t`` (cosine -1), with autograd."""
     if isinstance(temperature, Tensor):
@@ -80,6 +116,7 @@ def info_nce_problem(
     reduction: Reduction,
     *,
     paired: bool,
+    shared: bool,
     in_batch: bool,
     symmetric: bool,
     labels: Tensor | None,
@@ -90,13 +127,18 @@ def info_nce_problem(
     gather: bool,
     eps: float,
     variant: Variant,
+    hardness: Hardness,
+    directions: Directions,
 ) -> Problem:
     """The problem of `info_nce.info_nce` on (B, D) query and positive keys in the compute dtype.
 
     Unpaired negatives are a segment of their own; with ``negative_labels``
     those with a query's label are its positives too (class sums over both
-    key sets) and, for the decoupled loss, no candidates.
+    key sets) and, for the decoupled loss, no candidates. Paired and shared
+    negatives are each query's own extra columns; shared ones are a segment
+    too, without the row's own.
     """
+    own_negatives = negative_keys is not None and (paired or shared)
     unit = _normalize.unit_fn(normalize)
     gatherer = Gatherer(len(query), query.device) if gather else None
     offset = 0 if gatherer is None else gatherer.offset
@@ -107,19 +149,21 @@ def info_nce_problem(
 
     row_scale = 0.5 if symmetric else 1.0
     # The key-to-query direction in the same walk as the rows needs the same
-    # queries on both sides: not so once keys come from other ranks.
+    # queries on both sides (not so once keys come from other ranks) and the
+    # plain logits of the in-batch keys (no hardness weighting on them).
     plain = not (variant.decoupled or variant.debiased)
-    columns_in_walk = symmetric and in_batch and gatherer is None and plain
+    raised_keys = hardness.active and hardness.in_batch and in_batch
+    columns_in_walk = symmetric and in_batch and gatherer is None and plain and not raised_keys
     column_queries = None  # (B_all, D) all queries, for a walk of the key-to-query direction
     if symmetric and not columns_in_walk:
         column_queries = query if gatherer is None else gatherer(query)
 
     negatives, all_negative_labels = _unpaired_negatives(
-        None if paired else negative_keys, negative_labels, query.dtype, gather
+        None if own_negatives else negative_keys, negative_labels, query.dtype, gather
     )
 
     unit_query = None  # (B, D), only where a logit is computed outside the walk
-    if labels is not None or not in_batch or paired:
+    if labels is not None or not in_batch or own_negatives:
         unit_query = unit(query)
     positives: list[Positives] = []
     if all_labels is not None:
@@ -152,18 +196,36 @@ def info_nce_problem(
                     key_candidates,
                 )
             )
-    scaled_query = None  # (B, D) for the own positive's and the paired negatives' logits
-    if unit_query is not None and (not in_batch or paired):
+    scaled_query = None  # (B, D) for the own positive's and the own negatives' logits
+    if unit_query is not None and (not in_batch or own_negatives):
         scaled_query = unit_query / temperature
 
     segments: list[Tensor] = []
     extra: list[Tensor] = []
+    raised: list[int] = []  # segments under hardness weighting
+    exclusions: list[Diagonal] = []
+    valid_keys: list[Tensor | None] = []
     if in_batch:
         segments.append(all_keys)
+        valid_keys.append(None)
+        if raised_keys:
+            raised.append(0)
     else:
         assert scaled_query is not None
         extra.append(torch.sum(scaled_query * unit(positive_key), dim=1, keepdim=True))  # (B, 1)
-    if negative_keys is not None and paired:
+    if negative_keys is not None and shared:
+        # Every rank's negatives, the row's own excluded: they are its extra columns.
+        shared_keys, shared_valid, start = _shared_negatives(
+            negative_keys, negative_mask, query.dtype, gather
+        )
+        width = negative_keys.shape[1]
+        exclusions.append(Diagonal(start, segment=len(segments), width=width))
+        if hardness.active and hardness.in_batch:
+            raised.append(len(segments))
+        segments.append(shared_keys)
+        valid_keys.append(shared_valid)
+    if own_negatives:
+        assert negative_keys is not None
         assert scaled_query is not None
         options = PairedOptions(
             normalize_negatives=normalize,
@@ -173,14 +235,42 @@ def info_nce_problem(
         negative_logits = paired_logits(
             scaled_query, negative_keys.to(query.dtype), options
         )  # (B, M)
+        if hardness.active and hardness.hard:
+            negative_logits = _raised(negative_logits, temperature, hardness.strength)
         if negative_mask is not None:
             negative_logits = negative_logits.masked_fill(~negative_mask, float("-inf"))
         extra.append(negative_logits)
     elif negatives is not None:
+        if hardness.active and hardness.hard:
+            raised.append(len(segments))
         segments.append(negatives)
+        valid_keys.append(None)
 
     if variant.debiased:
         extra.append(_clamp_logits(query, temperature))
+    partner_segments: list[int] = []
+    if directions.joint:
+        # Pair i's rows in the other directions, after the query's own.
+        query_segments = len(segments)  # the query-to-key row's
+        all_queries = query if gatherer is None else gatherer(query)
+        if directions.query_to_query:  # q_i against the other queries
+            exclusions.append(Diagonal(offset, segment=len(segments)))
+            segments.append(all_queries)
+            valid_keys.append(None)
+        if directions.key_to_query:  # k_i against all queries, q_i included
+            partner_segments.append(len(segments))
+            segments.append(all_queries)
+            valid_keys.append(None)
+        if directions.key_to_key:  # k_i against the query's candidate keys not pair i's
+            for index in range(query_segments):
+                new = len(segments)
+                rules = [replace(rule, segment=new) for rule in exclusions if rule.segment == index]
+                if in_batch and index == 0:
+                    rules.append(Diagonal(offset, segment=new))  # k_i itself
+                exclusions.extend(rules)
+                partner_segments.append(new)
+                segments.append(segments[index])
+                valid_keys.append(valid_keys[index])
     targets_in_walk = all_labels is None
     local_labels = None if all_labels is None else all_labels[offset : offset + len(query)]
     exclude_labels = None  # the decoupled loss's rule under labels: no positive is a candidate
@@ -197,8 +287,14 @@ def info_nce_problem(
             extra=tuple(extra),
             target_offset=offset if in_batch and targets_in_walk else None,
             target_extra=not in_batch,
+            exclusions=tuple(exclusions),
             exclude_target=exclude_target,
             exclude_labels=exclude_labels,
+            valid_keys=tuple(valid_keys) if any(v is not None for v in valid_keys) else (),
+            raised_segments=tuple(raised),
+            raise_strength=hardness.strength if raised else 0.0,
+            partner_rows=positive_key if partner_segments else None,
+            partner_segments=tuple(partner_segments),
             column_keys=len(query) if columns_in_walk else 0,
             row_scale=row_scale,
             column_scale=0.5 if columns_in_walk else 0.0,

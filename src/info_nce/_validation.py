@@ -16,11 +16,17 @@ import torch
 from torch import Tensor
 
 Reduction = Literal["mean", "sum", "none"]
-NegativeMode = Literal["unpaired", "paired"]
+NegativeMode = Literal["unpaired", "paired", "shared"]
+HardnessMode = Literal["in_batch_negatives", "hard_negatives", "all_negatives"]
+Direction = Literal["query_to_key", "key_to_query", "query_to_query", "key_to_key"]
+Partition = Literal["joint", "per_direction"]
 Anchors = Literal["all", "first"]
 
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 NEGATIVE_MODES: tuple[str, ...] = get_args(NegativeMode)
+HARDNESS_MODES: tuple[str, ...] = get_args(HardnessMode)
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+PARTITIONS: tuple[str, ...] = get_args(Partition)
 ANCHORS: tuple[str, ...] = get_args(Anchors)
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -101,13 +107,21 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_in_batch_negatives(
-    in_batch_negatives: object, negative_keys: Tensor | None, labels: Tensor | None
+    in_batch_negatives: object,
+    negative_keys: Tensor | None,
+    labels: Tensor | None,
+    negative_mode: NegativeMode = "unpaired",
 ) -> bool:
-    """Resolve ``in_batch_negatives``: None means the seed's behaviour, or True with labels."""
+    """Resolve ``in_batch_negatives``: None means the seed's behaviour, or True with labels.
+
+    In shared mode (not the seed's) None means True, as sentence-transformers
+    scores every query against the batch's positive keys too.
+    """
     if in_batch_negatives is not None:
         check_bool("in_batch_negatives", in_batch_negatives)
     if in_batch_negatives is None:
-        return negative_keys is None or labels is not None
+        shared = negative_keys is not None and negative_mode == "shared"
+        return negative_keys is None or labels is not None or shared
     if not in_batch_negatives and negative_keys is None:
         raise ValueError(
             "in_batch_negatives=False needs explicit <negative_keys>, got negative_keys=None: "
@@ -175,7 +189,11 @@ def check_inputs(
             )
         else:
             _check_dim(
-                "negative_keys", negative_keys, 3, "(B, M, D)", " if <negative_mode> == 'paired'"
+                "negative_keys",
+                negative_keys,
+                3,
+                "(B, M, D)",
+                f" if <negative_mode> == {negative_mode!r}",
             )
 
     for name, tensor in named[1:]:
@@ -192,10 +210,11 @@ def check_inputs(
             "<query> and <positive_key> must have the same number of samples, "
             f"got {len(query)} and {len(positive_key)}."
         )
-    if negative_keys is not None and negative_mode == "paired" and len(negative_keys) != len(query):
+    rows_of_negatives = len(query) if negative_keys is None else len(negative_keys)
+    if negative_mode != "unpaired" and rows_of_negatives != len(query):
         raise ValueError(
-            "If negative_mode == 'paired', then <negative_keys> must have the same number of "
-            f"samples as <query>, got {len(negative_keys)} and {len(query)}."
+            f"If negative_mode == {negative_mode!r}, then <negative_keys> must have the same "
+            f"number of samples as <query>, got {rows_of_negatives} and {len(query)}."
         )
     for name, tensor in named[1:]:
         if tensor.shape[-1] != query.shape[-1]:
@@ -261,10 +280,10 @@ def check_negative_labels(
         raise ValueError(
             "negative_labels need unpaired <negative_keys> (M, D), got negative_keys=None"
         )
-    if negative_mode == "paired":
+    if negative_mode != "unpaired":
         raise ValueError(
             "negative_labels need unpaired negatives (negative_mode='unpaired'), "
-            "got negative_mode='paired'"
+            f"got negative_mode={negative_mode!r}"
         )
     return _check_label_tensor(
         negative_labels,
@@ -309,10 +328,10 @@ def check_negative_mask(
 ) -> Tensor | None:
     if negative_mask is None:
         return None
-    if negative_keys is None or negative_mode != "paired":
+    if negative_keys is None or negative_mode == "unpaired":
         raise ValueError(
-            "negative_mask is only for paired negatives (negative_mode='paired' with "
-            f"<negative_keys> (B, M, D)), got negative_mode={negative_mode!r} and "
+            "negative_mask is only for paired or shared negatives (negative_mode='paired' or "
+            f"'shared' with <negative_keys> (B, M, D)), got negative_mode={negative_mode!r} and "
             f"negative_keys={'None' if negative_keys is None else tuple(negative_keys.shape)}"
         )
     if not isinstance(negative_mask, Tensor):
@@ -394,6 +413,171 @@ class Variant:
     def debiased(self) -> bool:
         """The debiased estimator of the negatives (with or without hard-negative weights)."""
         return self.false_negative_rate > 0 or self.hard_negative_beta > 0
+
+
+@dataclass(frozen=True)
+class Hardness:
+    """Which negatives of the query-to-key row get ``strength * stopgrad(s)`` added to their logit.
+
+    ``hard``: the explicit negatives that belong to the query (its paired or
+    shared ones, every unpaired one); ``in_batch``: the other candidates
+    (other rows' positive keys and, in shared mode, their negatives).
+    """
+
+    in_batch: bool = False
+    hard: bool = False
+    strength: float = 0.0  # alpha >= 0
+
+    @property
+    def active(self) -> bool:
+        return self.strength > 0 and (self.in_batch or self.hard)
+
+
+def check_hardness(
+    hardness_mode: object,
+    hardness_strength: object,
+    *,
+    labels: Tensor | None,
+    variant: Variant,
+) -> Hardness:
+    """``hardness_mode`` and ``hardness_strength``: a known mode, alpha >= 0, no labels."""
+    strength = _check_real("hardness_strength", hardness_strength)
+    if not (math.isfinite(strength) and strength >= 0.0):
+        raise ValueError(
+            f"hardness_strength must be a finite number >= 0, got {hardness_strength!r}"
+        )
+    if hardness_mode is None:
+        if strength:
+            raise ValueError(
+                f"hardness_strength={strength!r} needs a hardness_mode (one of "
+                f"{_choices(HARDNESS_MODES)}), got hardness_mode=None"
+            )
+        return Hardness()
+    if not isinstance(hardness_mode, str) or hardness_mode not in HARDNESS_MODES:
+        raise ValueError(
+            f"hardness_mode must be None or one of {_choices(HARDNESS_MODES)}, "
+            f"got {hardness_mode!r}"
+        )
+    if labels is not None:
+        raise ValueError(
+            f"hardness_mode={hardness_mode!r} weighs the negatives of one positive per query "
+            "and does not combine with labels, got labels"
+        )
+    if variant.decoupled or variant.debiased:
+        raise ValueError(
+            f"hardness_mode={hardness_mode!r} is defined for the InfoNCE objective only, got "
+            f"decoupled={variant.decoupled!r}, false_negative_rate="
+            f"{variant.false_negative_rate!r}, hard_negative_beta={variant.hard_negative_beta!r}"
+        )
+    return Hardness(
+        in_batch=hardness_mode != "hard_negatives",
+        hard=hardness_mode != "in_batch_negatives",
+        strength=strength,
+    )
+
+
+@dataclass(frozen=True)
+class Directions:
+    """The directions of a joint partition besides query-to-key (all False: none).
+
+    Pair i's loss is one cross-entropy over the union of its rows' logits in
+    the selected directions, its target the query-to-key positive.
+    """
+
+    key_to_query: bool = False
+    query_to_query: bool = False
+    key_to_key: bool = False
+
+    @property
+    def joint(self) -> bool:
+        return self.key_to_query or self.query_to_query or self.key_to_key
+
+
+def check_directions(
+    directions: object,
+    partition: object,
+    *,
+    symmetric: bool,
+    labels: Tensor | None,
+    variant: Variant,
+) -> tuple[bool, Directions]:
+    """``directions`` and ``partition``: the symmetric flag they amount to, and a joint loss's.
+
+    ``symmetric=True`` is ``directions=('query_to_key', 'key_to_query')`` with
+    ``partition='per_direction'``; the per-direction partition of
+    query-to-key alone is the plain loss.
+    """
+    if partition is not None and (not isinstance(partition, str) or partition not in PARTITIONS):
+        raise ValueError(
+            f"partition must be None or one of {_choices(PARTITIONS)}, got {partition!r}"
+        )
+    if directions is None:
+        if symmetric and partition == "joint":
+            raise ValueError(
+                "symmetric=True is directions=('query_to_key', 'key_to_query') with "
+                "partition='per_direction', got partition='joint'; give the directions instead"
+            )
+        return symmetric, Directions()
+    if isinstance(directions, str) or not isinstance(directions, Sequence):
+        raise TypeError(
+            f"directions must be None or a tuple of {_choices(DIRECTIONS)}, "
+            f"got {type(directions).__name__} {directions!r}"
+        )
+    chosen = tuple(directions)
+    unknown = [d for d in chosen if not isinstance(d, str) or d not in DIRECTIONS]
+    if unknown:
+        raise ValueError(
+            f"directions must hold only {_choices(DIRECTIONS)}, got {unknown[0]!r} in {chosen!r}"
+        )
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"directions must not repeat a direction, got {chosen!r}")
+    if "query_to_key" not in chosen:
+        raise ValueError(
+            "directions must contain 'query_to_key' (the direction that holds the positive "
+            f"pair), got {chosen!r}"
+        )
+    if partition is None:
+        partition = "per_direction" if symmetric else "joint"
+    if symmetric and (set(chosen) != {"query_to_key", "key_to_query"} or partition == "joint"):
+        raise ValueError(
+            "symmetric=True is directions=('query_to_key', 'key_to_query') with "
+            f"partition='per_direction'; got directions={chosen!r} and partition={partition!r}"
+        )
+    same_type = [d for d in chosen if d in ("query_to_query", "key_to_key")]
+    if partition == "per_direction" and same_type:
+        raise ValueError(
+            f"partition='per_direction' needs a positive in every direction's row, but "
+            f"{same_type[0]!r} rows hold none; use partition='joint', got directions={chosen!r}"
+        )
+    if partition == "per_direction":
+        return "key_to_query" in chosen, Directions()
+    joint = Directions(
+        key_to_query="key_to_query" in chosen,
+        query_to_query="query_to_query" in chosen,
+        key_to_key="key_to_key" in chosen,
+    )
+    if joint.joint and labels is not None:
+        raise ValueError(
+            f"labels take the default direction or symmetric=True only, got directions={chosen!r} "
+            "with partition='joint'"
+        )
+    if joint.joint and (variant.decoupled or variant.debiased):
+        raise ValueError(
+            f"directions={chosen!r} with partition='joint' are defined for the InfoNCE objective "
+            f"only, got decoupled={variant.decoupled!r}, false_negative_rate="
+            f"{variant.false_negative_rate!r}, hard_negative_beta={variant.hard_negative_beta!r}"
+        )
+    return False, joint
+
+
+def check_shared_mode(negative_mode: NegativeMode, variant: Variant) -> None:
+    """Shared negatives take the InfoNCE objective only."""
+    if negative_mode == "shared" and (variant.decoupled or variant.debiased):
+        raise ValueError(
+            "negative_mode='shared' is defined for the InfoNCE objective only, got "
+            f"decoupled={variant.decoupled!r}, false_negative_rate="
+            f"{variant.false_negative_rate!r}, hard_negative_beta={variant.hard_negative_beta!r}"
+        )
 
 
 def _check_real(name: str, value: object) -> float:

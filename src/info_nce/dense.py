@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from info_nce._validation import (
+    Directions,
+    Hardness,
     NegativeMode,
     Reduction,
     Variant,
@@ -41,6 +43,8 @@ def dense_info_nce(
     negative_labels: Tensor | None = None,
     negative_mask: Tensor | None = None,
     variant: Variant | None = None,
+    hardness: Hardness | None = None,
+    directions: Directions | None = None,
 ) -> Tensor:
     """InfoNCE on (already normalised) embeddings, with a logits matrix.
 
@@ -50,18 +54,22 @@ def dense_info_nce(
     Args:
         query: (B, D) queries.
         positive_key: (B, D) positive keys.
-        negative_keys: None, (M, D) for ``'unpaired'`` or (B, M, D) for ``'paired'``.
+        negative_keys: None, (M, D) for ``'unpaired'`` or (B, M, D) for ``'paired'``
+            and ``'shared'`` (every query against all B * M negatives).
         temperature: logits are divided by it.
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
-        negative_mode: ``'unpaired'`` or ``'paired'``.
+        negative_mode: ``'unpaired'``, ``'paired'`` or ``'shared'``.
         symmetric: average with the key-to-query loss over all B queries.
         in_batch: the B positive keys are candidates of every query (default,
             as in `info_nce.info_nce`: when there are no negative keys, or labels).
         labels: (B,) ints; keys with a query's label are its positives.
         negative_labels: (M,) ints of unpaired negatives, with labels:
             negatives with a query's label are its positives too.
-        negative_mask: (B, M) bool, paired only: False marks padding.
+        negative_mask: (B, M) bool, paired or shared: False marks padding.
         variant: the row objective (decoupled, debiased), see `row_loss`.
+        hardness: ``strength * s`` (detached, not divided by the temperature)
+            added to the query-to-key logits of the negatives it selects.
+        directions: the joint partition's other directions (`_joint_loss`).
 
     Returns:
         The loss: a scalar, or (B,) for ``reduction='none'``; float32 for
@@ -71,17 +79,26 @@ def dense_info_nce(
         in_batch = check_in_batch_negatives(None, negative_keys, labels)
     seed_options = not symmetric and labels is None and negative_mask is None
     variant = variant or Variant()
-    if seed_options and variant == Variant() and in_batch == (negative_keys is None):
+    hardness = hardness or Hardness()
+    directions = directions or Directions()
+    seed_mode = negative_mode != "shared" and not hardness.active and not directions.joint
+    if seed_options and seed_mode and variant == Variant() and in_batch == (negative_keys is None):
         return _seed_loss(query, positive_key, negative_keys, temperature, reduction, negative_mode)
 
     raw_logits = _candidate_logits(query, positive_key, negative_keys, negative_mode, in_batch)
     logits = _float32_at_least(raw_logits) / temperature  # (B, candidates)
+    if hardness.active:
+        selected = _hardness_selection(logits, negative_keys, negative_mode, in_batch, hardness)
+        penalty = hardness.strength * _float32_at_least(raw_logits).detach()  # (B, candidates)
+        logits = logits + torch.where(selected, penalty, 0.0)
     if negative_mask is not None:
         # After the division: -inf / t would give the temperature a NaN gradient.
-        other_columns = logits.shape[1] - negative_mask.shape[1]  # the paired negatives come last
-        padding = torch.cat(
-            [negative_mask.new_zeros(len(logits), other_columns), ~negative_mask], 1
-        )
+        other_columns = logits.shape[1] - negative_mask.numel()  # shared negatives come last
+        padding = ~negative_mask.reshape(1, -1).expand(len(logits), -1)  # (B, B * M)
+        if negative_mode == "paired":
+            other_columns = logits.shape[1] - negative_mask.shape[1]  # paired ones come last
+            padding = ~negative_mask
+        padding = torch.cat([padding.new_zeros(len(logits), other_columns), padding], 1)
         logits = logits.masked_fill(padding, float("-inf"))
 
     batch = len(query)
@@ -105,6 +122,17 @@ def dense_info_nce(
     else:
         is_positive[:, 0] = True
     loss = row_loss(logits, is_positive, positive_logit, variant, temperature)  # (B,)
+    if directions.joint:
+        rows = _joint_rows(
+            query, positive_key, negative_keys, negative_mode, negative_mask, in_batch, directions
+        )
+        # After the division: -inf / t would give the temperature a NaN gradient.
+        other = [
+            (_float32_at_least(row) / temperature).masked_fill(excluded, float("-inf"))
+            for row, excluded in rows
+        ]
+        union = torch.cat([logits, *other], 1)
+        loss = torch.logsumexp(union, dim=1) - positive_logit
     if symmetric:
         # All queries against all positive keys: (B, B), already computed when in-batch.
         similarity = raw_logits[:, : len(query)] if in_batch else query @ positive_key.T
@@ -113,6 +141,84 @@ def dense_info_nce(
         key_loss = row_loss(key_logits, same, key_positive, variant, temperature)
         loss = (loss + key_loss) / 2
     return reduce_loss(loss, reduction)
+
+
+def _joint_rows(
+    query: Tensor,
+    positive_key: Tensor,
+    negative_keys: Tensor | None,
+    negative_mode: NegativeMode,
+    negative_mask: Tensor | None,
+    in_batch: bool,
+    directions: Directions,
+) -> list[tuple[Tensor, Tensor]]:
+    """Pair i's similarities in the joint partition's other directions, and their exclusions.
+
+    Query to query: q_i against every other query. Key to query: k_i
+    against all queries (q_i included, in the denominator). Key to key: k_i
+    against the keys among query i's candidates that are not pair i's (the
+    other positive keys, unpaired negatives, other rows' shared negatives).
+    """
+    batch = len(query)
+    itself = torch.eye(batch, dtype=torch.bool, device=query.device)  # (B, B)
+    rows = []
+    if directions.query_to_query:
+        rows.append((query @ query.T, itself))
+    if directions.key_to_query:
+        rows.append((positive_key @ query.T, torch.zeros_like(itself)))
+    if directions.key_to_key:
+        if in_batch:
+            rows.append((positive_key @ positive_key.T, itself))
+        if negative_keys is not None and negative_mode == "unpaired":
+            unpaired = positive_key @ negative_keys.T  # (B, M)
+            rows.append((unpaired, torch.zeros_like(unpaired, dtype=torch.bool)))
+        if negative_keys is not None and negative_mode == "shared":
+            per_row = negative_keys.shape[1]
+            owner = torch.arange(batch * per_row, device=query.device) // per_row  # (B * M,)
+            excluded = owner == torch.arange(batch, device=query.device).unsqueeze(1)
+            if negative_mask is not None:
+                excluded = excluded | ~negative_mask.reshape(1, -1)
+            rows.append((positive_key @ negative_keys.flatten(0, 1).T, excluded))  # (B, B * M)
+    return rows
+
+
+def _hardness_selection(
+    logits: Tensor,
+    negative_keys: Tensor | None,
+    negative_mode: NegativeMode,
+    in_batch: bool,
+    hardness: Hardness,
+) -> Tensor:
+    """(B, candidates) bool: the negatives whose logits ``hardness`` raises.
+
+    Columns as `_candidate_logits` lays them out. "Hard" negatives belong to
+    the query (its paired or shared ones, every unpaired one); "in-batch"
+    ones are the other rows' positive keys and shared negatives.
+    """
+    (batch, width), device = logits.shape, logits.device
+    rows = torch.arange(batch, device=device).unsqueeze(1)  # (B, 1)
+    leading = batch if in_batch else 1
+    own = torch.zeros(batch, width, dtype=torch.bool, device=device)  # (B, candidates)
+    if in_batch:
+        own[:, :batch] = rows == torch.arange(batch, device=device)  # the target
+    else:
+        own[:, 0] = True
+    negatives = torch.zeros_like(own)
+    negatives[:, leading:] = True
+    if negative_mode == "shared" and negative_keys is not None:
+        per_row = negative_keys.shape[1]
+        columns = torch.arange(width - leading, device=device)  # (B * M,)
+        own[:, leading:] = columns // per_row == rows
+    elif negative_keys is not None:
+        own[:, leading:] = True
+    hard = own & negatives
+    in_batch_negatives = ~own
+    selected = torch.zeros_like(own)
+    if hardness.hard:
+        selected |= hard
+    if hardness.in_batch:
+        selected |= in_batch_negatives
+    return selected
 
 
 def _row_means(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -198,7 +304,8 @@ def _candidate_logits(
     """Every query's raw candidate scores, before the temperature: (B, candidates).
 
     In-batch: all B positive keys first (query i's positive is column i); else
-    its own positive in column 0. Explicit negatives follow, paired ones last.
+    its own positive in column 0. Explicit negatives follow, paired ones last;
+    shared ones as the (B * M) rows of the flattened negatives.
     """
     if in_batch:
         # Other rows' positive keys are the negatives.
@@ -209,6 +316,8 @@ def _candidate_logits(
         return first
     if negative_mode == "unpaired":
         negative_logits = query @ negative_keys.T  # (B, M)
+    elif negative_mode == "shared":
+        negative_logits = query @ negative_keys.flatten(0, 1).T  # (B, B * M), row i's from i * M
     else:
         negative_logits = (query.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)
     return torch.cat([first, negative_logits], dim=1)  # (B, B or 1, + M)

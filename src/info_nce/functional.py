@@ -10,11 +10,16 @@ from torch import Tensor
 from info_nce import _normalize, _problem, distributed, engine
 from info_nce._validation import (
     Anchors,
+    Direction,
+    HardnessMode,
     NegativeMode,
+    Partition,
     Reduction,
     check_anchors,
     check_bool,
     check_chunk_size,
+    check_directions,
+    check_hardness,
     check_in_batch_negatives,
     check_inputs,
     check_labels,
@@ -22,6 +27,7 @@ from info_nce._validation import (
     check_negative_mask,
     check_negative_mode,
     check_reduction,
+    check_shared_mode,
     check_temperature,
     check_variant,
     check_variant_inputs,
@@ -57,6 +63,10 @@ def info_nce(
     decoupled: bool = False,
     false_negative_rate: float = 0.0,
     hard_negative_beta: float = 0.0,
+    hardness_mode: HardnessMode | None = None,
+    hardness_strength: float = 0.0,
+    directions: Sequence[Direction] | None = None,
+    partition: Partition | None = None,
 ) -> Tensor:
     """InfoNCE loss of queries against their positive keys and negative keys.
 
@@ -72,6 +82,10 @@ def info_nce(
       ``F.cross_entropy(cat([(q * p).sum(1, keepdim=True), q @ n.T], 1) / t, zeros(B))``.
     * ``negative_mode='paired'``, negatives (B, M, D): the candidates are p_i and
       query i's own M negatives.
+    * ``negative_mode='shared'``, negatives (B, M, D): the candidates are all B
+      positive keys and all B * M negatives (sentence-transformers' hard-negative
+      columns); ``negative_keys[i]`` are query i's own; same as
+      ``F.cross_entropy(cat([q @ p.T, q @ n.flatten(0, 1).T], 1) / t, arange(B))``.
 
     The arguments after ``negative_mode`` are keyword-only additions to
     info-nce-pytorch's API; their defaults keep its results.
@@ -83,8 +97,8 @@ def info_nce(
         temperature: logits are divided by it: a finite number > 0, or a
             one-element floating-point tensor (gradients flow into it).
         reduction: ``'mean'``, ``'sum'`` or ``'none'`` (one loss per query).
-        negative_mode: ``'unpaired'`` (default) or ``'paired'``; how
-            ``negative_keys`` relate to the queries.
+        negative_mode: ``'unpaired'`` (default), ``'paired'`` or
+            ``'shared'``; how ``negative_keys`` relate to the queries.
         symmetric: the average of the query-to-key loss and the key-to-query
             loss (CLIP): key j ranks all B queries, query j (or, with labels,
             every query with its label) being its positive. Explicit negatives
@@ -92,9 +106,10 @@ def info_nce(
             each sample's loss is the average of its two directions.
         in_batch_negatives: ``None`` keeps info-nce-pytorch's behaviour (the B
             positive keys are the candidates only when ``negative_keys`` is
-            None; with labels, always). ``True`` with explicit negatives: query
-            i's candidates are all B positive keys (target i) plus its explicit
-            negatives. ``False`` needs explicit negatives.
+            None; with labels, always; in shared mode, always). ``True`` with
+            explicit negatives: query i's candidates are all B positive keys
+            (target i) plus its explicit negatives. ``False`` needs explicit
+            negatives.
         labels: (B,) integer tensor. Samples with equal labels are positives of
             one another: query i's loss is the mean over its positives j of
             ``logsumexp(candidates) - s_ij`` (supervised contrastive loss,
@@ -107,8 +122,9 @@ def info_nce(
             denominator; with ``decoupled`` it leaves it). Negatives with
             other labels stay negatives. The symmetric loss's key-to-query
             direction does not see the negatives.
-        negative_mask: (B, M) bool, paired mode only: False marks a padding
-            negative, ignored as if absent. A row may have no valid negative.
+        negative_mask: (B, M) bool, paired or shared mode: False marks a
+            padding negative, ignored as if absent (in shared mode, for every
+            query). A row may have no valid negative.
         normalize: L2-normalise the embeddings (default). False uses raw dot
             products.
         chunk_size: ``None`` (default) picks the faster exact implementation:
@@ -157,11 +173,44 @@ def info_nce(
             flow through the weights. 0 (default) is the debiased loss. This
             and ``false_negative_rate`` need one positive per query (no
             ``labels``) and ``normalize=True``; N counts valid negatives only.
+        hardness_mode: hardness weighting (Lan et al. 2025; EmbeddingGemma):
+            ``None`` (default), ``'hard_negatives'`` (query i's own explicit
+            negatives: its paired or shared ones, every unpaired one),
+            ``'in_batch_negatives'`` (the other candidates: other rows'
+            positive keys and shared negatives) or ``'all_negatives'``. The
+            query-to-key logit of each selected negative with similarity s
+            (the cosine, or the dot product without ``normalize``) becomes
+            ``s / t + hardness_strength * stopgrad(s)``; the positive is never
+            raised. Not with ``labels``, ``decoupled`` or the debiased loss.
+            As sentence-transformers' ``MultipleNegativesRankingLoss``.
+        hardness_strength: alpha >= 0 of ``hardness_mode``; 0 (default) is the
+            plain loss. A strength without a mode is an error.
+        directions: which rows pair i is scored in, a tuple of
+            ``'query_to_key'`` (q_i against its candidates; required),
+            ``'key_to_query'`` (k_i against all queries, q_i its positive;
+            explicit negatives never rank queries), ``'query_to_query'`` (q_i
+            against the other queries) and ``'key_to_key'`` (k_i against the
+            keys among q_i's candidates that are not pair i's: the other
+            positive keys, other rows' shared negatives, unpaired negatives).
+            ``None`` (default): query to key alone, or with ``symmetric=True``
+            the symmetric loss. As sentence-transformers'
+            ``MultipleNegativesRankingLoss`` (its ``doc`` is our key).
+        partition: ``'joint'``: pair i's loss is one cross-entropy over the
+            union of its rows in all directions, its target s(q_i, k_i) (GTE's
+            improved contrastive loss, Li et al. 2023; the key-to-query row's
+            own s(k_i, q_i) stays in the denominator). ``'per_direction'``: the
+            mean of each direction's cross-entropy, only for directions whose
+            rows hold the positive (``symmetric=True`` is query to key and key
+            to query per direction). ``None`` (default): ``'joint'``, or
+            ``'per_direction'`` with ``symmetric=True``. A joint loss of more
+            than one direction takes no ``labels``, ``decoupled`` or debiased
+            loss.
 
     Shape:
         - query: (B, D), B queries of D features.
         - positive_key: (B, D).
-        - negative_keys: (M, D) if unpaired, (B, M, D) if paired, M negatives.
+        - negative_keys: (M, D) if unpaired, (B, M, D) if paired or shared,
+          M negatives.
         - labels: (B,). negative_labels: (M,). negative_mask: (B, M).
         - output: scalar, or (B,) if ``reduction='none'``.
 
@@ -180,7 +229,8 @@ def info_nce(
             ``reduction``/``negative_mode``, a temperature that is not finite
             and > 0, a ``chunk_size`` that is not a positive int, a
             ``false_negative_rate`` outside [0, 1) or a negative
-            ``hard_negative_beta``, or options that do not fit together (the
+            ``hard_negative_beta``, an unknown ``hardness_mode`` or a negative
+            ``hardness_strength``, or options that do not fit together (the
             message names both).
 
     Examples:
@@ -200,6 +250,15 @@ def info_nce(
         torch.Size([])
         >>> debiased = info_nce(query, positive_key, false_negative_rate=0.1)
         >>> hard = info_nce(query, positive_key, false_negative_rate=0.1, hard_negative_beta=1.0)
+        >>> mined = torch.randn(32, 3, 128)  # 3 hard negatives per query, shared by all
+        >>> info_nce(
+        ...     query, positive_key, mined, negative_mode="shared",
+        ...     hardness_mode="all_negatives", hardness_strength=5.0,
+        ... ).shape
+        torch.Size([])
+        >>> gte = ("query_to_key", "key_to_query", "query_to_query", "key_to_key")
+        >>> info_nce(query, positive_key, directions=gte).shape
+        torch.Size([])
     """
     reduction = check_reduction(reduction)
     negative_mode = check_negative_mode(negative_mode)
@@ -216,23 +275,33 @@ def info_nce(
     labels = check_labels(labels, query)
     negative_labels = check_negative_labels(negative_labels, labels, negative_keys, negative_mode)
     negative_mask = check_negative_mask(negative_mask, negative_keys, negative_mode)
-    in_batch = check_in_batch_negatives(in_batch_negatives, negative_keys, labels)
+    in_batch = check_in_batch_negatives(in_batch_negatives, negative_keys, labels, negative_mode)
     variant = check_variant(decoupled, false_negative_rate, hard_negative_beta, normalize=normalize)
     check_variant_inputs(variant, labels)
+    check_shared_mode(negative_mode, variant)
+    hardness = check_hardness(hardness_mode, hardness_strength, labels=labels, variant=variant)
+    symmetric, joint = check_directions(
+        directions, partition, symmetric=symmetric, labels=labels, variant=variant
+    )
 
     compute_dtype = _compute_dtype(query)
     if isinstance(temperature, Tensor):
         temperature = temperature.to(compute_dtype)
     paired = negative_keys is not None and negative_mode == "paired"
+    shared = negative_keys is not None and negative_mode == "shared"
     if gather or chunk_size is not None:
         use_dense = False  # the engine takes queries and keys of different lengths
     elif paired and not in_batch:
         assert negative_keys is not None
         use_dense = negative_keys.numel() <= DENSE_MAX_PAIRED_ELEMENTS
     else:
-        candidates = (len(query) if in_batch else 0) + (
-            negative_keys.shape[-2] if negative_keys is not None else 0
-        )
+        negatives = 0 if negative_keys is None else negative_keys.shape[-2]
+        if shared:  # every query against all B * M negatives
+            assert negative_keys is not None
+            negatives *= len(negative_keys)
+        candidates = (len(query) if in_batch else 0) + negatives
+        candidates *= 2 if joint.key_to_key else 1  # about: key to key sees them too
+        candidates += len(query) * (joint.query_to_query + joint.key_to_query)
         use_dense = len(query) * candidates <= DENSE_MAX_LOGITS
 
     if use_dense:
@@ -250,6 +319,8 @@ def info_nce(
             negative_labels=negative_labels,
             negative_mask=negative_mask,
             variant=variant,
+            hardness=hardness,
+            directions=joint,
         )
     problem = _problem.info_nce_problem(
         query.to(compute_dtype),
@@ -258,6 +329,7 @@ def info_nce(
         temperature,
         reduction,
         paired=paired,
+        shared=shared,
         in_batch=in_batch,
         symmetric=symmetric,
         labels=labels,
@@ -268,6 +340,8 @@ def info_nce(
         gather=gather,
         eps=_normalize.normalization_eps(query.dtype),
         variant=variant,
+        hardness=hardness,
+        directions=joint,
     )
     return engine.run(problem)
 

@@ -12,14 +12,21 @@ from torch import Tensor, nn
 
 from info_nce._validation import (
     Anchors,
+    Direction,
+    HardnessMode,
     NegativeMode,
+    Partition,
     Reduction,
+    Variant,
     check_anchors,
     check_bool,
     check_chunk_size,
+    check_directions,
+    check_hardness,
     check_negative_mode,
     check_positive_number,
     check_reduction,
+    check_shared_mode,
     check_temperature,
     check_variant,
 )
@@ -198,7 +205,9 @@ class InfoNCE(_LossModule):
             ``1 / max_logit_scale``.
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         negative_mode: ``'unpaired'``: negatives (M, D) shared by all queries;
-            ``'paired'``: negatives (B, M, D), M per query.
+            ``'paired'``: negatives (B, M, D), M per query; ``'shared'``:
+            negatives (B, M, D), M per query and all B * M scored against
+            every query (sentence-transformers' hard-negative columns).
         symmetric: keyword-only; average with the key-to-query loss (CLIP).
         in_batch_negatives: keyword-only; see `info_nce.info_nce`.
         normalize: keyword-only; L2-normalise the embeddings (default True).
@@ -235,14 +244,22 @@ class InfoNCE(_LossModule):
             labels are the loss's ``negative_labels`` (an entry with a
             query's label is one of its positives), and the batch's labels
             are pushed with its keys.
+        hardness_mode: keyword-only; ``None``, ``'in_batch_negatives'``,
+            ``'hard_negatives'`` or ``'all_negatives'``: which negatives'
+            logits hardness weighting raises, see `info_nce.info_nce`.
+        hardness_strength: keyword-only; its alpha >= 0.
+        directions: keyword-only; a tuple of ``'query_to_key'``,
+            ``'key_to_query'``, ``'query_to_query'``, ``'key_to_key'``, see
+            `info_nce.info_nce`.
+        partition: keyword-only; ``'joint'`` or ``'per_direction'``.
 
     Shape:
         - query: (B, D), B queries of D features.
         - positive_key: (B, D).
-        - negative_keys: optional; (M, D) if unpaired, (B, M, D) if paired.
+        - negative_keys: optional; (M, D) if unpaired, (B, M, D) if paired or shared.
           Without it, the other rows' positive keys are the negatives.
         - labels: optional, keyword-only, (B,) integers.
-        - negative_mask: optional, keyword-only, (B, M) bool (paired only).
+        - negative_mask: optional, keyword-only, (B, M) bool (paired or shared).
         - output: scalar, or (B,) if ``reduction='none'``.
 
     Returns:
@@ -290,6 +307,10 @@ class InfoNCE(_LossModule):
         false_negative_rate: float = 0.0,
         hard_negative_beta: float = 0.0,
         queue: MemoryQueue | None = None,
+        hardness_mode: HardnessMode | None = None,
+        hardness_strength: float = 0.0,
+        directions: Sequence[Direction] | None = None,
+        partition: Partition | None = None,
     ) -> None:
         super().__init__(
             temperature,
@@ -309,6 +330,16 @@ class InfoNCE(_LossModule):
         if in_batch_negatives is not None:
             check_bool("in_batch_negatives", in_batch_negatives)
         self.in_batch_negatives = in_batch_negatives
+        variant = Variant(self.decoupled, self.false_negative_rate, self.hard_negative_beta)
+        check_shared_mode(self.negative_mode, variant)
+        check_hardness(hardness_mode, hardness_strength, labels=None, variant=variant)
+        self.hardness_mode = hardness_mode
+        self.hardness_strength = float(hardness_strength)
+        check_directions(
+            directions, partition, symmetric=self.symmetric, labels=None, variant=variant
+        )
+        self.directions = None if directions is None else tuple(directions)
+        self.partition = partition
 
     def forward(
         self,
@@ -340,16 +371,28 @@ class InfoNCE(_LossModule):
                 decoupled=self.decoupled,
                 false_negative_rate=self.false_negative_rate,
                 hard_negative_beta=self.hard_negative_beta,
+                hardness_mode=self.hardness_mode,
+                hardness_strength=self.hardness_strength,
+                directions=self.directions,
+                partition=self.partition,
             )
         self._push(positive_key, labels)  # after scoring: the next batch's negatives
         return loss
 
     def extra_repr(self) -> str:
-        return self._settings_repr(
+        settings = [
             f"negative_mode={self.negative_mode!r}",
             f"symmetric={self.symmetric}",
             f"in_batch_negatives={self.in_batch_negatives}",
-        )
+        ]
+        if self.directions is not None or self.partition is not None:
+            settings += [f"directions={self.directions!r}", f"partition={self.partition!r}"]
+        if self.hardness_mode is not None:
+            settings += [
+                f"hardness_mode={self.hardness_mode!r}",
+                f"hardness_strength={self.hardness_strength:g}",
+            ]
+        return self._settings_repr(*settings)
 
 
 class NTXent(_LossModule):

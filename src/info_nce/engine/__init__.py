@@ -83,9 +83,19 @@ class Walk:
     extra: tuple[Tensor, ...] = ()  # (R, E_k) logits of per-row candidates, first in each row
     target_offset: int | None = None  # row i's target: key offset + i of segments[0]
     target_extra: bool = False  # row i's target: its first extra column
-    exclusions: tuple[Diagonal, ...] = ()  # keys of segments[0] that are no candidate of their rows
+    exclusions: tuple[Diagonal, ...] = ()  # keys that are no candidate of their rows
     exclude_target: bool = False  # the target is no candidate (the decoupled and debiased losses)
     exclude_labels: LabelRule | None = None  # keys with the row's label: no candidate
+    valid_keys: tuple[Tensor | None, ...] = ()  # per segment: (N_k,) bool, False: no candidate
+    # Hardness weighting: these segments' logits (the target's excepted) get
+    # raise_strength * s (detached) added, s being the logit times the temperature.
+    raised_segments: tuple[int, ...] = ()
+    raise_strength: float = 0.0
+    # A second row set, row i's partner (query i's positive key), and the
+    # segments scored against it: with them a row is pair i's row in several
+    # directions, one softmax (the joint partition).
+    partner_rows: Tensor | None = None  # (R, D) raw
+    partner_segments: tuple[int, ...] = ()
     column_keys: int = 0  # leading keys of segments[0] scored against all rows (symmetric)
     row_scale: float = 1.0
     column_scale: float = 0.0
@@ -151,9 +161,10 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
     # only): no factors to apply then.
     has_keys = bool(walk.segments)
     tensor_temperature = temperature if isinstance(temperature, Tensor) and has_keys else None
-    needs_grad = any(input_grads_needed(walk.rows, extra, tensor_temperature, walk.segments))
+    inputs = walk.segments if walk.partner_rows is None else (*walk.segments, walk.partner_rows)
+    needs_grad = any(input_grads_needed(walk.rows, extra, tensor_temperature, inputs))
     candidates = sum(len(keys) for keys in walk.segments) + (0 if extra is None else extra.shape[1])
-    tileable = walk.objective.tileable and not walk.column_keys
+    tileable = walk.objective.tileable and not walk.column_keys and walk.partner_rows is None
     frozen_keys = walk.target_offset is None and not any(k.requires_grad for k in walk.segments)
     block_rows, tile_columns = default_block_shape(
         len(walk.rows),
@@ -176,6 +187,10 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         exclusions=walk.exclusions,
         exclude_target=walk.exclude_target,
         exclude_labels=walk.exclude_labels,
+        valid_keys=walk.valid_keys,
+        raised_segments=walk.raised_segments,
+        raise_strength=walk.raise_strength,
+        partner_segments=walk.partner_segments,
         normalize=problem.normalize and has_keys,
         eps=problem.eps,
         temperature=1.0 if isinstance(temperature, Tensor) or not has_keys else temperature,
@@ -190,7 +205,7 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         ),
         objective=walk.objective,
     )
-    segments = walk.segments
+    segments = inputs  # the partner rows, if any, travel as the last segment
     if needs_grad and not options.grads_in_forward:  # backward reads the keys and labels
         segments = tuple(_kept_copy(keys) for keys in segments)
         rule = options.exclude_labels

@@ -57,6 +57,14 @@ class LogSumExpOptions:
             the objective).
         exclude_labels: keys with the row's label are no candidate
             (`walker.LabelRule`).
+        valid_keys: per segment, None or (N_k,) bool: False marks a key
+            that is no candidate of any row.
+        raised_segments: segments whose logits, the target's excepted, are
+            raised by ``raise_strength * s`` (detached; ``s`` the logit
+            times the temperature): hardness weighting.
+        raise_strength: alpha of the hardness weighting.
+        partner_segments: segments scored against the partner rows, the
+            last of the Function's segment inputs (see `walker.Layout`).
         normalize: L2-normalise the rows and the keys (by their norms, at
             least ``eps``).
         eps: smallest norm divided by, as in `F.normalize`.
@@ -85,9 +93,13 @@ class LogSumExpOptions:
     product_dtype: torch.dtype | None = None
     grads_in_forward: bool = False
     objective: RowObjective = field(default_factory=InfoNCEObjective)
+    valid_keys: tuple[Tensor | None, ...] = ()
+    raised_segments: tuple[int, ...] = ()
+    raise_strength: float = 0.0
+    partner_segments: tuple[int, ...] = ()
 
     def parts(self) -> tuple[Any, ...]:
-        """Every setting as plain values, without label tensors (`from_parts` rebuilds)."""
+        """Every setting as plain values, without label or mask tensors (`from_parts` rebuilds)."""
         rule = self.exclude_labels
         return (
             self.reduction,
@@ -98,7 +110,7 @@ class LogSumExpOptions:
             self.column_scale,
             self.target_offset,
             self.target_extra,
-            tuple((d.key_offset, d.start, d.stop) for d in self.exclusions),
+            tuple((d.key_offset, d.start, d.stop, d.segment, d.width) for d in self.exclusions),
             self.exclude_target,
             None if rule is None else len(rule.segments),
             self.normalize,
@@ -108,14 +120,23 @@ class LogSumExpOptions:
             self.grads_in_forward,
             type(self.objective),
             self.objective.parts(),
+            tuple(mask is not None for mask in self.valid_keys),
+            self.raised_segments,
+            self.raise_strength,
+            self.partner_segments,
         )
 
     @staticmethod
-    def from_parts(parts: tuple[Any, ...], labels: walker.LabelRule | None) -> LogSumExpOptions:
-        """The options of `parts`, with their label rule."""
+    def from_parts(
+        parts: tuple[Any, ...],
+        labels: walker.LabelRule | None,
+        valid_keys: tuple[Tensor | None, ...] = (),
+    ) -> LogSumExpOptions:
+        """The options of `parts`, with their label rule and key masks."""
         (reduction, block_rows, tile_columns, column_keys, row_scale, column_scale) = parts[:6]
         (target_offset, target_extra, exclusions, exclude_target, _, normalize) = parts[6:12]
-        (eps, temperature, product_dtype, grads_in_forward, objective_type, settings) = parts[12:]
+        (eps, temperature, product_dtype, grads_in_forward, objective_type, settings) = parts[12:18]
+        _, raised_segments, raise_strength, partner_segments = parts[18:]
         return LogSumExpOptions(
             reduction=reduction,
             block_rows=block_rows,
@@ -134,7 +155,19 @@ class LogSumExpOptions:
             product_dtype=product_dtype,
             grads_in_forward=grads_in_forward,
             objective=objective_type(*settings),
+            valid_keys=valid_keys,
+            raised_segments=raised_segments,
+            raise_strength=raise_strength,
+            partner_segments=partner_segments,
         )
+
+    def raise_factor(self, temperature: Tensor | None) -> Tensor | float:
+        """``1 + alpha * t``: the raised logits' factor (``s / t + alpha * s``), detached."""
+        if not self.raised_segments:
+            return 1.0
+        if temperature is None:
+            return 1.0 + self.raise_strength * self.temperature
+        return 1.0 + self.raise_strength * temperature.detach().reshape(())
 
     @property
     def layout(self) -> walker.Layout:
@@ -148,6 +181,9 @@ class LogSumExpOptions:
             exclude_target=self.exclude_target,
             exclude_labels=self.exclude_labels,
             product_dtype=self.product_dtype,
+            valid_keys=self.valid_keys,
+            raised_segments=self.raised_segments,
+            partner_segments=self.partner_segments,
         )
 
 
@@ -231,9 +267,12 @@ def forward_outputs(
     ``needs_grad`` says which of ``(rows, extra, temperature, *segments)``
     need a gradient.
     """
-    segment_grads = tuple(needs_grad[3:])
+    segments, partner = _partnered(segments, options)
+    segment_grads = tuple(needs_grad[3 : 3 + len(segments)])
     row_grads = needs_grad[0] or needs_grad[2]  # the temperature's comes from the rows'
+    partner_grads = partner is not None and (needs_grad[-1] or needs_grad[2])
     factors = _factors(rows, segments, temperature, options)
+    partner_factors = None if partner is None else _factors(partner, (), temperature, options)
     walked, column_scales = segments, factors.columns
     scaled_copy = options.grads_in_forward and options.normalize and not options.tile_columns
     if scaled_copy:
@@ -257,6 +296,10 @@ def forward_outputs(
         compute_grads=options.grads_in_forward,
         segment_grads=segment_grads,
         row_grads=row_grads,
+        raise_factor=options.raise_factor(temperature),
+        partner=partner,
+        partner_scales=None if partner_factors is None else partner_factors.rows,
+        partner_grads=partner_grads,
     )
     assert result.row_loss is not None
     output = options.row_scale * result.row_loss  # (B,)
@@ -273,7 +316,11 @@ def forward_outputs(
             if grad is not None and s is not None:
                 grad.mul_(s.unsqueeze(1))
     grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
-    return loss, result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments
+    grad_partner, grad_temperature = _partner_grads(
+        partner, result, partner_factors, options, needs_grad, grad_temperature
+    )
+    grad_segments = result.grad_segments + ([] if partner is None else [grad_partner])
+    return loss, result.grad_rows, result.grad_extra, grad_temperature, *grad_segments
 
 
 def backward_grads(
@@ -295,7 +342,7 @@ def backward_grads(
         return tuple(None if grad is None else grad * scale for grad in kept)
     row_stat, column_lse = kept
     rows, extra, temperature, *segment_list = inputs
-    segments = cast(tuple[Tensor, ...], tuple(segment_list))
+    segments, partner = _partnered(cast(tuple[Tensor, ...], tuple(segment_list)), options)
     assert row_stat is not None
     assert rows is not None
     row_weight: Tensor | None = None
@@ -308,6 +355,7 @@ def backward_grads(
         # scale the gradients once instead of every (R, N) block.
         column_weight = options.column_scale / options.row_scale
     factors = _factors(rows, segments, temperature, options)
+    partner_factors = None if partner is None else _factors(partner, (), temperature, options)
     result = walker.gradient_pass(
         rows,
         segments,
@@ -319,11 +367,19 @@ def backward_grads(
         column_scales=factors.columns,
         row_weight=row_weight,
         column_weight=column_weight,
-        segment_grads=tuple(needs_grad[3:]),
+        segment_grads=tuple(needs_grad[3 : 3 + len(segments)]),
         row_grads=needs_grad[0] or needs_grad[2],
+        raise_factor=options.raise_factor(temperature),
+        partner=partner,
+        partner_scales=None if partner_factors is None else partner_factors.rows,
+        partner_grads=partner is not None and (needs_grad[-1] or needs_grad[2]),
     )
     grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
-    grads = (result.grad_rows, result.grad_extra, grad_temperature, *result.grad_segments)
+    grad_partner, grad_temperature = _partner_grads(
+        partner, result, partner_factors, options, needs_grad, grad_temperature
+    )
+    grad_segments = result.grad_segments + ([] if partner is None else [grad_partner])
+    grads = (result.grad_rows, result.grad_extra, grad_temperature, *grad_segments)
     if row_weight is None:
         scale = _scalar_scale(grad_output, options, len(rows))
         grads = tuple(None if grad is None else grad.mul_(scale) for grad in grads)
@@ -331,6 +387,44 @@ def backward_grads(
     if grad_temperature is not None and temperature is not None:
         grad_temperature = grad_temperature.reshape(temperature.shape)
     return grad_rows, grad_extra, grad_temperature, *grad_segments
+
+
+def _partnered(
+    segments: tuple[Tensor, ...], options: LogSumExpOptions
+) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    """The key segments, and the partner rows (the last segment input) if the walk has them."""
+    if not options.partner_segments:
+        return segments, None
+    return segments[:-1], segments[-1]
+
+
+def _partner_grads(
+    partner: Tensor | None,
+    result: walker.BlockPass,
+    factors: sc.Scales | None,
+    options: LogSumExpOptions,
+    needs_grad: tuple[bool, ...],
+    grad_temperature: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The partner rows' gradient (None unless asked for) and the temperature's, both rows' share.
+
+    As `_input_grads` does for the rows, in place.
+    """
+    if partner is None or result.grad_partner is None:
+        return None, grad_temperature
+    assert factors is not None
+    share = sc.input_grads_(
+        partner,
+        (),
+        result.grad_partner,
+        [],
+        factors,
+        eps=options.eps,
+        temperature_grad=needs_grad[2],
+    )
+    if share is not None:
+        grad_temperature = share if grad_temperature is None else grad_temperature + share
+    return (result.grad_partner if needs_grad[-1] else None), grad_temperature
 
 
 def _factors(

@@ -156,11 +156,18 @@ def default_block_shape(
 
 @dataclass(frozen=True)
 class Diagonal:
-    """An exclusion rule: rows ``start <= r < stop`` exclude key ``key_offset + r`` of segment 0."""
+    """An exclusion rule: rows ``start <= r < stop`` exclude keys of one segment.
+
+    Row r excludes the ``width`` keys from ``key_offset + r * width`` of
+    segment ``segment``: a diagonal (width 1: NT-Xent's self-similarity) or
+    a band (each query's own M shared negatives).
+    """
 
     key_offset: int
     start: int = 0
     stop: int | None = None  # None: up to the last row
+    segment: int = 0
+    width: int = 1
 
 
 @dataclass(frozen=True)
@@ -192,9 +199,22 @@ class Layout:
             (the symmetric loss; column j pairs with row j, so C is 0 or B).
         target_offset: row r's target is key ``target_offset + r`` of segment 0.
         target_extra: row r's target is its first extra column.
-        exclusions: keys of segment 0 that are no candidate of their rows.
+        exclusions: keys that are no candidate of their rows (`Diagonal` rules).
         exclude_target: the target is no candidate either (its logit is still read).
         exclude_labels: keys with the row's label are no candidate.
+        valid_keys: per segment, None or (N_k,) bool: False marks a key that
+            is no candidate of any row (padding among shared negatives).
+        raised_segments: segments whose logits (all but the target) the
+            passes multiply by their ``raise_factor`` (hardness weighting:
+            ``s / t + alpha * s`` is ``(1 + alpha * t) * s / t``, and the
+            gradient with respect to ``s / t`` is the softmax of the raised
+            logits, as the added term takes none).
+        partner_segments: segments whose keys are scored against the rows'
+            partners (a second row set, row r's partner pairs with row r)
+            instead of the rows: one row of the block is then a pair's row
+            in several directions (query to key, key to query), whose
+            softmax is one, the joint partition. The other segments take
+            the rows.
         product_dtype: the dtype of the matrix products (autocast's; None:
             the rows'). Their operands are rounded to it once (the keys per
             walk, the scaled rows per block, d loss / d logits per piece);
@@ -210,6 +230,13 @@ class Layout:
     exclude_target: bool = False
     exclude_labels: LabelRule | None = None
     product_dtype: torch.dtype | None = None
+    valid_keys: tuple[Tensor | None, ...] = ()
+    raised_segments: tuple[int, ...] = ()
+    partner_segments: tuple[int, ...] = ()
+
+    def key_mask(self, segment: int) -> Tensor | None:
+        """(N_k,) bool, False for the keys of ``segment`` that are no candidate of any row."""
+        return self.valid_keys[segment] if segment < len(self.valid_keys) else None
 
     @property
     def has_target(self) -> bool:
@@ -237,6 +264,22 @@ class BlockPass:
     grad_rows: Tensor | None = None  # (B, D): of the scaled rows (None: not asked, or no segments)
     grad_segments: list[Tensor | None] = field(default_factory=list)  # (N_k, D), fixed scales
     grad_extra: Tensor | None = None  # (B, E)
+    grad_partner: Tensor | None = None  # (B, D): of the scaled partner rows
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """A block's scaled rows, and their partners' where a walk has partner rows."""
+
+    rows: Tensor  # (R, D)
+    partner: Tensor | None = None  # (R, D)
+
+    def of(self, segment: int, layout: Layout) -> Tensor:
+        """The rows that segment ``segment``'s keys are scored against."""
+        if segment in layout.partner_segments:
+            assert self.partner is not None
+            return self.partner
+        return self.rows
 
 
 @dataclass(frozen=True)
@@ -277,8 +320,12 @@ class _Blocks:
         segment_grads: tuple[bool, ...] | None,
         row_grads: bool,
         candidates: bool = False,
+        partner: Tensor | None = None,
+        partner_grads: bool = False,
     ) -> None:
         self.rows, self.segments, self.extra, self.layout = rows, segments, extra, layout
+        self.partner = partner
+        assert (partner is None) == (not layout.partner_segments), "partner rows, partner keys"
         self.width = 0 if extra is None else extra.shape[1]
         align = max(1, KEY_ALIGN_BYTES // rows.element_size())
         start = -(-self.width // align) * align if segments else self.width
@@ -309,10 +356,16 @@ class _Blocks:
         self.grad_rows: Tensor | None = None
         self.grad_segments: list[Tensor | None] = [None] * len(segments)
         self.grad_extra: Tensor | None = None
+        self.grad_partner: Tensor | None = None
         if grads:
             wanted = [k for k, flag in zip(segments, segment_grads, strict=True) if flag]
             grad_rows, grad_keys = _gradient_buffers(rows, wanted, row_grads and bool(segments))
             self.grad_rows = grad_rows
+            if partner is not None:  # both row sets' gradients add up over their pieces
+                if grad_rows is not None:
+                    grad_rows.zero_()
+                if partner_grads:
+                    self.grad_partner = torch.zeros_like(partner)
             it = iter(grad_keys)
             self.grad_segments = [next(it) if flag else None for flag in segment_grads]
             if extra is not None:
@@ -341,7 +394,10 @@ class _Blocks:
         if self.extra is not None:
             counts -= torch.isneginf(self.extra).sum(dim=1)  # padding
         for rule in layout.exclusions:
-            counts[rule.start : rule.stop] -= 1
+            counts[rule.start : rule.stop] -= rule.width
+        for mask in layout.valid_keys:
+            if mask is not None:
+                counts -= (~mask).sum()
         if layout.exclude_target and layout.has_target:
             counts -= 1
         return counts
@@ -355,9 +411,18 @@ class _Blocks:
         step, total = self.layout.block_rows, len(self.rows)
         return [slice(a, min(a + step, total)) for a in range(0, total, step)]
 
-    def row_block(self, span: slice, row_scales: Tensor) -> Tensor:
-        """The block's (R, D) scaled rows, in the product dtype."""
-        block = self.rows[span] * row_scales[span].unsqueeze(1)
+    def row_block(
+        self, span: slice, row_scales: Tensor, partner_scales: Tensor | None = None
+    ) -> RowBlock:
+        """The block's (R, D) scaled rows (and partner rows), in the product dtype."""
+        rows = self._scaled(self.rows[span], row_scales[span])
+        if self.partner is None:
+            return RowBlock(rows)
+        assert partner_scales is not None
+        return RowBlock(rows, self._scaled(self.partner[span], partner_scales[span]))
+
+    def _scaled(self, rows: Tensor, scales: Tensor) -> Tensor:
+        block = rows * scales.unsqueeze(1)
         return block if self.product_dtype is None else block.to(self.product_dtype)
 
     def product_(self, out: Tensor, a: Tensor, b: Tensor, *, add: bool = False) -> None:
@@ -378,22 +443,23 @@ class _Blocks:
         else:
             out.copy_(product)
 
-    def logits(self, span: slice, row_block: Tensor, tile: _Tile) -> Tensor:
+    def logits(self, span: slice, row_block: RowBlock, tile: _Tile) -> Tensor:
         """The block's (R, tile width) products, before column scales."""
         columns = tile.columns
-        block = self.buffer[: len(row_block), : columns.stop - columns.start]
+        block = self.buffer[: len(row_block.rows), : columns.stop - columns.start]
         if tile.has_extra and self.extra is not None:
             block[:, : self.width] = self.extra[span]
         if tile.has_extra:
             block[:, self.width : self.key_start] = float("-inf")
-        staging = None if self.staging is None else self.staging[: len(row_block)]
+        staging = None if self.staging is None else self.staging[: len(row_block.rows)]
         for piece in tile.pieces:
             keys = self.product_keys[piece.segment][piece.keys]
+            rows = row_block.of(piece.segment, self.layout)
             if staging is None:
-                torch.mm(row_block, keys.T, out=block[:, piece.columns])
+                torch.mm(rows, keys.T, out=block[:, piece.columns])
             else:  # the product in its dtype, widened into the block
                 product = staging[:, piece.columns]
-                torch.mm(row_block, keys.T, out=product)
+                torch.mm(rows, keys.T, out=product)
                 block[:, piece.columns] = product
         return block
 
@@ -415,18 +481,47 @@ class _Blocks:
                 keys = key_labels[first_key : first_key + piece.shape[1]]
                 row_labels = layout.exclude_labels.rows[span].unsqueeze(1)  # (R, 1)
                 piece.masked_fill_(row_labels == keys, float("-inf"))
-        if segment != 0:  # the index rules are segment 0's
-            return
+        mask = layout.key_mask(segment)
+        if mask is not None:
+            piece.masked_fill_(~mask[first_key : first_key + piece.shape[1]], float("-inf"))
         for rule in layout.exclusions:
+            if rule.segment != segment:
+                continue
             start = max(span.start, rule.start)
             stop = span.stop if rule.stop is None else min(span.stop, rule.stop)
             if start < stop:
                 rows = piece[start - span.start : stop - span.start]
-                diagonal = rule.key_offset + start - first_key
-                torch.diagonal(rows, offset=diagonal).fill_(float("-inf"))
+                first = rule.key_offset + start * rule.width - first_key
+                for j in range(rule.width):
+                    _band(rows, first + j, rule.width).fill_(float("-inf"))
+        if segment != 0:  # the target is a key of segment 0
+            return
         if layout.exclude_target and layout.target_offset is not None:
             offset = layout.target_offset + span.start - first_key
             torch.diagonal(piece, offset=offset).fill_(float("-inf"))
+
+    def raise_(
+        self, piece: Tensor, span: slice, segment: int, first_key: int, factor: Tensor | float
+    ) -> None:
+        """In place: a slice of a raised segment (keys from ``first_key``) times ``factor``.
+
+        The target (a key of segment 0) keeps its logit.
+        """
+        if segment not in self.layout.raised_segments:
+            return
+        offset = self.layout.target_offset
+        if segment != 0 or offset is None:
+            piece.mul_(factor)
+            return
+        targets = torch.diagonal(piece, offset=offset + span.start - first_key)
+        kept = targets.clone()
+        piece.mul_(factor)
+        targets.copy_(kept)
+
+    def raise_tile_(self, block: Tensor, span: slice, tile: _Tile, factor: Tensor | float) -> None:
+        """In place: the raised segments' logits of a block times ``factor`` (see `raise_`)."""
+        for piece in tile.pieces:
+            self.raise_(block[:, piece.columns], span, piece.segment, piece.keys.start, factor)
 
     def exclude_tile_(self, block: Tensor, span: slice, tile: _Tile) -> None:
         """Set the excluded entries of a block (extra columns, key segments) to -inf."""
@@ -440,11 +535,13 @@ class _Blocks:
         if self.layout.exclude_target and self.layout.target_extra:
             piece[:, 0] = float("-inf")
 
-    def gradient_products(self, block: Tensor, row_block: Tensor, span: slice, tile: _Tile) -> None:
+    def gradient_products(
+        self, block: Tensor, row_block: RowBlock, span: slice, tile: _Tile
+    ) -> None:
         """The block holds d loss / d logits times the column scales: accumulate the gradients.
 
         The rows' gradient of the span is written by its first tile and added
-        to by the others.
+        to by the others (with partner rows, both are zeroed first and added to).
         """
         if self.grad_extra is not None and tile.has_extra:
             self.grad_extra[span] = block[:, : self.width]
@@ -454,12 +551,15 @@ class _Blocks:
                 values = self.staging[: len(block), piece.columns].copy_(values)
             keys = self.product_keys[piece.segment][piece.keys]
             grad_keys = self.grad_segments[piece.segment]
+            rows = row_block.of(piece.segment, self.layout)
             if grad_keys is not None:
-                self.product_(grad_keys[piece.keys], values.T, row_block, add=True)
-            if self.grad_rows is None:
+                self.product_(grad_keys[piece.keys], values.T, rows, add=True)
+            partner = piece.segment in self.layout.partner_segments
+            grad_rows = self.grad_partner if partner else self.grad_rows
+            if grad_rows is None:
                 continue
-            first = tile.has_extra and n == 0
-            self.product_(self.grad_rows[span], values, keys, add=not first)
+            first = tile.has_extra and n == 0 and self.partner is None
+            self.product_(grad_rows[span], values, keys, add=not first)
 
     def chunks(self, tile: _Tile) -> list[tuple[_Piece, int]]:
         """The tile's pieces in cache-sized chunks (segment 0 split after its column keys).
@@ -484,6 +584,7 @@ class _Blocks:
             grad_rows=self.grad_rows,
             grad_segments=self.grad_segments,
             grad_extra=self.grad_extra,
+            grad_partner=self.grad_partner,
         )
 
 
@@ -493,6 +594,24 @@ def _tile_columns(key_start: int, total: int, tile_columns: int | None) -> list[
         return [slice(0, total)]
     edges = [0, *range(key_start + tile_columns, total, tile_columns), total]
     return [slice(a, b) for a, b in itertools.pairwise(edges) if a < b or a == 0]
+
+
+def _band(rows: Tensor, first: int, step: int) -> Tensor:
+    """The entries ``(r, first + r * step)`` of an (R, C) view that fall within its C columns.
+
+    A 1-D strided view (a diagonal for ``step`` 1), to be written in place.
+    """
+    count, columns = rows.shape
+    low = max(0, -(first // step))  # the first row whose entry is in a column >= 0
+    high = min(count, (columns - 1 - first) // step + 1)
+    if high <= low:
+        return rows.new_empty(0)
+    row_stride, column_stride = rows.stride()
+    return rows.as_strided(
+        (high - low,),
+        (row_stride + step * column_stride,),
+        rows.storage_offset() + low * row_stride + (first + low * step) * column_stride,
+    )
 
 
 def _shift(row_max: Tensor) -> Tensor:
@@ -518,6 +637,10 @@ def statistics_pass(
     compute_grads: bool = False,
     segment_grads: tuple[bool, ...] | None = None,
     row_grads: bool = True,
+    raise_factor: Tensor | float = 1.0,
+    partner: Tensor | None = None,
+    partner_scales: Tensor | None = None,
+    partner_grads: bool = False,
 ) -> BlockPass:
     """Row statistics and loss of every block (and column statistics), in one pass.
 
@@ -541,6 +664,11 @@ def statistics_pass(
         compute_grads: also build the gradients.
         segment_grads: per segment, whether it gets a gradient (default: all).
         row_grads: whether the rows get a gradient.
+        raise_factor: the factor of ``layout.raised_segments``' logits.
+        partner: (B, D) the partner rows, unscaled, that
+            ``layout.partner_segments`` are scored against (None: none).
+        partner_scales: (B,) their factors.
+        partner_grads: whether the partner rows get a gradient.
 
     Returns:
         A BlockPass; its gradients are with respect to the scaled rows, the
@@ -550,6 +678,8 @@ def statistics_pass(
     assert not (compute_grads and layout.column_keys), "columns need every row first"
     assert not (tiled and layout.column_keys), "tiles give row statistics only"
     assert not tiled or objective.tileable, "the objective needs complete rows"
+    assert not (layout.column_keys and 0 in layout.raised_segments), "columns need plain logits"
+    assert partner is None or not (tiled or layout.column_keys), "partners: complete rows only"
     if tiled and compute_grads:
         return _online_pass(
             rows,
@@ -560,6 +690,7 @@ def statistics_pass(
             row_scales=row_scales,
             column_scales=column_scales,
             row_grads=row_grads,
+            raise_factor=raise_factor,
         )
     blocks = _Blocks(
         rows,
@@ -570,6 +701,8 @@ def statistics_pass(
         segment_grads=segment_grads,
         row_grads=row_grads,
         candidates=objective.needs_candidates,
+        partner=partner,
+        partner_grads=partner_grads,
     )
     num_rows = len(rows)
     row_stat = rows.new_empty(num_rows, objective.num_stats)  # (B, K)
@@ -580,7 +713,7 @@ def statistics_pass(
     chunk = blocks.chunk
 
     for span in blocks.spans():
-        row_block = blocks.row_block(span, row_scales)
+        row_block = blocks.row_block(span, row_scales, partner_scales)
         context = blocks.context(span)
         targets = None if target_logit is None else target_logit[span]
         lse = rows.new_full((span.stop - span.start, 1), float("-inf")) if tiled else None
@@ -590,6 +723,7 @@ def statistics_pass(
             if targets is not None:
                 found, which = target_entries(block, context, tile.columns.start)
                 targets[which] = found
+            blocks.raise_tile_(block, span, tile, raise_factor)
             blocks.exclude_tile_(block, span, tile)
             if lse is not None:
                 torch.logaddexp(lse[:, 0], _row_lse_(block), out=lse[:, 0])
@@ -634,6 +768,7 @@ def _online_pass(
     row_scales: Tensor,
     column_scales: list[Tensor | None],
     row_grads: bool,
+    raise_factor: Tensor | float,
 ) -> BlockPass:
     """Statistics, loss and gradients of a tiled walk whose keys need no gradient, in one pass.
 
@@ -678,6 +813,7 @@ def _online_pass(
             if targets is not None:
                 found, which = target_entries(block, context, tile.columns.start)
                 targets[which] = found
+            blocks.raise_tile_(block, span, tile, raise_factor)
             blocks.exclude_tile_(block, span, tile)
             new_max = torch.maximum(running_max, block.amax(dim=1))  # (R,)
             shift = _shift(new_max)  # (R,) finite
@@ -727,6 +863,10 @@ def gradient_pass(
     column_weight: Tensor | float = 1.0,
     segment_grads: tuple[bool, ...] | None = None,
     row_grads: bool = True,
+    raise_factor: Tensor | float = 1.0,
+    partner: Tensor | None = None,
+    partner_scales: Tensor | None = None,
+    partner_grads: bool = False,
 ) -> BlockPass:
     """Gradients of ``sum_i row_weight[i] * row_loss[i] + sum_j column_weight[j] * column_term[j]``.
 
@@ -742,7 +882,15 @@ def gradient_pass(
         column_weight: (C,) weights of the column terms, or one for all.
     """
     blocks = _Blocks(
-        rows, segments, extra, layout, grads=True, segment_grads=segment_grads, row_grads=row_grads
+        rows,
+        segments,
+        extra,
+        layout,
+        grads=True,
+        segment_grads=segment_grads,
+        row_grads=row_grads,
+        partner=partner,
+        partner_grads=partner_grads,
     )
     column_keys = layout.column_keys
     column_lse = statistics.column_lse
@@ -750,7 +898,7 @@ def gradient_pass(
     chunk_buffer = rows.new_empty(len(blocks.buffer), min(blocks.chunk, column_keys))
 
     for span in blocks.spans():
-        row_block = blocks.row_block(span, row_scales)
+        row_block = blocks.row_block(span, row_scales, partner_scales)
         context = blocks.context(span)
         stats = statistics.row_stat[span]  # (R, K)
         weight: Tensor | float = 1.0 if row_weight is None else row_weight[span].unsqueeze(1)
@@ -765,6 +913,7 @@ def gradient_pass(
                 scales = column_scales[piece.segment]
                 if scales is not None:
                     logits.mul_(scales[piece.keys])
+                blocks.raise_(logits, span, piece.segment, first_key, raise_factor)
                 blocks.exclude_(logits, span, piece.segment, first_key)
                 column_probs = None
                 if piece.segment == 0 and first_key < column_keys:  # key-to-query probabilities
