@@ -83,6 +83,18 @@ def options(path: str, reduction: str = "mean") -> dict[str, Loss]:
             chunk_size=c,
             reduction=reduction,
         ),
+        "gte-guide": lambda q, k, n, t: info_nce(
+            q,
+            k,
+            n,
+            temperature=t,
+            negative_mode="shared",
+            directions=("query_to_key", "key_to_query", "query_to_query", "key_to_key"),
+            false_negative_margin=0.05,
+            guide=(q[:, :3].detach(), k[:, :3].detach(), n[..., :3].detach()),
+            chunk_size=c,
+            reduction=reduction,
+        ),
         "decoupled": lambda q, k, n, t: info_nce(
             q, k, decoupled=True, chunk_size=c, reduction=reduction
         ),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
 import torch
 
-from info_nce import nt_xent
+from info_nce import info_nce, nt_xent
 from info_nce.cli import bench
 from info_nce.cli.__main__ import main
 
@@ -96,7 +97,7 @@ def test_unknown_configuration_is_refused(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_every_issue_configuration_is_defined() -> None:
-    assert {f"C{k}" for k in range(13)} <= set(bench.CONFIGS)
+    assert {f"C{k}" for k in range(13)} | {"C14", "C15"} <= set(bench.CONFIGS)
     assert bench.CONFIGS["C11"].queue
     assert not bench._inputs(bench.CONFIGS["C11"])[2].requires_grad
     assert bench.CONFIGS["C10"].temperature == 0.5
@@ -109,3 +110,39 @@ def test_machine_description_names_the_cpu_and_its_vector_extensions() -> None:
     assert f"({torch.backends.cpu.get_cpu_capability()})" in description
     assert description.split(" (")[0].strip()  # a CPU name, whatever the platform
     assert f"torch {torch.__version__}" in description
+
+
+def test_embedding_recipe_references_compute_the_benchmarked_loss() -> None:
+    # C14's and C15's dense losses (written as sentence-transformers writes
+    # them) are the losses `ours` computes there, in float64 at a small size.
+    generator = torch.Generator().manual_seed(0)
+    shared = dataclasses.replace(bench.CONFIGS["C14"], batch=9, negatives=3, dim=5, guide_width=4)
+    query, key = torch.randn(2, 9, 5, generator=generator, dtype=torch.float64)
+    negatives = torch.randn(9, 3, 5, generator=generator, dtype=torch.float64)
+    guide = tuple(x.double() for x in bench._guide(shared, [query, key, negatives]))
+    expected = bench._dense_shared_loss(query, key, negatives, guide, shared)
+    for chunk_size in (None, 4):
+        loss = info_nce(
+            query,
+            key,
+            negatives,
+            temperature=shared.temperature,
+            negative_mode="shared",
+            hardness_mode="all_negatives",
+            hardness_strength=shared.hardness,
+            false_negative_margin=shared.margin,
+            guide=guide,
+            chunk_size=chunk_size,
+        )
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    gte = bench.CONFIGS["C15"]
+    expected = bench._dense_gte_loss(query, key, gte.temperature)
+    for chunk_size in (None, 4):
+        loss = info_nce(
+            query,
+            key,
+            temperature=gte.temperature,
+            directions=gte.directions,  # type: ignore[arg-type]
+            chunk_size=chunk_size,
+        )
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)

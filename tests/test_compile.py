@@ -204,7 +204,7 @@ def test_the_engine_ops_pass_torch_library_opcheck(case: int) -> None:
         list(segments),
         None if rule is None else rule.rows,
         [] if rule is None else list(rule.segments),
-        [mask for mask in options.valid_keys if mask is not None],
+        options.rule_tensors(),
         op._key(options.parts()),
         needs,
     )

@@ -42,6 +42,7 @@ PAIRED_NEGATIVES = 3  # negatives per query in paired mode
 CLASSES = 3  # labels are arange(B) % CLASSES: repeated, and spread over the ranks
 WORLD_SIZES = (2, 3)
 GTE = ("query_to_key", "key_to_query", "query_to_query", "key_to_key")
+GUIDE_WIDTH = 4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,6 +65,7 @@ class Case:
     upstream: float = 1.0  # backward of upstream * loss
     backward_twice: bool = False  # backward(retain_graph=True) twice: the gradients double
     frozen_query: bool = False  # the queries carry no gradient (a frozen query encoder)
+    guide: bool = False  # a guide model's embeddings of the inputs (false-negative filtering)
     no_grad: bool = False  # forward under torch.no_grad() (evaluation): the loss only
     views: int = 0  # V >= 2: NTXent / nt_xent over V views (the encoders' outputs) instead
     negative_labels: bool = False  # labels of the unpaired negatives (a labelled queue's)
@@ -162,6 +164,43 @@ CASES = [
         negatives="shared",
         mask=True,
         reduction="none",
+    ),
+    # Guided false-negative filtering: the guide's embeddings are gathered like theirs.
+    Case(
+        "gte-shared-guide-mask-unequal-sum",
+        {"directions": GTE, "false_negative_margin": 0.1},
+        negatives="shared",
+        mask=True,
+        unequal=True,
+        reduction="sum",
+        guide=True,
+    ),
+    Case(
+        "gte-shared-guide-hardness-blockwise-ddp",
+        {
+            "directions": GTE,
+            "false_negative_margin": 0.05,
+            "margin_strategy": "relative",
+            "hardness_mode": "all_negatives",
+            "hardness_strength": 2.0,
+            "chunk_size": 2,
+        },
+        negatives="shared",
+        guide=True,
+        ddp=True,
+    ),
+    Case(
+        "symmetric-self-guided-none",
+        {"symmetric": True, "false_negative_margin": -0.05},
+        reduction="none",
+    ),
+    Case(
+        "unpaired-guide-in-batch-fixed-temperature",
+        {"in_batch_negatives": True, "false_negative_margin": 0.0},
+        negatives="unpaired",
+        unequal_negatives=True,
+        learn_temperature=False,
+        guide=True,
     ),
     Case(
         "joint-key-to-key-unpaired-fixed-temperature",
@@ -399,6 +438,9 @@ class TwoTower(nn.Module):
             nn.Linear(IN_FEATURES, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, EMBEDDING)
         )
         self.key_net = nn.Linear(IN_FEATURES, EMBEDDING)
+        # A frozen guide model of another width, for false-negative filtering.
+        self.guide_net = nn.Linear(IN_FEATURES, GUIDE_WIDTH).requires_grad_(False)
+        self.guided = case.guide
         self.frozen_query = case.frozen_query
         negative_mode: Literal["unpaired", "paired", "shared"] = case.negatives or "unpaired"
         self.views = case.views
@@ -440,6 +482,10 @@ class TwoTower(nn.Module):
     ) -> Tensor:
         query, positive_key = self.query_net(x), self.key_net(y)  # (B, EMBEDDING)
         negative_keys = None if negatives is None else self.key_net(negatives)
+        guide = None
+        if self.guided:
+            inputs = (x, y) if negatives is None else (x, y, negatives)
+            guide = tuple(self.guide_net(z) for z in inputs)
         if self.views:
             views = [query, positive_key, self.query_net(y), self.key_net(x)][: self.views]
             if isinstance(self.criterion, NTXent):
@@ -456,7 +502,7 @@ class TwoTower(nn.Module):
             query = query.detach()
         if self.criterion is not None:
             loss: Tensor = self.criterion(
-                query, positive_key, negative_keys, labels=labels, negative_mask=mask
+                query, positive_key, negative_keys, labels=labels, negative_mask=mask, guide=guide
             )
             return loss
         return info_nce(
@@ -466,6 +512,7 @@ class TwoTower(nn.Module):
             labels=labels,
             negative_labels=negative_labels,
             negative_mask=mask,
+            guide=guide,
             **self.functional_options,
         )
 

@@ -59,10 +59,16 @@ def reference(
     symmetric: bool = False,
     normalize: bool = True,
     directions: tuple[str, ...] = ("query_to_key",),
+    margin: float | None = None,
+    relative: bool = False,
+    guide: tuple[Tensor, ...] | None = None,
 ) -> Tensor:
-    """The loss in float64, one query at a time, from the definitions above.
+    """The loss in float64, one pair at a time, from the definitions above.
 
-    Several ``directions``: their joint partition.
+    Pair i's candidates are listed group by group with their similarity to
+    the row's anchor, whether hardness raises them, their guide cosine with
+    the anchor and whether they are protected from the filter (the pair's
+    own positive); several ``directions`` make their joint partition.
     """
     unit = _unit if normalize else (lambda x: x)
     q, k = unit(query.double()), unit(key.double())
@@ -70,45 +76,72 @@ def reference(
     t = temperature.double() if isinstance(temperature, Tensor) else temperature
     raise_hard = hardness_mode in ("hard_negatives", "all_negatives")
     raise_in_batch = hardness_mode in ("in_batch_negatives", "all_negatives")
+    # The guide: given, or the model's own embeddings (their cosines), detached.
+    found = guide or (query, key, *(() if negatives is None else (negatives,)))
+    gq, gk, *gn_list = (_unit(x.detach().double()) for x in found)
+    gn = gn_list[0] if gn_list else None
+    batch = len(q)
     losses = []
-    for i in range(len(q)):
-        # Each candidate's similarity s and whether it is raised.
-        similarities: list[Tensor] = [q[i] @ k[i]]  # the positive first, never raised
-        raised: list[bool] = [False]
+    for i in range(batch):
+        others = [j for j in range(batch) if j != i]
+        # Groups of (anchor, guide anchor, candidates, their guides, raised, protected).
+        groups: list[tuple[Tensor, Tensor, Tensor, Tensor, bool, Tensor | None]] = []
+
+        def group(
+            anchor: Tensor,
+            guide_anchor: Tensor,
+            x: Tensor,
+            g: Tensor,
+            raised: bool = False,
+            protected: Tensor | None = None,
+            groups: list[tuple[Tensor, Tensor, Tensor, Tensor, bool, Tensor | None]] = groups,
+        ) -> None:
+            groups.append((anchor, guide_anchor, x, g, raised, protected))
+
+        own = torch.zeros(batch, dtype=torch.bool)
+        own[i] = True
+        group(q[i], gq[i], k[i : i + 1], gk[i : i + 1], protected=torch.tensor([True]))
         if in_batch:
-            others = [j for j in range(len(q)) if j != i]
-            similarities += [q[i] @ k[j] for j in others]
-            raised += [raise_in_batch] * len(others)
-        if n is not None and mode == "unpaired":
-            similarities += list(n @ q[i])
-            raised += [raise_hard] * len(n)
-        if n is not None and mode in ("paired", "shared"):
-            owners = [i] if mode == "paired" else range(len(n))
-            for j in owners:
-                for m in range(n.shape[1]):
-                    if mask is None or mask[j, m]:
-                        similarities.append(q[i] @ n[j, m])
-                        raised.append(raise_hard if j == i else raise_in_batch)
-        s = torch.stack(similarities)
-        logits = s / t + strength * s.detach() * torch.tensor(raised, dtype=s.dtype)
-        others = [q @ k[i]] if "key_to_query" in directions else []  # k_i against all queries
+            group(q[i], gq[i], k[others], gk[others], raise_in_batch)
+        if n is not None and gn is not None and mode == "unpaired":
+            group(q[i], gq[i], n, gn, raise_hard)
+        valid = torch.ones(batch, 1 if n is None else n.shape[1], dtype=torch.bool)
+        if mask is not None:
+            valid = mask
+        if n is not None and gn is not None and mode in ("paired", "shared"):
+            group(q[i], gq[i], n[i][valid[i]], gn[i][valid[i]], raise_hard)
+        if n is not None and gn is not None and mode == "shared":
+            group(q[i], gq[i], n[others][valid[others]], gn[others][valid[others]], raise_in_batch)
+        if "key_to_query" in directions:  # k_i against all queries, q_i kept
+            group(k[i], gk[i], q, gq, protected=own)
         if "query_to_query" in directions:  # q_i against the other queries
-            others.append(torch.cat([q[:i], q[i + 1 :]]) @ q[i])
+            group(q[i], gq[i], q[others], gq[others])
         if "key_to_key" in directions:  # k_i against the keys among q_i's, not pair i's
             if in_batch:
-                others.append(torch.cat([k[:i], k[i + 1 :]]) @ k[i])
-            if n is not None and mode == "unpaired":
-                others.append(n @ k[i])
-            if n is not None and mode == "shared":
-                for j in range(len(n)):
-                    for m in range(n.shape[1]):
-                        if j != i and (mask is None or mask[j, m]):
-                            others.append((k[i] @ n[j, m]).reshape(1))
-        logits = torch.cat([logits, *(other / t for other in others)])
-        loss = torch.logsumexp(logits, 0) - s[0] / t
+                group(k[i], gk[i], k[others], gk[others])
+            if n is not None and gn is not None and mode == "unpaired":
+                group(k[i], gk[i], n, gn)
+            if n is not None and gn is not None and mode == "shared":
+                group(k[i], gk[i], n[others][valid[others]], gn[others][valid[others]])
+        positive_guide = gq[i] @ gk[i]
+        threshold = positive_guide - (positive_guide.abs() if relative else 1.0) * (margin or 0.0)
+        logits = []
+        for anchor, guide_anchor, x, g, raised, protected in groups:
+            s = x @ anchor  # (C,)
+            logit = s / t + strength * s.detach() * float(raised)
+            if margin is not None:
+                removed = g @ guide_anchor > threshold
+                if protected is not None:
+                    removed = removed & ~protected
+                logit = logit[~removed]
+            logits.append(logit)
+        loss = torch.logsumexp(torch.cat(logits), 0) - (q[i] @ k[i]) / t
         if symmetric:  # key i against all queries, query i its positive
+            kept = torch.ones(batch, dtype=torch.bool)
+            if margin is not None:
+                kept = ~(gq @ gk[i] > threshold) | own
             key_logits = (q @ k[i]) / t
-            loss = (loss + torch.logsumexp(key_logits, 0) - key_logits[i]) / 2
+            loss = (loss + torch.logsumexp(key_logits[kept], 0) - key_logits[i]) / 2
         losses.append(loss)
     result = torch.stack(losses)
     if reduction == "mean":
@@ -732,3 +765,320 @@ def test_bad_options_are_refused(options: dict[str, Any], error: type, match: st
         options["labels"] = torch.arange(len(query)) % 3
     with pytest.raises(error, match=match):
         info_nce(query, key, negatives, **options)
+
+
+MARGINS = [(0.0, "absolute"), (0.1, "absolute"), (0.05, "relative"), (-0.1, "absolute")]
+
+
+def guide_of(
+    query: Tensor, key: Tensor, negatives: Tensor | None, seed: int = 11
+) -> tuple[Tensor, ...]:
+    """A guide model's embeddings of the same inputs: a fixed map to G = 6 features, plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(query.shape[-1], 6, generator=generator, dtype=torch.float64)
+
+    def embed(x: Tensor) -> Tensor:
+        noise = torch.randn(*x.shape[:-1], 6, generator=generator, dtype=torch.float64)
+        return x.detach().double() @ weight + 0.3 * noise
+
+    return tuple(embed(x) for x in (query, key, *(() if negatives is None else (negatives,))))
+
+
+@pytest.mark.parametrize("guided", [True, False], ids=["guide", "self-guided"])
+@pytest.mark.parametrize("directions", [("query_to_key",), GTE], ids=["query-to-key", "gte"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("margin", "strategy"), MARGINS)
+@pytest.mark.parametrize("path", ["dense", "engine"])
+def test_filter_matches_reference(
+    path: str, margin: float, strategy: str, mode: str, directions: tuple[str, ...], guided: bool
+) -> None:
+    query, key, negatives, _ = make_inputs(mode)
+    guide = guide_of(query, key, negatives) if guided else None
+    options: dict[str, Any] = {
+        "directions": directions,
+        "false_negative_margin": margin,
+        "margin_strategy": strategy,
+        "guide": guide,
+        "reduction": "none",
+        "mask": mode in ("paired", "shared"),
+    }
+    if mode == "paired":
+        options["in_batch_negatives"] = True
+    assert_matches_reference(
+        torch.float64,
+        path,
+        mode,
+        options,
+        in_batch=mode != "unpaired",
+        reduction="none",
+        directions=directions,
+        margin=margin,
+        relative=strategy == "relative",
+        guide=guide,
+    )
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [
+        ("in-batch", {"symmetric": True}),
+        ("shared", {"symmetric": True, "hardness_mode": "all_negatives", "hardness_strength": 3.0}),
+        ("shared", {"in_batch_negatives": False, "directions": GTE}),
+        ("paired", {}),
+        ("unpaired", {"in_batch_negatives": True, "directions": GTE}),
+    ],
+)
+def test_filter_options_match_reference(path: str, mode: str, options: dict[str, Any]) -> None:
+    query, key, negatives, _ = make_inputs(mode, seed=12)
+    guide = guide_of(query, key, negatives)
+    expected = {name: options[name] for name in ("symmetric", "directions") if name in options}
+    if "hardness_mode" in options:
+        expected.update(
+            hardness_mode=options["hardness_mode"], strength=options["hardness_strength"]
+        )
+    assert_matches_reference(
+        torch.float64,
+        path,
+        mode,
+        {
+            **options,
+            "false_negative_margin": 0.05,
+            "guide": guide,
+            "reduction": "sum",
+            "mask": mode in ("paired", "shared"),
+        },
+        in_batch=options.get("in_batch_negatives", mode in ("in-batch", "shared")),
+        reduction="sum",
+        margin=0.05,
+        guide=guide,
+        **expected,
+    )
+
+
+def test_the_filter_removes_candidates() -> None:
+    # The grid above is not vacuous: at these margins the guide removes candidates.
+    query, key, negatives, mask = make_inputs("shared")
+    guide = guide_of(query, key, negatives)
+    options: dict[str, Any] = dict(negative_mode="shared", negative_mask=mask, reduction="none")
+    plain = info_nce(query, key, negatives, directions=GTE, **options)
+    for margin, strategy in MARGINS:
+        filtered = info_nce(
+            query,
+            key,
+            negatives,
+            directions=GTE,
+            false_negative_margin=margin,
+            margin_strategy=strategy,
+            guide=guide,
+            **options,
+        )
+        assert bool((filtered < plain - 1e-9).any()), (margin, strategy)
+        assert bool((filtered <= plain + 1e-12).all())  # fewer candidates, smaller loss
+
+
+def test_filter_gradcheck() -> None:
+    query, key, negatives, mask = make_inputs("shared", 6, 4, 2, seed=13)
+    guide = guide_of(query, key, negatives)
+    inputs = tuple(x.requires_grad_() for x in (query, key, negatives))
+    temperature = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    def loss(q: Tensor, k: Tensor, n: Tensor, t: Tensor) -> Tensor:
+        return info_nce(
+            q,
+            k,
+            n,
+            t,
+            negative_mode="shared",
+            negative_mask=mask,
+            reduction="none",
+            chunk_size=4,
+            directions=GTE,
+            false_negative_margin=0.0,
+            guide=guide,
+        )
+
+    assert torch.autograd.gradcheck(loss, (*inputs, temperature))
+
+
+def test_module_takes_the_filter() -> None:
+    query, key, negatives, mask = make_inputs("shared")
+    guide = guide_of(query, key, negatives)
+    module = InfoNCE(
+        0.05, negative_mode="shared", false_negative_margin=0.1, margin_strategy="relative"
+    )
+    expected = info_nce(
+        query,
+        key,
+        negatives,
+        0.05,
+        negative_mode="shared",
+        negative_mask=mask,
+        false_negative_margin=0.1,
+        margin_strategy="relative",
+        guide=guide,
+    )
+    assert torch.equal(module(query, key, negatives, negative_mask=mask, guide=guide), expected)
+    assert "false_negative_margin=0.1" in repr(module)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"guide": "given"}, ValueError, "give a margin"),
+        ({"false_negative_margin": float("nan")}, ValueError, "must be a finite number"),
+        ({"false_negative_margin": "0.1"}, TypeError, "false_negative_margin must be a real"),
+        ({"false_negative_margin": 0.1, "margin_strategy": "both"}, ValueError, "margin_strategy"),
+        ({"false_negative_margin": 0.1, "guide": "pair"}, ValueError, "exactly when negative_keys"),
+        ({"false_negative_margin": 0.1, "guide": "short"}, ValueError, r"shape \(37, 'G'\)"),
+        ({"false_negative_margin": 0.1, "guide": "width"}, ValueError, "one guide width"),
+        ({"false_negative_margin": 0.1, "guide": "list"}, TypeError, "guide must be None or a"),
+        (
+            {"false_negative_margin": 0.1, "labels": True},
+            ValueError,
+            "does not combine with labels",
+        ),
+        ({"false_negative_margin": 0.1, "decoupled": True}, ValueError, "InfoNCE objective only"),
+    ],
+)
+def test_bad_filter_options_are_refused(options: dict[str, Any], error: type, match: str) -> None:
+    query, key, negatives, _ = make_inputs("shared")
+    assert negatives is not None
+    gq, gk, gn = guide_of(query, key, negatives)
+    options = dict(options)
+    guides = {
+        "given": (gq, gk, gn),
+        "pair": (gq, gk),
+        "short": (gq[:-1], gk, gn),
+        "width": (gq, gk, gn[..., :3]),
+        "list": [gq],
+    }
+    if "guide" in options:
+        options["guide"] = guides[options["guide"]]
+    if options.pop("labels", False):
+        options["labels"] = torch.arange(len(query)) % 3
+    mode = "paired" if options.get("decoupled") else "shared"
+    with pytest.raises(error, match=match):
+        info_nce(query, key, negatives, negative_mode=mode, **options)
+
+
+@pytest.mark.parametrize(("margin", "strategy"), MARGINS)
+@pytest.mark.parametrize("path", ["dense", "engine"])
+@pytest.mark.parametrize(
+    ("contrast_anchors", "contrast_positives", "triplets"),
+    [
+        (False, False, False),
+        (True, False, False),
+        (False, True, False),
+        (True, True, False),
+        (False, False, True),
+        (True, False, True),
+    ],
+)
+def test_matches_gist_embed(
+    path: str,
+    margin: float,
+    strategy: str,
+    contrast_anchors: bool,
+    contrast_positives: bool,
+    triplets: bool,
+) -> None:
+    # GISTEmbedLoss's own code, on given embeddings: its model and guide are
+    # stand-ins that return the embeddings of their column.
+    from sentence_transformers.base.losses.merged_forward import column_merging_disabled
+
+    query, key, negatives, _ = make_inputs("shared", negatives=1, seed=14)
+    assert negatives is not None
+    guide = guide_of(query, key, negatives)
+    columns = [x.requires_grad_() for x in (query, key, negatives[:, 0])][: 3 if triplets else 2]
+    guides = [guide[0], guide[1], guide[2][:, 0]][: len(columns)]
+    gist = _gist(0.01, margin, strategy, contrast_anchors, contrast_positives)
+    with column_merging_disabled():
+        theirs = gist(
+            [{"model": c, "guide": g} for c, g in zip(columns, guides, strict=True)], None
+        )
+    directions = ("query_to_key",)
+    directions += ("query_to_query",) * contrast_anchors + ("key_to_key",) * contrast_positives
+    extra: dict[str, Any] = {}
+    if triplets:
+        extra = dict(negative_keys=columns[2].unsqueeze(1), negative_mode="shared")
+    ours = info_nce(
+        columns[0],
+        columns[1],
+        temperature=0.01,
+        directions=directions,
+        false_negative_margin=margin,
+        margin_strategy=strategy,
+        guide=(guide[0], guide[1], guide[2]) if triplets else (guide[0], guide[1]),
+        chunk_size=chunk_size(path),
+        **extra,
+    )
+    assert_close(ours, theirs, rtol=1e-10, atol=1e-10, name="loss")
+    for got, want in zip(
+        torch.autograd.grad(ours, columns), torch.autograd.grad(theirs, columns), strict=True
+    ):
+        assert_close(got, want, rtol=1e-10, atol=1e-10, name="gradient")
+
+
+def _gist(
+    temperature: float, margin: float, strategy: str, anchors: bool, positives: bool
+) -> torch.nn.Module:
+    """sentence-transformers' GISTEmbedLoss without models: its __init__ checks tokenizers."""
+
+    class Column(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {"sentence_embedding": features[self.name]}
+
+    gist = st_losses.GISTEmbedLoss.__new__(st_losses.GISTEmbedLoss)
+    torch.nn.Module.__init__(gist)
+    gist.model, gist.guide = Column("model"), Column("guide")
+    gist.temperature = temperature
+    gist.similarity_fct = torch.nn.CosineSimilarity(dim=-1)
+    gist.must_retokenize = False
+    gist.margin_strategy, gist.margin = strategy, margin
+    gist.contrast_anchors, gist.contrast_positives = anchors, positives
+    gist.gather_across_devices = False
+    gist.cross_entropy_loss = torch.nn.CrossEntropyLoss()
+    return gist
+
+
+def test_grad_cache_takes_every_recipe() -> None:
+    # The encoders run in chunks through grad_cache; the loss (shared
+    # negatives, four directions, hardness, a guide) is unchanged, and so are
+    # the parameter gradients.
+    from info_nce import grad_cache
+
+    generator = torch.Generator().manual_seed(15)
+    inputs = torch.randn(3, 12, 7, generator=generator, dtype=torch.float64)
+    negatives_in = torch.randn(12 * 2, 7, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(7, 9), torch.nn.Tanh(), torch.nn.Linear(9, 5))
+    encoder = encoder.double()
+    guide_net = torch.nn.Linear(7, 4).double().requires_grad_(False)
+    guide = (guide_net(inputs[0]), guide_net(inputs[1]), guide_net(negatives_in).view(12, 2, 4))
+    options: dict[str, Any] = dict(
+        temperature=0.1,
+        negative_mode="shared",
+        directions=GTE,
+        hardness_mode="all_negatives",
+        hardness_strength=3.0,
+        false_negative_margin=0.05,
+        guide=guide,
+    )
+
+    def step(embed: Any) -> list[Tensor]:
+        encoder.zero_grad()
+        query, key = embed(inputs[0]), embed(inputs[1])
+        negatives = embed(negatives_in).view(12, 2, 5)
+        info_nce(query, key, negatives, **options).backward()
+        return [p.grad.clone() for p in encoder.parameters() if p.grad is not None]
+
+    plain = step(encoder)
+    cached = step(lambda x: grad_cache(encoder, x, chunk_size=5))
+    assert len(plain) == len(cached) == 4
+    for got, want in zip(cached, plain, strict=True):
+        assert_close(got, want, rtol=1e-10, atol=1e-12, name="parameter gradient")

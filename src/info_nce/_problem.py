@@ -31,7 +31,11 @@ engine walks, and nothing else decides it:
   pair i's row in all of them, the queries' segments followed by the
   key-to-query and key-to-key ones, scored against the positive keys as the
   walk's partner rows (`Walk.partner_rows`); each direction's exclusions are
-  `Diagonal` rules and key masks on its own segments.
+  `Diagonal` rules and key masks on its own segments;
+* guided false-negative filtering: the guide embeddings of every segment's
+  keys, of the rows and of their partners, and each pair's threshold, as a
+  `GuideRule` of each walk (the own negatives' extra columns are filtered
+  here, at -inf).
 """
 
 from __future__ import annotations
@@ -39,12 +43,19 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from info_nce import _normalize
-from info_nce._validation import Directions, Hardness, Reduction, Variant
+from info_nce._validation import (
+    Directions,
+    FalseNegativeFilter,
+    Hardness,
+    Reduction,
+    Variant,
+)
 from info_nce.distributed import Gatherer
-from info_nce.engine import Diagonal, LabelRule, Positives, Problem, Walk
+from info_nce.engine import Diagonal, GuideRule, LabelRule, Positives, Problem, Walk
 from info_nce.engine.function import PairedOptions, autocast_product_dtype, paired_logits
 from info_nce.objectives import (
     DebiasedObjective,
@@ -96,6 +107,45 @@ def _shared_negatives(
     return gatherer(flat), valid, gatherer.offset
 
 
+class _Guides:
+    """Unit guide embeddings (detached; the model's own without a guide), gathered as needed."""
+
+    def __init__(
+        self,
+        false_negatives: FalseNegativeFilter,
+        query: Tensor,
+        positive_key: Tensor,
+        negative_keys: Tensor | None,
+        gatherer: Gatherer | None,
+    ) -> None:
+        found = false_negatives.guide or (query, positive_key, negative_keys)
+        query_guide, key_guide, *rest = (
+            F.normalize(x.detach().to(query.dtype), dim=-1) for x in found if x is not None
+        )
+        self.query, self.key = query_guide, key_guide  # (B, G)
+        self.negatives = rest[0] if rest else None  # (M, G) or (B, M, G)
+        self.threshold = false_negatives.threshold(torch.sum(query_guide * key_guide, dim=1))
+        self.gatherer = gatherer
+
+    def all_queries(self) -> Tensor:
+        return self.query if self.gatherer is None else self.gatherer(self.query)
+
+    def all_keys(self) -> Tensor:
+        return self.key if self.gatherer is None else self.gatherer(self.key)
+
+    def all_negatives(self) -> Tensor:
+        """(N, G) every rank's negatives' guides, flattened as their segment is."""
+        assert self.negatives is not None
+        flat = self.negatives.flatten(0, -2)
+        return flat if self.gatherer is None else Gatherer(len(flat), flat.device)(flat)
+
+    def similar_own(self, logits: Tensor) -> Tensor:
+        """(B, M) logits of the own negatives, those too similar by the guide at -inf."""
+        assert self.negatives is not None
+        similarity = torch.einsum("bg,bmg->bm", self.query, self.negatives)  # (B, M)
+        return logits.masked_fill(similarity > self.threshold.unsqueeze(1), float("-inf"))
+
+
 def _raised(logits: Tensor, temperature: float | Tensor, strength: float) -> Tensor:
     """``logits + strength * stopgrad(logits * t)``: hardness weighting of per-row logits."""
     return logits + strength * (logits * temperature).detach()
@@ -129,6 +179,7 @@ def info_nce_problem(
     variant: Variant,
     hardness: Hardness,
     directions: Directions,
+    false_negatives: FalseNegativeFilter | None,
 ) -> Problem:
     """The problem of `info_nce.info_nce` on (B, D) query and positive keys in the compute dtype.
 
@@ -154,6 +205,13 @@ def info_nce_problem(
     plain = not (variant.decoupled or variant.debiased)
     raised_keys = hardness.active and hardness.in_batch and in_batch
     columns_in_walk = symmetric and in_batch and gatherer is None and plain and not raised_keys
+    # A filter removes other candidates from the key-to-query rows than from the query's.
+    columns_in_walk = columns_in_walk and false_negatives is None
+    guides = None
+    if false_negatives is not None:
+        guides = _Guides(false_negatives, query, positive_key, negative_keys, gatherer)
+    guide_keys: list[Tensor | None] = []  # per segment, for the filter
+    protected: list[int | None] = []  # per segment: the diagonal of the row's own positive
     column_queries = None  # (B_all, D) all queries, for a walk of the key-to-query direction
     if symmetric and not columns_in_walk:
         column_queries = query if gatherer is None else gatherer(query)
@@ -208,6 +266,8 @@ def info_nce_problem(
     if in_batch:
         segments.append(all_keys)
         valid_keys.append(None)
+        guide_keys.append(None if guides is None else guides.all_keys())
+        protected.append(offset)
         if raised_keys:
             raised.append(0)
     else:
@@ -224,6 +284,8 @@ def info_nce_problem(
             raised.append(len(segments))
         segments.append(shared_keys)
         valid_keys.append(shared_valid)
+        guide_keys.append(None if guides is None else guides.all_negatives())
+        protected.append(None)
     if own_negatives:
         assert negative_keys is not None
         assert scaled_query is not None
@@ -239,12 +301,16 @@ def info_nce_problem(
             negative_logits = _raised(negative_logits, temperature, hardness.strength)
         if negative_mask is not None:
             negative_logits = negative_logits.masked_fill(~negative_mask, float("-inf"))
+        if guides is not None:
+            negative_logits = guides.similar_own(negative_logits)
         extra.append(negative_logits)
     elif negatives is not None:
         if hardness.active and hardness.hard:
             raised.append(len(segments))
         segments.append(negatives)
         valid_keys.append(None)
+        guide_keys.append(None if guides is None else guides.all_negatives())
+        protected.append(None)
 
     if variant.debiased:
         extra.append(_clamp_logits(query, temperature))
@@ -253,14 +319,19 @@ def info_nce_problem(
         # Pair i's rows in the other directions, after the query's own.
         query_segments = len(segments)  # the query-to-key row's
         all_queries = query if gatherer is None else gatherer(query)
+        query_guides = None if guides is None else guides.all_queries()
         if directions.query_to_query:  # q_i against the other queries
             exclusions.append(Diagonal(offset, segment=len(segments)))
             segments.append(all_queries)
             valid_keys.append(None)
+            guide_keys.append(query_guides)
+            protected.append(None)
         if directions.key_to_query:  # k_i against all queries, q_i included
             partner_segments.append(len(segments))
             segments.append(all_queries)
             valid_keys.append(None)
+            guide_keys.append(query_guides)
+            protected.append(offset)
         if directions.key_to_key:  # k_i against the query's candidate keys not pair i's
             for index in range(query_segments):
                 new = len(segments)
@@ -271,6 +342,8 @@ def info_nce_problem(
                 partner_segments.append(new)
                 segments.append(segments[index])
                 valid_keys.append(valid_keys[index])
+                guide_keys.append(guide_keys[index])
+                protected.append(None)
     targets_in_walk = all_labels is None
     local_labels = None if all_labels is None else all_labels[offset : offset + len(query)]
     exclude_labels = None  # the decoupled loss's rule under labels: no positive is a candidate
@@ -280,6 +353,15 @@ def info_nce_problem(
         exclude_labels = LabelRule(local_labels, (all_labels, all_negative_labels))
         column_exclude_labels = LabelRule(local_labels, (all_labels,))
     exclude_target = not plain and targets_in_walk
+    guide = None
+    if guides is not None:
+        guide = GuideRule(
+            guides.query,
+            guides.key if partner_segments else None,
+            tuple(guide_keys),
+            guides.threshold,
+            tuple(protected),
+        )
     walks = [
         Walk(
             rows=query,
@@ -295,6 +377,7 @@ def info_nce_problem(
             raise_strength=hardness.strength if raised else 0.0,
             partner_rows=positive_key if partner_segments else None,
             partner_segments=tuple(partner_segments),
+            guide=guide,
             column_keys=len(query) if columns_in_walk else 0,
             row_scale=row_scale,
             column_scale=0.5 if columns_in_walk else 0.0,
@@ -312,6 +395,11 @@ def info_nce_problem(
                 target_offset=offset if targets_in_walk else None,
                 exclude_target=exclude_target,
                 exclude_labels=column_exclude_labels,
+                guide=None
+                if guides is None
+                else GuideRule(
+                    guides.key, None, (guides.all_queries(),), guides.threshold, (offset,)
+                ),
                 row_scale=0.5,
                 objective=_objective(variant, len(column_extra)),
             )

@@ -20,6 +20,7 @@ NegativeMode = Literal["unpaired", "paired", "shared"]
 HardnessMode = Literal["in_batch_negatives", "hard_negatives", "all_negatives"]
 Direction = Literal["query_to_key", "key_to_query", "query_to_query", "key_to_key"]
 Partition = Literal["joint", "per_direction"]
+MarginStrategy = Literal["absolute", "relative"]
 Anchors = Literal["all", "first"]
 
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
@@ -27,6 +28,7 @@ NEGATIVE_MODES: tuple[str, ...] = get_args(NegativeMode)
 HARDNESS_MODES: tuple[str, ...] = get_args(HardnessMode)
 DIRECTIONS: tuple[str, ...] = get_args(Direction)
 PARTITIONS: tuple[str, ...] = get_args(Partition)
+MARGIN_STRATEGIES: tuple[str, ...] = get_args(MarginStrategy)
 ANCHORS: tuple[str, ...] = get_args(Anchors)
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -568,6 +570,111 @@ def check_directions(
             f"{variant.false_negative_rate!r}, hard_negative_beta={variant.hard_negative_beta!r}"
         )
     return False, joint
+
+
+@dataclass(frozen=True)
+class FalseNegativeFilter:
+    """Guided false-negative filtering: candidates too similar to their row's anchor are removed.
+
+    With g_i the guide cosine of pair i, a candidate whose guide cosine with
+    the anchor is above ``g_i - margin`` (absolute) or ``g_i - |g_i| margin``
+    (relative) is no candidate of pair i. ``guide`` holds the guide
+    embeddings of the queries, the positive keys and the negatives (None:
+    the model's own, detached).
+    """
+
+    margin: float
+    relative: bool
+    guide: tuple[Tensor, ...] | None
+
+    def threshold(self, positive_similarity: Tensor) -> Tensor:
+        """(B,) the guide cosine above which a candidate of pair i is removed."""
+        if self.relative:
+            return positive_similarity - positive_similarity.abs() * self.margin
+        return positive_similarity - self.margin
+
+
+def check_false_negative_filter(
+    false_negative_margin: object,
+    margin_strategy: object,
+    guide: object,
+    *,
+    query: Tensor,
+    negative_keys: Tensor | None,
+    labels: Tensor | None,
+    variant: Variant,
+) -> FalseNegativeFilter | None:
+    """The margin, its strategy and the guide embeddings, checked against the inputs."""
+    if not isinstance(margin_strategy, str) or margin_strategy not in MARGIN_STRATEGIES:
+        raise ValueError(
+            f"margin_strategy must be one of {_choices(MARGIN_STRATEGIES)}, got {margin_strategy!r}"
+        )
+    if false_negative_margin is None:
+        if guide is not None:
+            raise ValueError(
+                "guide filters false negatives by false_negative_margin, got "
+                "false_negative_margin=None; give a margin (0.0 is GISTEmbed's default)"
+            )
+        return None
+    margin = _check_real("false_negative_margin", false_negative_margin)
+    if not math.isfinite(margin):
+        raise ValueError(
+            f"false_negative_margin must be a finite number, got {false_negative_margin!r}"
+        )
+    if labels is not None:
+        raise ValueError(
+            f"false_negative_margin={margin!r} filters the negatives of one positive per query "
+            "and does not combine with labels, got labels"
+        )
+    if variant.decoupled or variant.debiased:
+        raise ValueError(
+            f"false_negative_margin={margin!r} is defined for the InfoNCE objective only, got "
+            f"decoupled={variant.decoupled!r}, false_negative_rate="
+            f"{variant.false_negative_rate!r}, hard_negative_beta={variant.hard_negative_beta!r}"
+        )
+    checked = None if guide is None else _check_guide(guide, query, negative_keys)
+    return FalseNegativeFilter(margin, margin_strategy == "relative", checked)
+
+
+def _check_guide(guide: object, query: Tensor, negative_keys: Tensor | None) -> tuple[Tensor, ...]:
+    """(guide_query, guide_positive_key[, guide_negative_keys]) shaped like their counterparts."""
+    if not isinstance(guide, (tuple, list)) or len(guide) not in (2, 3):
+        raise TypeError(
+            "guide must be None or a tuple (guide_query, guide_positive_key[, "
+            f"guide_negative_keys]), got {type(guide).__name__}"
+            + (f" of length {len(guide)}" if isinstance(guide, (tuple, list)) else "")
+        )
+    names = ("guide_query", "guide_positive_key", "guide_negative_keys")
+    tensors = [
+        _check_tensor(f"guide[{i}] ({name})", x)
+        for i, (name, x) in enumerate(zip(names[: len(guide)], guide, strict=True))
+    ]
+    has_negatives = len(tensors) == 3
+    if has_negatives != (negative_keys is not None):
+        raise ValueError(
+            "guide must hold guide_negative_keys exactly when negative_keys are given, got "
+            f"{len(tensors)} guide tensors and negative_keys="
+            f"{'None' if negative_keys is None else tuple(negative_keys.shape)}"
+        )
+    width = tensors[0].shape[-1] if tensors[0].dim() else 0
+    expected: list[tuple[int, ...]] = [(len(query), width), (len(query), width)]
+    if negative_keys is not None:
+        leading = tuple(negative_keys.shape[:-1])
+        expected.append((*leading, width))
+    for i, (tensor, shape) in enumerate(zip(tensors, expected, strict=True)):
+        name = f"guide[{i}] ({names[i]})"
+        if tuple(tensor.shape) != shape or width == 0:
+            counterpart = "negative_keys" if i == 2 else ("query" if i == 0 else "positive_key")
+            raise ValueError(
+                f"<{name}> must have shape {(*shape[:-1], 'G')} like <{counterpart}>, with "
+                f"one guide width G >= 1, got shape {tuple(tensor.shape)}"
+            )
+        if tensor.device != query.device:
+            raise ValueError(
+                f"<{name}> must be on the same device as <query> ({query.device}), "
+                f"got {tensor.device}"
+            )
+    return tuple(tensors)
 
 
 def check_shared_mode(negative_mode: NegativeMode, variant: Variant) -> None:

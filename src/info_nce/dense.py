@@ -15,6 +15,7 @@ from torch import Tensor
 
 from info_nce._validation import (
     Directions,
+    FalseNegativeFilter,
     Hardness,
     NegativeMode,
     Reduction,
@@ -45,6 +46,7 @@ def dense_info_nce(
     variant: Variant | None = None,
     hardness: Hardness | None = None,
     directions: Directions | None = None,
+    false_negatives: FalseNegativeFilter | None = None,
 ) -> Tensor:
     """InfoNCE on (already normalised) embeddings, with a logits matrix.
 
@@ -69,7 +71,10 @@ def dense_info_nce(
         variant: the row objective (decoupled, debiased), see `row_loss`.
         hardness: ``strength * s`` (detached, not divided by the temperature)
             added to the query-to-key logits of the negatives it selects.
-        directions: the joint partition's other directions (`_joint_loss`).
+        directions: the joint partition's other directions (`_joint_rows`).
+        false_negatives: guided false-negative filtering: in every direction,
+            a candidate whose guide cosine with the row's anchor is above the
+            pair's threshold is removed (its positive never).
 
     Returns:
         The loss: a scalar, or (B,) for ``reduction='none'``; float32 for
@@ -82,6 +87,7 @@ def dense_info_nce(
     hardness = hardness or Hardness()
     directions = directions or Directions()
     seed_mode = negative_mode != "shared" and not hardness.active and not directions.joint
+    seed_mode = seed_mode and false_negatives is None
     if seed_options and seed_mode and variant == Variant() and in_batch == (negative_keys is None):
         return _seed_loss(query, positive_key, negative_keys, temperature, reduction, negative_mode)
 
@@ -100,6 +106,15 @@ def dense_info_nce(
             padding = ~negative_mask
         padding = torch.cat([padding.new_zeros(len(logits), other_columns), padding], 1)
         logits = logits.masked_fill(padding, float("-inf"))
+    guide = None
+    if false_negatives is not None:
+        guide = _Guide.of(false_negatives, query, positive_key, negative_keys)
+        similar = guide.above(
+            _candidate_logits(guide.query, guide.key, guide.negatives, negative_mode, in_batch),
+            protected=0 if in_batch else None,
+        )
+        if not in_batch:
+            similar[:, 0] = False  # the own positive
 
     batch = len(query)
     if labels is None:
@@ -116,6 +131,8 @@ def dense_info_nce(
     positive_logit = (
         torch.sum(positives * logits[:, : positives.shape[1]], dim=1) if in_batch else logits[:, 0]
     )  # (B,)
+    if guide is not None:  # after the positive's logit: a weight 0 times -inf is no 0
+        logits = logits.masked_fill(similar, float("-inf"))
     is_positive = torch.zeros_like(logits, dtype=torch.bool)  # (B, candidates)
     if in_batch:
         is_positive[:, : positives.shape[1]] = same_candidates
@@ -126,10 +143,24 @@ def dense_info_nce(
         rows = _joint_rows(
             query, positive_key, negative_keys, negative_mode, negative_mask, in_batch, directions
         )
+        if guide is not None:  # the same rows by the guide
+            guided = _joint_rows(
+                guide.query,
+                guide.key,
+                guide.negatives,
+                negative_mode,
+                negative_mask,
+                in_batch,
+                directions,
+            )
+            rows = [
+                (row, excluded | guide.above(similarity, protected), protected)
+                for (row, excluded, protected), (similarity, _, _) in zip(rows, guided, strict=True)
+            ]
         # After the division: -inf / t would give the temperature a NaN gradient.
         other = [
             (_float32_at_least(row) / temperature).masked_fill(excluded, float("-inf"))
-            for row, excluded in rows
+            for row, excluded, _ in rows
         ]
         union = torch.cat([logits, *other], 1)
         loss = torch.logsumexp(union, dim=1) - positive_logit
@@ -138,6 +169,9 @@ def dense_info_nce(
         similarity = raw_logits[:, : len(query)] if in_batch else query @ positive_key.T
         key_logits = _float32_at_least(similarity).T / temperature  # (B keys, B queries)
         key_positive = torch.sum(_row_means(same, key_logits.dtype) * key_logits, dim=1)
+        if guide is not None:  # after the positive's logit, as for the rows
+            similar = guide.above(guide.key @ guide.query.T, protected=0)
+            key_logits = key_logits.masked_fill(similar, float("-inf"))
         key_loss = row_loss(key_logits, same, key_positive, variant, temperature)
         loss = (loss + key_loss) / 2
     return reduce_loss(loss, reduction)
@@ -151,8 +185,11 @@ def _joint_rows(
     negative_mask: Tensor | None,
     in_batch: bool,
     directions: Directions,
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[tuple[Tensor, Tensor, int | None]]:
     """Pair i's similarities in the joint partition's other directions, and their exclusions.
+
+    Each with the column offset of its diagonal that holds pair i's own
+    positive (key to query: q_i), or None.
 
     Query to query: q_i against every other query. Key to query: k_i
     against all queries (q_i included, in the denominator). Key to key: k_i
@@ -161,25 +198,61 @@ def _joint_rows(
     """
     batch = len(query)
     itself = torch.eye(batch, dtype=torch.bool, device=query.device)  # (B, B)
-    rows = []
+    rows: list[tuple[Tensor, Tensor, int | None]] = []
     if directions.query_to_query:
-        rows.append((query @ query.T, itself))
+        rows.append((query @ query.T, itself, None))
     if directions.key_to_query:
-        rows.append((positive_key @ query.T, torch.zeros_like(itself)))
+        rows.append((positive_key @ query.T, torch.zeros_like(itself), 0))
     if directions.key_to_key:
         if in_batch:
-            rows.append((positive_key @ positive_key.T, itself))
+            rows.append((positive_key @ positive_key.T, itself, None))
         if negative_keys is not None and negative_mode == "unpaired":
             unpaired = positive_key @ negative_keys.T  # (B, M)
-            rows.append((unpaired, torch.zeros_like(unpaired, dtype=torch.bool)))
+            rows.append((unpaired, torch.zeros_like(unpaired, dtype=torch.bool), None))
         if negative_keys is not None and negative_mode == "shared":
             per_row = negative_keys.shape[1]
             owner = torch.arange(batch * per_row, device=query.device) // per_row  # (B * M,)
             excluded = owner == torch.arange(batch, device=query.device).unsqueeze(1)
             if negative_mask is not None:
                 excluded = excluded | ~negative_mask.reshape(1, -1)
-            rows.append((positive_key @ negative_keys.flatten(0, 1).T, excluded))  # (B, B * M)
+            similarity = positive_key @ negative_keys.flatten(0, 1).T  # (B, B * M)
+            rows.append((similarity, excluded, None))
     return rows
+
+
+class _Guide:
+    """Unit guide embeddings (the model's own, detached, without a guide) and the thresholds."""
+
+    def __init__(
+        self, query: Tensor, key: Tensor, negatives: Tensor | None, threshold: Tensor
+    ) -> None:
+        self.query, self.key, self.negatives, self.threshold = query, key, negatives, threshold
+
+    @staticmethod
+    def of(
+        false_negatives: FalseNegativeFilter,
+        query: Tensor,
+        positive_key: Tensor,
+        negative_keys: Tensor | None,
+    ) -> _Guide:
+        found = false_negatives.guide or (query, positive_key, negative_keys)
+        unit = [
+            None if x is None else F.normalize(_float32_at_least(x.detach()), dim=-1)
+            for x in (*found, None)[:3]
+        ]
+        guide_query, guide_key, guide_negatives = unit
+        assert guide_query is not None
+        assert guide_key is not None
+        positive = torch.sum(guide_query * guide_key, dim=1)  # (B,) g_i
+        threshold = false_negatives.threshold(positive)
+        return _Guide(guide_query, guide_key, guide_negatives, threshold)
+
+    def above(self, similarity: Tensor, protected: int | None) -> Tensor:
+        """(B, C) bool: row i's entries above its threshold, but the protected diagonal's."""
+        similar = similarity > self.threshold.unsqueeze(1)
+        if protected is not None:
+            torch.diagonal(similar, offset=protected).fill_(False)
+        return similar
 
 
 def _hardness_selection(

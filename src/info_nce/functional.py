@@ -12,6 +12,7 @@ from info_nce._validation import (
     Anchors,
     Direction,
     HardnessMode,
+    MarginStrategy,
     NegativeMode,
     Partition,
     Reduction,
@@ -19,6 +20,7 @@ from info_nce._validation import (
     check_bool,
     check_chunk_size,
     check_directions,
+    check_false_negative_filter,
     check_hardness,
     check_in_batch_negatives,
     check_inputs,
@@ -67,6 +69,9 @@ def info_nce(
     hardness_strength: float = 0.0,
     directions: Sequence[Direction] | None = None,
     partition: Partition | None = None,
+    false_negative_margin: float | None = None,
+    margin_strategy: MarginStrategy = "absolute",
+    guide: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """InfoNCE loss of queries against their positive keys and negative keys.
 
@@ -205,6 +210,26 @@ def info_nce(
             ``'per_direction'`` with ``symmetric=True``. A joint loss of more
             than one direction takes no ``labels``, ``decoupled`` or debiased
             loss.
+        false_negative_margin: guided false-negative filtering (GISTEmbed,
+            Solatorio 2024; Qwen3-Embedding): ``None`` (default) filters
+            nothing. With g_i the guide cosine of (q_i, k_i), a candidate of
+            pair i whose guide cosine with its row's anchor is above ``g_i -
+            margin`` (absolute) is removed, as if absent, in every direction;
+            pair i's positive (and, key to query, q_i) never. A negative
+            margin removes only candidates more similar than the positive by
+            more than it. Not with ``labels``, ``decoupled`` or the debiased
+            loss.
+        margin_strategy: ``'absolute'`` (default) or ``'relative'``: the
+            threshold ``g_i - |g_i| * margin``.
+        guide: ``(guide_query, guide_positive_key)`` or, with
+            ``negative_keys``, ``(guide_query, guide_positive_key,
+            guide_negative_keys)``: embeddings of the same inputs by a guide
+            model, of any width G, compared by cosine, without gradient, and
+            gathered like their counterparts. ``None`` (default): the model's
+            own embeddings, detached (a self-guided filter). Needs
+            ``false_negative_margin``. GISTEmbedLoss (temperature 0.01,
+            margin 0) is ``directions=('query_to_key', 'query_to_query',
+            'key_to_key')`` with the guide.
 
     Shape:
         - query: (B, D), B queries of D features.
@@ -212,6 +237,7 @@ def info_nce(
         - negative_keys: (M, D) if unpaired, (B, M, D) if paired or shared,
           M negatives.
         - labels: (B,). negative_labels: (M,). negative_mask: (B, M).
+        - guide: (B, G), (B, G) and (M, G) or (B, M, G) like the negatives.
         - output: scalar, or (B,) if ``reduction='none'``.
 
     Returns:
@@ -259,6 +285,9 @@ def info_nce(
         >>> gte = ("query_to_key", "key_to_query", "query_to_query", "key_to_key")
         >>> info_nce(query, positive_key, directions=gte).shape
         torch.Size([])
+        >>> guide = (torch.randn(32, 64), torch.randn(32, 64))  # a guide model's embeddings
+        >>> info_nce(query, positive_key, false_negative_margin=0.0, guide=guide).shape
+        torch.Size([])
     """
     reduction = check_reduction(reduction)
     negative_mode = check_negative_mode(negative_mode)
@@ -282,6 +311,15 @@ def info_nce(
     hardness = check_hardness(hardness_mode, hardness_strength, labels=labels, variant=variant)
     symmetric, joint = check_directions(
         directions, partition, symmetric=symmetric, labels=labels, variant=variant
+    )
+    false_negatives = check_false_negative_filter(
+        false_negative_margin,
+        margin_strategy,
+        guide,
+        query=query,
+        negative_keys=negative_keys,
+        labels=labels,
+        variant=variant,
     )
 
     compute_dtype = _compute_dtype(query)
@@ -321,6 +359,7 @@ def info_nce(
             variant=variant,
             hardness=hardness,
             directions=joint,
+            false_negatives=false_negatives,
         )
     problem = _problem.info_nce_problem(
         query.to(compute_dtype),
@@ -342,6 +381,7 @@ def info_nce(
         variant=variant,
         hardness=hardness,
         directions=joint,
+        false_negatives=false_negatives,
     )
     return engine.run(problem)
 

@@ -14,6 +14,7 @@ from info_nce._validation import (
     Anchors,
     Direction,
     HardnessMode,
+    MarginStrategy,
     NegativeMode,
     Partition,
     Reduction,
@@ -22,6 +23,7 @@ from info_nce._validation import (
     check_bool,
     check_chunk_size,
     check_directions,
+    check_false_negative_filter,
     check_hardness,
     check_negative_mode,
     check_positive_number,
@@ -252,6 +254,12 @@ class InfoNCE(_LossModule):
             ``'key_to_query'``, ``'query_to_query'``, ``'key_to_key'``, see
             `info_nce.info_nce`.
         partition: keyword-only; ``'joint'`` or ``'per_direction'``.
+        false_negative_margin: keyword-only; guided false-negative filtering
+            (GISTEmbed): candidates more similar to a row's anchor than its
+            positive minus the margin are removed, see `info_nce.info_nce`.
+            The guide embeddings are ``forward``'s keyword ``guide`` (None:
+            the model's own).
+        margin_strategy: keyword-only; ``'absolute'`` or ``'relative'``.
 
     Shape:
         - query: (B, D), B queries of D features.
@@ -260,6 +268,8 @@ class InfoNCE(_LossModule):
           Without it, the other rows' positive keys are the negatives.
         - labels: optional, keyword-only, (B,) integers.
         - negative_mask: optional, keyword-only, (B, M) bool (paired or shared).
+        - guide: optional, keyword-only, guide embeddings (B, G), (B, G)
+          and, with negatives, their shape with G features.
         - output: scalar, or (B,) if ``reduction='none'``.
 
     Returns:
@@ -311,6 +321,8 @@ class InfoNCE(_LossModule):
         hardness_strength: float = 0.0,
         directions: Sequence[Direction] | None = None,
         partition: Partition | None = None,
+        false_negative_margin: float | None = None,
+        margin_strategy: MarginStrategy = "absolute",
     ) -> None:
         super().__init__(
             temperature,
@@ -340,6 +352,19 @@ class InfoNCE(_LossModule):
         )
         self.directions = None if directions is None else tuple(directions)
         self.partition = partition
+        check_false_negative_filter(
+            false_negative_margin,
+            margin_strategy,
+            None,
+            query=torch.empty(0, 1),
+            negative_keys=None,
+            labels=None,
+            variant=variant,
+        )
+        self.false_negative_margin = (
+            None if false_negative_margin is None else float(false_negative_margin)
+        )
+        self.margin_strategy = margin_strategy
 
     def forward(
         self,
@@ -349,6 +374,7 @@ class InfoNCE(_LossModule):
         *,
         labels: Tensor | None = None,
         negative_mask: Tensor | None = None,
+        guide: Sequence[Tensor] | None = None,
     ) -> Tensor:
         negative_mode = "unpaired" if self.queue is not None else self.negative_mode
         negative_keys, negative_labels = self._queue_negatives(query, negative_keys, labels)
@@ -375,6 +401,9 @@ class InfoNCE(_LossModule):
                 hardness_strength=self.hardness_strength,
                 directions=self.directions,
                 partition=self.partition,
+                false_negative_margin=self.false_negative_margin,
+                margin_strategy=self.margin_strategy,
+                guide=guide,
             )
         self._push(positive_key, labels)  # after scoring: the next batch's negatives
         return loss
@@ -387,6 +416,11 @@ class InfoNCE(_LossModule):
         ]
         if self.directions is not None or self.partition is not None:
             settings += [f"directions={self.directions!r}", f"partition={self.partition!r}"]
+        if self.false_negative_margin is not None:
+            settings += [
+                f"false_negative_margin={self.false_negative_margin:g}",
+                f"margin_strategy={self.margin_strategy!r}",
+            ]
         if self.hardness_mode is not None:
             settings += [
                 f"hardness_mode={self.hardness_mode!r}",

@@ -10,12 +10,19 @@ single run:
   configuration a dense CLIP loss, for labels a dense supervised contrastive
   loss with a (B, B) mask, for NT-Xent the usual dense formula (one masked
   (2B, 2B) logits matrix and ``F.cross_entropy``), for the decoupled NT-Xent
-  the same matrix with the positives masked out of the log-sum-exp, and for
+  the same matrix with the positives masked out of the log-sum-exp, for
   the hard-negative loss its authors' estimator (exp space, a (2B, 2B - 2)
-  matrix of negatives);
+  matrix of negatives), and for the embedding recipes (C14, C15) the dense
+  logits as sentence-transformers builds them (MNRL's similarity matrices,
+  hardness penalties and GISTEmbed's guided mask);
 * ``ours``: ``info_nce.info_nce`` (or ``nt_xent``) with its defaults (automatic dispatch);
 * ``floor``: only the matrix products any exact implementation must do
-  (logits, and the two gradient products), timed alone.
+  (logits, and the two gradient products), timed alone. For C14 that is the
+  three products of the queries against all B * (1 + M) keys plus the guide's
+  similarity product (G features, no gradient); for C15 the three products
+  of each of the four directions (twelve B x B x D products: the joint
+  softmax's rows are formed per pair, so the key-to-query block is a
+  product of its own, as in sentence-transformers).
 
 Time is the median over a configuration's repeats of forward+backward passes
 after a warm-up pass, and the median of those medians over several fresh
@@ -74,6 +81,12 @@ class Config:
     objective: str = ""  # with views: "decoupled" or "hard-negative" (see OBJECTIVE_OPTIONS)
     temperature: float = 0.1
     queue: bool = False  # unpaired negatives without gradient (MoCo's queue): a two-product floor
+    # The embedding recipes: shared negatives (mode "shared") with hardness
+    # weighting and a guide of this width, or the joint loss of these directions.
+    hardness: float = 0.0
+    guide_width: int = 0
+    margin: float = 0.1
+    directions: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.views:
@@ -86,6 +99,13 @@ class Config:
         shape = f"B={self.batch}"
         if self.queue:
             return f"MoCo, queue (no gradient) {shape}, K={self.negatives}, D={self.dim}"
+        if self.directions:
+            return f"GTE joint, {len(self.directions)} directions, pairs {shape}, D={self.dim}"
+        if self.mode == "shared":
+            return (
+                f"shared negatives {shape}, M={self.negatives}, D={self.dim}, hardness "
+                f"alpha={self.hardness:g}, margin {self.margin:g}, guide G={self.guide_width}"
+            )
         if self.mode != "in-batch":
             shape += f", M={self.negatives}"
         kind = "symmetric" if self.symmetric else self.mode
@@ -93,6 +113,8 @@ class Config:
             kind += f", labels ({self.classes} classes)"
         return f"{kind} {shape}, D={self.dim}"
 
+
+GTE = ("query_to_key", "key_to_query", "query_to_query", "key_to_key")
 
 CONFIGS = {
     config.name: config
@@ -123,6 +145,19 @@ CONFIGS = {
         ),
         Config("C11", "unpaired", 4096, 65536, 128, repeats=3, processes=3, queue=True),
         Config("C12", "unpaired", 256, 1 << 20, 128, repeats=3, reference_fits=False, queue=True),
+        Config(
+            "C14",
+            "shared",
+            4096,
+            7,
+            128,
+            repeats=3,
+            processes=3,
+            temperature=0.05,
+            hardness=5.0,
+            guide_width=64,
+        ),
+        Config("C15", "in-batch", 8192, 0, 128, repeats=3, processes=3, directions=GTE),
     )
 }
 
@@ -149,7 +184,7 @@ def _inputs(config: Config, seed: int = 0) -> list[Tensor]:
     shapes: list[tuple[int, ...]] = [(config.batch, config.dim), (config.batch, config.dim)]
     if config.mode == "unpaired":
         shapes.append((config.negatives, config.dim))
-    elif config.mode == "paired":
+    elif config.mode in ("paired", "shared"):
         shapes.append((config.batch, config.negatives, config.dim))
     tensors = [torch.randn(shape, generator=generator) for shape in shapes]
     for k, tensor in enumerate(tensors):
@@ -158,7 +193,14 @@ def _inputs(config: Config, seed: int = 0) -> list[Tensor]:
 
 
 def _negative_mode(config: Config) -> str:
-    return "paired" if config.mode == "paired" else "unpaired"
+    return config.mode if config.mode in ("paired", "shared") else "unpaired"
+
+
+def _guide(config: Config, inputs: list[Tensor]) -> tuple[Tensor, ...]:
+    """A guide model's embeddings (G features, no gradient) of the inputs."""
+    generator = torch.Generator().manual_seed(1)
+    width = config.guide_width
+    return tuple(torch.randn(*x.shape[:-1], width, generator=generator) for x in inputs)
 
 
 def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Callable[[], None]:
@@ -180,6 +222,39 @@ def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Calla
 
         def loss() -> Tensor:
             return dense_loss(query, positive, temperature)
+
+    elif implementation == "ours" and config.directions:
+
+        def loss() -> Tensor:
+            return info_nce(query, positive, temperature=temperature, directions=config.directions)  # type: ignore[arg-type]
+
+    elif implementation == "reference" and config.directions:
+
+        def loss() -> Tensor:
+            return _dense_gte_loss(query, positive, temperature)
+
+    elif implementation == "ours" and config.guide_width:
+        guide = _guide(config, inputs)
+
+        def loss() -> Tensor:
+            return info_nce(
+                query,
+                positive,
+                negatives,
+                temperature=temperature,
+                negative_mode="shared",
+                hardness_mode="all_negatives",
+                hardness_strength=config.hardness,
+                false_negative_margin=config.margin,
+                guide=guide,
+            )
+
+    elif implementation == "reference" and config.guide_width:
+        guide = _guide(config, inputs)
+        assert negatives is not None
+
+        def loss() -> Tensor:
+            return _dense_shared_loss(query, positive, negatives, guide, config)
 
     elif implementation == "ours":
 
@@ -237,6 +312,51 @@ def _dense_clip_loss(query: Tensor, positive: Tensor, temperature: float = 0.1) 
     logits = unit(query) @ unit(positive).T / temperature  # (B, B)
     targets = torch.arange(len(query))
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def _dense_gte_loss(query: Tensor, positive: Tensor, temperature: float) -> Tensor:
+    """GTE's joint loss of four directions as sentence-transformers' MNRL computes it.
+
+    Four (B, B) similarity matrices (query to key, query to query, key to
+    query, key to key; the same-type ones without the diagonal), one
+    (B, 4B) softmax per pair.
+    """
+    q, k = unit(query), unit(positive)
+    itself = torch.eye(len(q), dtype=torch.bool)
+    blocks = [
+        q @ k.T,
+        (q @ q.T).masked_fill(itself, float("-inf")),
+        (k @ q.T),
+        (k @ k.T).masked_fill(itself, float("-inf")),
+    ]
+    scores = torch.cat(blocks, dim=1) / temperature  # (B, 4B)
+    return F.cross_entropy(scores, torch.arange(len(q)))
+
+
+def _dense_shared_loss(
+    query: Tensor, positive: Tensor, negatives: Tensor, guide: tuple[Tensor, ...], config: Config
+) -> Tensor:
+    """Shared hard negatives with hardness and a guide, as sentence-transformers writes them.
+
+    MNRL's (B, B * (1 + M)) similarities with every document column, the
+    hardness penalty ``alpha * stopgrad(s)`` on every negative, and
+    GISTEmbed's mask of the candidates the guide finds more similar than the
+    positive minus the margin.
+    """
+    batch = len(query)
+    documents = torch.cat([positive, negatives.transpose(0, 1).flatten(0, 1)])  # (B (1 + M), D)
+    similarity = unit(query) @ unit(documents).T  # (B, B (1 + M))
+    rows = torch.arange(batch)
+    penalty = config.hardness * similarity.detach()
+    penalty[rows, rows] = 0.0  # never the positive
+    guide_query, guide_positive, guide_negatives = guide
+    guide_documents = torch.cat([guide_positive, guide_negatives.transpose(0, 1).flatten(0, 1)])
+    guided = unit(guide_query) @ unit(guide_documents).T  # (B, B (1 + M))
+    threshold = guided[rows, rows].unsqueeze(1) - config.margin
+    false_negative = guided > threshold
+    false_negative[rows, rows] = False
+    scores = (similarity / config.temperature + penalty).masked_fill(false_negative, float("-inf"))
+    return F.cross_entropy(scores, rows)
 
 
 def _dense_supervised_contrastive_loss(
@@ -304,6 +424,19 @@ def _floor_step(config: Config, inputs: list[Tensor]) -> Callable[[], None]:
     query, positive = (x.detach() for x in inputs[:2])
     if config.views:  # every embedding against all: (2B)^2 logits
         query = positive = torch.cat([query, positive])
+    if config.directions:  # each direction's three products
+        pairs = [(query, positive), (query, query), (positive, query), (positive, positive)]
+        return _products_step(pairs)
+    if config.guide_width:  # the queries against all keys, and the guide's similarities
+        keys = torch.cat([positive, inputs[2].detach().flatten(0, 1)])
+        guide_query, guide_positive, guide_negatives = _guide(config, inputs)
+        guide_keys = torch.cat([guide_positive, guide_negatives.flatten(0, 1)])
+
+        def shared_step() -> None:
+            _products_step([(query, keys)])()
+            guide_query @ guide_keys.T  # (B, N) no gradient
+
+        return shared_step
     if config.mode == "paired":
         negatives = inputs[2].detach()
 
@@ -329,6 +462,18 @@ def _floor_step(config: Config, inputs: list[Tensor]) -> Callable[[], None]:
                 grad_keys.addmm_(logits.T, rows)  # (N, D): d keys
 
     return matrix_step
+
+
+def _products_step(pairs: list[tuple[Tensor, Tensor]]) -> Callable[[], None]:
+    """Each pair's three products: rows @ keys.T, its product with the keys and with the rows."""
+
+    def step() -> None:
+        for rows, keys in pairs:
+            logits = rows @ keys.T  # (B, N)
+            logits @ keys  # (B, D): d rows
+            logits.T @ rows  # (N, D): d keys
+
+    return step
 
 
 def _current_rss_bytes() -> int:

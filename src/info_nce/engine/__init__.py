@@ -28,10 +28,19 @@ from info_nce.engine.function import (
     input_grads_needed,
 )
 from info_nce.engine.op import log_sum_exp
-from info_nce.engine.walker import Diagonal, LabelRule, default_block_shape
+from info_nce.engine.walker import Diagonal, GuideRule, LabelRule, default_block_shape
 from info_nce.objectives import InfoNCEObjective, RowObjective, mean_positive_logit
 
-__all__ = ["Diagonal", "LabelRule", "Positives", "Problem", "Walk", "overwritten_after", "run"]
+__all__ = [
+    "Diagonal",
+    "GuideRule",
+    "LabelRule",
+    "Positives",
+    "Problem",
+    "Walk",
+    "overwritten_after",
+    "run",
+]
 
 # Storage that the caller overwrites in place after the loss, before its
 # backward (a queue's ring, pushed to after scoring): see `overwritten_after`.
@@ -96,6 +105,7 @@ class Walk:
     # directions, one softmax (the joint partition).
     partner_rows: Tensor | None = None  # (R, D) raw
     partner_segments: tuple[int, ...] = ()
+    guide: GuideRule | None = None  # guided false-negative filtering
     column_keys: int = 0  # leading keys of segments[0] scored against all rows (symmetric)
     row_scale: float = 1.0
     column_scale: float = 0.0
@@ -191,6 +201,7 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         raised_segments=walk.raised_segments,
         raise_strength=walk.raise_strength,
         partner_segments=walk.partner_segments,
+        guide=walk.guide,
         normalize=problem.normalize and has_keys,
         eps=problem.eps,
         temperature=1.0 if isinstance(temperature, Tensor) or not has_keys else temperature,

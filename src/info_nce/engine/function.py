@@ -65,6 +65,7 @@ class LogSumExpOptions:
         raise_strength: alpha of the hardness weighting.
         partner_segments: segments scored against the partner rows, the
             last of the Function's segment inputs (see `walker.Layout`).
+        guide: guided false-negative filtering (`walker.GuideRule`).
         normalize: L2-normalise the rows and the keys (by their norms, at
             least ``eps``).
         eps: smallest norm divided by, as in `F.normalize`.
@@ -97,6 +98,7 @@ class LogSumExpOptions:
     raised_segments: tuple[int, ...] = ()
     raise_strength: float = 0.0
     partner_segments: tuple[int, ...] = ()
+    guide: walker.GuideRule | None = None
 
     def parts(self) -> tuple[Any, ...]:
         """Every setting as plain values, without label or mask tensors (`from_parts` rebuilds)."""
@@ -124,19 +126,32 @@ class LogSumExpOptions:
             self.raised_segments,
             self.raise_strength,
             self.partner_segments,
+            None if self.guide is None else self.guide.structure(),
         )
+
+    def rule_tensors(self) -> list[Tensor]:
+        """The key masks that exist, then the guide's tensors (`from_parts` takes them back)."""
+        masks = [mask for mask in self.valid_keys if mask is not None]
+        return masks + ([] if self.guide is None else self.guide.tensors())
 
     @staticmethod
     def from_parts(
         parts: tuple[Any, ...],
         labels: walker.LabelRule | None,
-        valid_keys: tuple[Tensor | None, ...] = (),
+        rule_tensors: list[Tensor] | None = None,
     ) -> LogSumExpOptions:
-        """The options of `parts`, with their label rule and key masks."""
+        """The options of `parts`, with their label rule and `rule_tensors` (None: none)."""
         (reduction, block_rows, tile_columns, column_keys, row_scale, column_scale) = parts[:6]
         (target_offset, target_extra, exclusions, exclude_target, _, normalize) = parts[6:12]
         (eps, temperature, product_dtype, grads_in_forward, objective_type, settings) = parts[12:18]
-        _, raised_segments, raise_strength, partner_segments = parts[18:]
+        masks_present, raised_segments, raise_strength, partner_segments, guide = parts[18:]
+        valid_keys: tuple[Tensor | None, ...] = ()
+        guide_rule = None
+        if rule_tensors is not None:
+            tensors = iter(rule_tensors)
+            valid_keys = tuple(next(tensors) if flag else None for flag in masks_present)
+            if guide is not None:
+                guide_rule = walker.GuideRule.from_tensors(guide, list(tensors))
         return LogSumExpOptions(
             reduction=reduction,
             block_rows=block_rows,
@@ -159,6 +174,7 @@ class LogSumExpOptions:
             raised_segments=raised_segments,
             raise_strength=raise_strength,
             partner_segments=partner_segments,
+            guide=guide_rule,
         )
 
     def raise_factor(self, temperature: Tensor | None) -> Tensor | float:
@@ -184,6 +200,7 @@ class LogSumExpOptions:
             valid_keys=self.valid_keys,
             raised_segments=self.raised_segments,
             partner_segments=self.partner_segments,
+            guide=self.guide,
         )
 
 

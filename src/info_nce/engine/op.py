@@ -17,7 +17,7 @@ torch.func understands); both call the same `forward_outputs` and
 An op takes only tensors, lists and plain values, so the options (a frozen
 dataclass) travel as a string key into `_OPTIONS`: equal options give the
 same key, so steps reuse one compiled graph. The label tensors of a
-`walker.LabelRule` and the key masks travel as op inputs.
+`walker.LabelRule`, the key masks and the guide's travel as op inputs.
 """
 
 from __future__ import annotations
@@ -48,17 +48,14 @@ def _options(
     key: str,
     label_rows: Tensor | None,
     label_segments: list[Tensor | None],
-    key_masks: list[Tensor],
+    rule_tensors: list[Tensor],
 ) -> LogSumExpOptions:
     """The options of ``key`` (a fresh objective: no state across calls), with their tensors.
 
-    ``key_masks`` are the segments' masks that exist, in segment order.
+    ``rule_tensors`` are `LogSumExpOptions.rule_tensors`: key masks, guide.
     """
     rule = None if label_rows is None else walker.LabelRule(label_rows, tuple(label_segments))
-    parts = _OPTIONS[key]
-    masks = iter(key_masks)
-    valid_keys = tuple(next(masks) if present else None for present in parts[18])
-    return LogSumExpOptions.from_parts(parts, rule, valid_keys)
+    return LogSumExpOptions.from_parts(_OPTIONS[key], rule, rule_tensors)
 
 
 def _present(x: Tensor | None, like: Tensor) -> Tensor:
@@ -133,12 +130,12 @@ def log_sum_exp_op(
     segments: list[Tensor],
     label_rows: Tensor | None,
     label_segments: list[Tensor | None],
-    key_masks: list[Tensor],
+    rule_tensors: list[Tensor],
     options: str,
     needs_grad: list[bool],
 ) -> list[Tensor]:
     """`fn.forward_outputs` as an op: the loss, then the kept tensors (empty for None)."""
-    resolved = _options(options, label_rows, label_segments, key_masks)
+    resolved = _options(options, label_rows, label_segments, rule_tensors)
     with torch.no_grad(), torch.autocast(rows.device.type, enabled=False):
         outputs = fn.forward_outputs(
             rows, extra, temperature, resolved, tuple(needs_grad), tuple(segments)
@@ -154,11 +151,11 @@ def _(
     segments: list[Tensor],
     label_rows: Tensor | None,
     label_segments: list[Tensor | None],
-    key_masks: list[Tensor],
+    rule_tensors: list[Tensor],
     options: str,
     needs_grad: list[bool],
 ) -> list[Tensor]:
-    resolved = _options(options, label_rows, label_segments, key_masks)
+    resolved = _options(options, label_rows, label_segments, rule_tensors)
     return _forward_layout(rows, extra, temperature, segments, resolved, needs_grad)
 
 
@@ -171,14 +168,14 @@ def log_sum_exp_backward_op(
     segments: list[Tensor],
     label_rows: Tensor | None,
     label_segments: list[Tensor | None],
-    key_masks: list[Tensor],
+    rule_tensors: list[Tensor],
     row_stat: Tensor,
     column_lse: Tensor,
     options: str,
     needs_grad: list[bool],
 ) -> list[Tensor]:
     """`fn.backward_grads` (the gradient pass) as an op: the gradients, empty for None."""
-    resolved = _options(options, label_rows, label_segments, key_masks)
+    resolved = _options(options, label_rows, label_segments, rule_tensors)
     kept = (row_stat, _absent(column_lse))
     inputs = (rows, extra, temperature, *segments)
     with torch.no_grad(), torch.autocast(rows.device.type, enabled=False):
@@ -195,7 +192,7 @@ def _(
     segments: list[Tensor],
     label_rows: Tensor | None,
     label_segments: list[Tensor | None],
-    key_masks: list[Tensor],
+    rule_tensors: list[Tensor],
     row_stat: Tensor,
     column_lse: Tensor,
     options: str,
@@ -205,16 +202,16 @@ def _(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
-    rows, extra, temperature, segments, label_rows, label_segments, masks, key, needs_grad = inputs
+    rows, extra, temperature, segments, label_rows, label_segments, rules, key, needs_grad = inputs
     ctx.key, ctx.needs_grad, ctx.num_rows = key, needs_grad, len(rows)
     ctx.num_segments = len(segments)
     ctx.num_labels = len(label_segments)
     ctx.has = (extra is not None, temperature is not None, label_rows is not None)
     labels = [x for x in (label_rows, *label_segments) if x is not None]
     ctx.label_present = [x is not None for x in label_segments]
-    ctx.num_masks = len(masks)
+    ctx.num_rule_tensors = len(rules)
     inputs_kept = [x for x in (rows, extra, temperature) if x is not None]
-    ctx.save_for_backward(*output[1:], *inputs_kept, *segments, *labels, *masks)
+    ctx.save_for_backward(*output[1:], *inputs_kept, *segments, *labels, *rules)
 
 
 def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
@@ -230,9 +227,9 @@ def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
     segments, rest = rest[: ctx.num_segments], rest[ctx.num_segments :]
     label_rows = rest.pop(0) if has_labels else None
     label_segments = [rest.pop(0) if flag else None for flag in ctx.label_present]
-    key_masks = rest[: ctx.num_masks]
-    # labels, key masks, options, needs_grad
-    nones = (None, [None] * ctx.num_labels, [None] * ctx.num_masks, None, None)
+    rule_tensors = rest[: ctx.num_rule_tensors]
+    # labels, rule tensors, options, needs_grad
+    nones = (None, [None] * ctx.num_labels, [None] * ctx.num_rule_tensors, None, None)
     if grad_output is None:
         return None, None, None, [None] * ctx.num_segments, *nones
     if options.grads_in_forward:  # the gradients are built: scale them (traced ops)
@@ -248,7 +245,7 @@ def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple[Any, ...]:
             segments,
             label_rows,
             label_segments,
-            key_masks,
+            rule_tensors,
             kept[0],
             kept[1],
             ctx.key,
@@ -283,7 +280,7 @@ def log_sum_exp(
         list(segments),
         label_rows,
         label_segments,
-        [mask for mask in options.valid_keys if mask is not None],
+        options.rule_tensors(),
         _key(options.parts()),
         needs_grad,
     )

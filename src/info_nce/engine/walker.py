@@ -187,6 +187,47 @@ class LabelRule:
 
 
 @dataclass(frozen=True)
+class GuideRule:
+    """An exclusion rule: a key too similar to its row's anchor, by a guide, is no candidate.
+
+    Row r's anchor (its own guide embedding, or its partner's for the
+    partner segments) is compared with a key's guide embedding by dot
+    product (unit vectors: the cosine); a key above ``threshold[r]`` is
+    removed, except the key of each segment's protected diagonal (row r's
+    positive, key ``protected[k] + r``). The comparison runs beside each
+    block's logits, a chunk of columns at a time: no similarity matrix is kept.
+    """
+
+    rows: Tensor  # (B, G) the rows' guide embeddings, unit
+    partner: Tensor | None  # (B, G) the partner rows', unit
+    keys: tuple[Tensor | None, ...]  # per segment (N_k, G), unit; None: no filter
+    threshold: Tensor  # (B,)
+    protected: tuple[int | None, ...]  # per segment: the never-removed diagonal's key offset
+
+    def tensors(self) -> list[Tensor]:
+        """The rule's tensors, flat (`from_tensors` rebuilds the rule from them)."""
+        found = [self.rows, self.threshold]
+        found += [] if self.partner is None else [self.partner]
+        return found + [keys for keys in self.keys if keys is not None]
+
+    def structure(self) -> tuple[bool, tuple[bool, ...], tuple[int | None, ...]]:
+        """What `from_tensors` needs besides the tensors: plain values."""
+        present = tuple(keys is not None for keys in self.keys)
+        return self.partner is not None, present, self.protected
+
+    @staticmethod
+    def from_tensors(
+        structure: tuple[bool, tuple[bool, ...], tuple[int | None, ...]], tensors: list[Tensor]
+    ) -> GuideRule:
+        has_partner, present, protected = structure
+        found = iter(tensors)
+        rows, threshold = next(found), next(found)
+        partner = next(found) if has_partner else None
+        keys = tuple(next(found) if flag else None for flag in present)
+        return GuideRule(rows, partner, keys, threshold, protected)
+
+
+@dataclass(frozen=True)
 class Layout:
     """The rules of one walk: block size, special columns, column statistics.
 
@@ -209,6 +250,8 @@ class Layout:
             ``s / t + alpha * s`` is ``(1 + alpha * t) * s / t``, and the
             gradient with respect to ``s / t`` is the softmax of the raised
             logits, as the added term takes none).
+        guide: keys too similar to their row's anchor by a guide are no
+            candidates (`GuideRule`: guided false-negative filtering).
         partner_segments: segments whose keys are scored against the rows'
             partners (a second row set, row r's partner pairs with row r)
             instead of the rows: one row of the block is then a pair's row
@@ -233,6 +276,7 @@ class Layout:
     valid_keys: tuple[Tensor | None, ...] = ()
     raised_segments: tuple[int, ...] = ()
     partner_segments: tuple[int, ...] = ()
+    guide: GuideRule | None = None
 
     def key_mask(self, segment: int) -> Tensor | None:
         """(N_k,) bool, False for the keys of ``segment`` that are no candidate of any row."""
@@ -484,6 +528,8 @@ class _Blocks:
         mask = layout.key_mask(segment)
         if mask is not None:
             piece.masked_fill_(~mask[first_key : first_key + piece.shape[1]], float("-inf"))
+        if layout.guide is not None and layout.guide.keys[segment] is not None:
+            self._filter_(piece, span, segment, first_key, layout.guide)
         for rule in layout.exclusions:
             if rule.segment != segment:
                 continue
@@ -499,6 +545,27 @@ class _Blocks:
         if layout.exclude_target and layout.target_offset is not None:
             offset = layout.target_offset + span.start - first_key
             torch.diagonal(piece, offset=offset).fill_(float("-inf"))
+
+    def _filter_(
+        self, piece: Tensor, span: slice, segment: int, first_key: int, guide: GuideRule
+    ) -> None:
+        """Set the keys of a slice that the guide finds too similar to their rows to -inf."""
+        keys = guide.keys[segment]
+        assert keys is not None
+        partner = segment in self.layout.partner_segments
+        anchors = guide.partner if partner else guide.rows
+        assert anchors is not None
+        anchors = anchors[span]  # (R, G)
+        threshold = guide.threshold[span].unsqueeze(1)  # (R, 1)
+        protected = guide.protected[segment]
+        for a in range(0, piece.shape[1], self.chunk):
+            columns = slice(a, min(a + self.chunk, piece.shape[1]))
+            similarity = anchors @ keys[first_key + columns.start : first_key + columns.stop].T
+            remove = similarity > threshold  # (R, chunk)
+            if protected is not None:  # the row's own positive stays
+                offset = protected + span.start - first_key - columns.start
+                torch.diagonal(remove, offset=offset).fill_(False)
+            piece[:, columns].masked_fill_(remove, float("-inf"))
 
     def raise_(
         self, piece: Tensor, span: slice, segment: int, first_key: int, factor: Tensor | float
