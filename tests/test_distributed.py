@@ -788,6 +788,13 @@ EMPTY_RANK_CASES: dict[str, dict[str, Any]] = {
     "unpaired": {"negatives": True},
     "nt-xent": {"views": True},
     "nt-xent-labels-decoupled": {"views": True, "labels": True, "decoupled": True},
+    "gte-shared-self-guided-hardness": {
+        "shared": True,
+        "directions": GTE,
+        "false_negative_margin": 0.05,
+        "hardness_mode": "all_negatives",
+        "hardness_strength": 2.0,
+    },
 }
 
 
@@ -804,12 +811,15 @@ def empty_rank_case(name: str, rank: int | None) -> tuple[Tensor, list[Tensor]]:
     query = torch.randn(5, 4, generator=generator, dtype=torch.float64)[:batch].requires_grad_()
     key = torch.randn(5, 4, generator=generator, dtype=torch.float64)[:batch].requires_grad_()
     negatives = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    shared = torch.randn(5, 2, 4, generator=generator, dtype=torch.float64)[:batch]
     if rank is not None:
         negatives = negatives[3 * rank : 3 * rank + 3]
         options["gather_distributed"] = True
     labels = (torch.arange(5) % 2)[:batch] if options.pop("labels", False) else None
     if options.pop("views", False):
         loss = nt_xent([query, key], labels, **options)
+    elif options.pop("shared", False):  # two shared negatives per query
+        loss = info_nce(query, key, shared, negative_mode="shared", **options)
     else:
         unpaired = negatives if options.pop("negatives", False) else None
         loss = info_nce(query, key, unpaired, labels=labels, **options)

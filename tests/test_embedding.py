@@ -437,12 +437,19 @@ def test_shared_mode_is_unpaired_negatives_without_padding() -> None:
         assert_close(shared, unpaired, rtol=1e-12, atol=1e-12, name="loss")
 
 
-def test_gradcheck() -> None:
-    # The engine's Functions with the band exclusion and the key mask. Not
-    # with hardness weighting: its gradient is by definition not the
-    # derivative of the loss (the added term's is stopped), which finite
-    # differences would see; the reference's autograd checks it above.
+@pytest.mark.parametrize("recipe", ["shared", "gte", "gte-guide"])
+def test_gradcheck(recipe: str) -> None:
+    # The engine's Functions with the band exclusion, the key mask, partner
+    # rows and the guide's filter. Not with hardness weighting: its gradient
+    # is by definition not the derivative of the loss (the added term's is
+    # stopped), which finite differences would see; the reference's autograd
+    # checks it above.
     query, key, negatives, mask = make_inputs("shared", 6, 4, 2, seed=7)
+    options: dict[str, Any] = {}
+    if recipe != "shared":
+        options["directions"] = GTE
+    if recipe == "gte-guide":
+        options.update(false_negative_margin=0.0, guide=guide_of(query, key, negatives))
     inputs = tuple(x.requires_grad_() for x in (query, key, negatives))
     temperature = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
 
@@ -456,6 +463,7 @@ def test_gradcheck() -> None:
             negative_mask=mask,
             reduction="none",
             chunk_size=4,
+            **options,
         )
 
     assert torch.autograd.gradcheck(loss, (*inputs, temperature))
@@ -589,27 +597,6 @@ def test_per_direction_is_the_symmetric_loss() -> None:
             query, key, negatives, directions=("query_to_key",), partition="joint", **options
         )
         assert torch.equal(one, info_nce(query, key, negatives, **options))
-
-
-def test_joint_gradcheck() -> None:
-    query, key, negatives, mask = make_inputs("shared", 6, 4, 2, seed=9)
-    inputs = tuple(x.requires_grad_() for x in (query, key, negatives))
-    temperature = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-
-    def loss(q: Tensor, k: Tensor, n: Tensor, t: Tensor) -> Tensor:
-        return info_nce(
-            q,
-            k,
-            n,
-            t,
-            negative_mode="shared",
-            negative_mask=mask,
-            reduction="none",
-            chunk_size=4,
-            directions=GTE,
-        )
-
-    assert torch.autograd.gradcheck(loss, (*inputs, temperature))
 
 
 def test_module_takes_the_directions() -> None:
@@ -875,30 +862,6 @@ def test_the_filter_removes_candidates() -> None:
         )
         assert bool((filtered < plain - 1e-9).any()), (margin, strategy)
         assert bool((filtered <= plain + 1e-12).all())  # fewer candidates, smaller loss
-
-
-def test_filter_gradcheck() -> None:
-    query, key, negatives, mask = make_inputs("shared", 6, 4, 2, seed=13)
-    guide = guide_of(query, key, negatives)
-    inputs = tuple(x.requires_grad_() for x in (query, key, negatives))
-    temperature = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-
-    def loss(q: Tensor, k: Tensor, n: Tensor, t: Tensor) -> Tensor:
-        return info_nce(
-            q,
-            k,
-            n,
-            t,
-            negative_mode="shared",
-            negative_mask=mask,
-            reduction="none",
-            chunk_size=4,
-            directions=GTE,
-            false_negative_margin=0.0,
-            guide=guide,
-        )
-
-    assert torch.autograd.gradcheck(loss, (*inputs, temperature))
 
 
 def test_module_takes_the_filter() -> None:

@@ -465,12 +465,7 @@ def check_hardness(
             f"hardness_mode={hardness_mode!r} weighs the negatives of one positive per query "
             "and does not combine with labels, got labels"
         )
-    if variant.decoupled or variant.debiased:
-        raise ValueError(
-            f"hardness_mode={hardness_mode!r} is defined for the InfoNCE objective only, got "
-            f"decoupled={variant.decoupled!r}, false_negative_rate="
-            f"{variant.false_negative_rate!r}, hard_negative_beta={variant.hard_negative_beta!r}"
-        )
+    _infonce_objective_only(f"hardness_mode={hardness_mode!r}", variant)
     return Hardness(
         in_batch=hardness_mode != "hard_negatives",
         hard=hardness_mode != "in_batch_negatives",
@@ -563,12 +558,8 @@ def check_directions(
             f"labels take the default direction or symmetric=True only, got directions={chosen!r} "
             "with partition='joint'"
         )
-    if joint.joint and (variant.decoupled or variant.debiased):
-        raise ValueError(
-            f"directions={chosen!r} with partition='joint' are defined for the InfoNCE objective "
-            f"only, got decoupled={variant.decoupled!r}, false_negative_rate="
-            f"{variant.false_negative_rate!r}, hard_negative_beta={variant.hard_negative_beta!r}"
-        )
+    if joint.joint:
+        _infonce_objective_only(f"directions={chosen!r} with partition='joint'", variant)
     return False, joint
 
 
@@ -626,12 +617,7 @@ def check_false_negative_filter(
             f"false_negative_margin={margin!r} filters the negatives of one positive per query "
             "and does not combine with labels, got labels"
         )
-    if variant.decoupled or variant.debiased:
-        raise ValueError(
-            f"false_negative_margin={margin!r} is defined for the InfoNCE objective only, got "
-            f"decoupled={variant.decoupled!r}, false_negative_rate="
-            f"{variant.false_negative_rate!r}, hard_negative_beta={variant.hard_negative_beta!r}"
-        )
+    _infonce_objective_only(f"false_negative_margin={margin!r}", variant)
     checked = None if guide is None else _check_guide(guide, query, negative_keys)
     return FalseNegativeFilter(margin, margin_strategy == "relative", checked)
 
@@ -679,9 +665,15 @@ def _check_guide(guide: object, query: Tensor, negative_keys: Tensor | None) -> 
 
 def check_shared_mode(negative_mode: NegativeMode, variant: Variant) -> None:
     """Shared negatives take the InfoNCE objective only."""
-    if negative_mode == "shared" and (variant.decoupled or variant.debiased):
+    if negative_mode == "shared":
+        _infonce_objective_only("negative_mode='shared'", variant)
+
+
+def _infonce_objective_only(option: str, variant: Variant) -> None:
+    """``option`` (as the user wrote it) is refused with the decoupled or debiased objective."""
+    if variant.decoupled or variant.debiased:
         raise ValueError(
-            "negative_mode='shared' is defined for the InfoNCE objective only, got "
+            f"{option} is defined for the InfoNCE objective only, got "
             f"decoupled={variant.decoupled!r}, false_negative_rate="
             f"{variant.false_negative_rate!r}, hard_negative_beta={variant.hard_negative_beta!r}"
         )

@@ -13,14 +13,25 @@ holds per-row candidates' logits computed by the caller (a query's own
 positive, its paired negatives). Each segment's product is written straight
 into its column slice of the block; no keys are concatenated.
 
+A walk may have partner rows (row r's partner: query r's positive key) that
+some segments are scored against instead of the rows: a block row is then
+pair r's row in several directions, one softmax (the joint partition), and
+each product and gradient product takes the rows its segment is scored
+against.
+
 Index rules instead of masks: row r's target is key ``target_offset + r`` of
 segment 0 (in-batch positives) or the first extra column (its own positive),
 and its logit is read before any exclusion. Excluded candidates' entries are
--inf: keys of segment 0 on `Diagonal` rules (NT-Xent's self-similarity, the
-other views of a sample), the target itself with ``exclude_target`` (the
-decoupled and debiased losses score the positive outside the denominator),
-and with a `LabelRule` every key of a labelled segment that shares the row's
-label (the only rule that compares: the decoupled loss under labels).
+-inf: keys on `Diagonal` rules (NT-Xent's self-similarity, the other views of
+a sample; with a width, each query's band of own shared negatives), the
+target itself with ``exclude_target`` (the decoupled and debiased losses
+score the positive outside the denominator), keys a segment's mask marks
+(padding shared negatives), with a `LabelRule` every key of a labelled
+segment that shares the row's label (the decoupled loss under labels), and
+with a `GuideRule` every key a guide finds too similar to the row's anchor
+(its similarities computed beside the logits, a chunk at a time). Raised
+segments' logits (hardness weighting) are multiplied by a factor before the
+exclusions, the target's excepted.
 
 Two passes:
 
