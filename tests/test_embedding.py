@@ -187,10 +187,33 @@ def grads_of(loss: Tensor, inputs: list[Tensor], seed: int = 1) -> list[Tensor |
     return list(torch.autograd.grad(loss, inputs, upstream, allow_unused=True))
 
 
+def reference_options(mode: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`reference`'s keywords for the loss that `info_nce`'s ``options`` ask for.
+
+    In-batch candidates: as asked, else info-nce-pytorch's default (none with
+    unpaired or paired negatives) or shared mode's (all positive keys).
+    """
+    return {
+        "in_batch": options.get("in_batch_negatives", mode in ("in-batch", "shared")),
+        "reduction": options.get("reduction", "mean"),
+        "hardness_mode": options.get("hardness_mode"),
+        "strength": options.get("hardness_strength", 0.0),
+        "symmetric": options.get("symmetric", False),
+        "normalize": options.get("normalize", True),
+        "directions": options.get("directions", ("query_to_key",)),
+        "margin": options.get("false_negative_margin"),
+        "relative": options.get("margin_strategy") == "relative",
+        "guide": options.get("guide"),
+    }
+
+
 def assert_matches_reference(
-    dtype: torch.dtype, path: str, mode: str, options: dict[str, Any], **reference_options: Any
+    dtype: torch.dtype, path: str, mode: str, options: dict[str, Any]
 ) -> None:
-    """The loss and every gradient (query, key, negatives, temperature) on ``path``."""
+    """The loss and every gradient (query, key, negatives, temperature) on ``path``.
+
+    ``options`` are `info_nce`'s, plus ``mask``: use the inputs' padding mask.
+    """
     query, key, negatives, mask = make_inputs(mode)
     temperature = torch.tensor(TEMPERATURE, dtype=torch.float64)
     leaves = [x for x in (query, key, negatives, temperature) if x is not None]
@@ -214,7 +237,9 @@ def assert_matches_reference(
     expected_inputs = [x.detach().double().requires_grad_() for x in inputs]
     eq, ek, *erest = expected_inputs
     en = erest[0] if negatives is not None else None
-    expected = reference(eq, ek, en, erest[-1], mode=mode, mask=use_mask, **reference_options)
+    expected = reference(
+        eq, ek, en, erest[-1], mode=mode, mask=use_mask, **reference_options(mode, options)
+    )
     assert loss.shape == expected.shape
     grads, expected_grads = grads_of(loss, inputs), grads_of(expected, expected_inputs)
     rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (2e-5, 2e-5)
@@ -234,26 +259,22 @@ def assert_matches_reference(
 @pytest.mark.parametrize("path", PATHS)
 def test_matches_reference(path: str, mode: str, hardness_mode: str | None, reduction: str) -> None:
     strength = 0.0 if hardness_mode is None else 5.0
-    options = {"hardness_mode": hardness_mode, "hardness_strength": strength}
-    in_batch = mode != "unpaired"  # unpaired: info-nce-pytorch's candidates, the query's own
+    options: dict[str, Any] = {
+        "hardness_mode": hardness_mode,
+        "hardness_strength": strength,
+        "reduction": reduction,
+    }
     if mode == "paired":
         options["in_batch_negatives"] = True
-    common = dict(reduction=reduction, hardness_mode=hardness_mode, strength=strength)
-    assert_matches_reference(
-        torch.float64, path, mode, {**options, "reduction": reduction}, in_batch=in_batch, **common
-    )
+    assert_matches_reference(torch.float64, path, mode, options)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
-    ("mode", "options", "expected"),
+    ("mode", "options"),
     [
-        ("shared", {"mask": True}, {}),
-        (
-            "shared",
-            {"mask": True, "hardness_mode": "all_negatives", "hardness_strength": 9.0},
-            {"hardness_mode": "all_negatives", "strength": 9.0},
-        ),
+        ("shared", {"mask": True}),
+        ("shared", {"mask": True, "hardness_mode": "all_negatives", "hardness_strength": 9.0}),
         (
             "shared",
             {
@@ -261,28 +282,20 @@ def test_matches_reference(path: str, mode: str, hardness_mode: str | None, redu
                 "hardness_mode": "all_negatives",
                 "hardness_strength": 2.0,
             },
-            {"in_batch": False, "hardness_mode": "all_negatives", "strength": 2.0},
         ),
         (
             "shared",
             {"symmetric": True, "hardness_mode": "in_batch_negatives", "hardness_strength": 3.0},
-            {"symmetric": True, "hardness_mode": "in_batch_negatives", "strength": 3.0},
         ),
         (
             "shared",
             {"symmetric": True, "hardness_mode": "hard_negatives", "hardness_strength": 3.0},
-            {"symmetric": True, "hardness_mode": "hard_negatives", "strength": 3.0},
         ),
         (
             "shared",
             {"normalize": False, "hardness_mode": "all_negatives", "hardness_strength": 0.5},
-            {"normalize": False, "hardness_mode": "all_negatives", "strength": 0.5},
         ),
-        (
-            "paired",
-            {"mask": True, "hardness_mode": "hard_negatives", "hardness_strength": 4.0},
-            {"in_batch": False, "hardness_mode": "hard_negatives", "strength": 4.0},
-        ),
+        ("paired", {"mask": True, "hardness_mode": "hard_negatives", "hardness_strength": 4.0}),
         (
             "unpaired",
             {
@@ -290,32 +303,15 @@ def test_matches_reference(path: str, mode: str, hardness_mode: str | None, redu
                 "hardness_mode": "all_negatives",
                 "hardness_strength": 4.0,
             },
-            {"hardness_mode": "all_negatives", "strength": 4.0},
         ),
         (
             "in-batch",
             {"symmetric": True, "hardness_mode": "in_batch_negatives", "hardness_strength": 9.0},
-            {"symmetric": True, "hardness_mode": "in_batch_negatives", "strength": 9.0},
         ),
     ],
 )
-def test_options_match_reference(
-    path: str, mode: str, options: dict[str, Any], expected: dict[str, Any]
-) -> None:
-    expected = dict(expected)  # the parameters are shared by the paths
-    in_batch = expected.pop("in_batch", mode != "unpaired" or "in_batch_negatives" in options)
-    if options.get("normalize") is False:
-        expected["normalize"] = False
-    reduction = "none"
-    assert_matches_reference(
-        torch.float64,
-        path,
-        mode,
-        {**options, "reduction": reduction},
-        in_batch=in_batch,
-        reduction=reduction,
-        **expected,
-    )
+def test_options_match_reference(path: str, mode: str, options: dict[str, Any]) -> None:
+    assert_matches_reference(torch.float64, path, mode, {**options, "reduction": "none"})
 
 
 @pytest.mark.parametrize("path", ["dense", "engine"])
@@ -324,9 +320,7 @@ def test_float32_matches_reference(path: str, mode: str) -> None:
     options = {"mask": True, "hardness_mode": "all_negatives", "hardness_strength": 5.0}
     if mode == "paired":
         options["in_batch_negatives"] = True
-    assert_matches_reference(
-        torch.float32, path, mode, options, hardness_mode="all_negatives", strength=5.0
-    )
+    assert_matches_reference(torch.float32, path, mode, options)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -503,60 +497,34 @@ def test_joint_directions_match_reference(
     path: str, mode: str, directions: tuple[str, ...], reduction: str
 ) -> None:
     options: dict[str, Any] = {"directions": directions, "reduction": reduction}
-    in_batch = mode != "unpaired"
     if mode == "paired":
         options["in_batch_negatives"] = True
     if mode in ("paired", "shared"):
         options["mask"] = True
-    assert_matches_reference(
-        torch.float64,
-        path,
-        mode,
-        options,
-        in_batch=in_batch,
-        reduction=reduction,
-        directions=directions,
-    )
+    assert_matches_reference(torch.float64, path, mode, options)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
-    ("mode", "options", "expected"),
+    ("mode", "options"),
     [
-        ("shared", {"hardness_mode": "all_negatives", "hardness_strength": 5.0}, {}),
-        ("shared", {"in_batch_negatives": False}, {"in_batch": False}),
-        ("paired", {}, {"in_batch": False}),
-        ("unpaired", {"in_batch_negatives": True, "normalize": False}, {}),
-        ("in-batch", {"hardness_mode": "in_batch_negatives", "hardness_strength": 9.0}, {}),
+        ("shared", {"hardness_mode": "all_negatives", "hardness_strength": 5.0}),
+        ("shared", {"in_batch_negatives": False}),
+        ("paired", {}),
+        ("unpaired", {"in_batch_negatives": True, "normalize": False}),
+        ("in-batch", {"hardness_mode": "in_batch_negatives", "hardness_strength": 9.0}),
     ],
 )
-def test_gte_options_match_reference(
-    path: str, mode: str, options: dict[str, Any], expected: dict[str, Any]
-) -> None:
-    expected = dict(expected)
-    if "hardness_strength" in options:
-        expected["hardness_mode"] = options["hardness_mode"]
-        expected["strength"] = options["hardness_strength"]
-    if options.get("normalize") is False:
-        expected["normalize"] = False
-    in_batch = expected.pop("in_batch", True)
+def test_gte_options_match_reference(path: str, mode: str, options: dict[str, Any]) -> None:
     mask = mode in ("paired", "shared")
-    assert_matches_reference(
-        torch.float64,
-        path,
-        mode,
-        {**options, "directions": GTE, "reduction": "sum", "mask": mask},
-        in_batch=in_batch,
-        reduction="sum",
-        directions=GTE,
-        **expected,
-    )
+    options = {**options, "directions": GTE, "reduction": "sum", "mask": mask}
+    assert_matches_reference(torch.float64, path, mode, options)
 
 
 @pytest.mark.parametrize("path", ["dense", "engine"])
 def test_float32_joint_matches_reference(path: str) -> None:
     options = {"directions": GTE, "mask": True}
-    assert_matches_reference(torch.float32, path, "shared", options, directions=GTE)
+    assert_matches_reference(torch.float32, path, "shared", options)
 
 
 @pytest.mark.parametrize("block_rows", [1, 3, 4, 8])
@@ -791,18 +759,7 @@ def test_filter_matches_reference(
     }
     if mode == "paired":
         options["in_batch_negatives"] = True
-    assert_matches_reference(
-        torch.float64,
-        path,
-        mode,
-        options,
-        in_batch=mode != "unpaired",
-        reduction="none",
-        directions=directions,
-        margin=margin,
-        relative=strategy == "relative",
-        guide=guide,
-    )
+    assert_matches_reference(torch.float64, path, mode, options)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -819,28 +776,9 @@ def test_filter_matches_reference(
 def test_filter_options_match_reference(path: str, mode: str, options: dict[str, Any]) -> None:
     query, key, negatives, _ = make_inputs(mode, seed=12)
     guide = guide_of(query, key, negatives)
-    expected = {name: options[name] for name in ("symmetric", "directions") if name in options}
-    if "hardness_mode" in options:
-        expected.update(
-            hardness_mode=options["hardness_mode"], strength=options["hardness_strength"]
-        )
-    assert_matches_reference(
-        torch.float64,
-        path,
-        mode,
-        {
-            **options,
-            "false_negative_margin": 0.05,
-            "guide": guide,
-            "reduction": "sum",
-            "mask": mode in ("paired", "shared"),
-        },
-        in_batch=options.get("in_batch_negatives", mode in ("in-batch", "shared")),
-        reduction="sum",
-        margin=0.05,
-        guide=guide,
-        **expected,
-    )
+    filtered = {"false_negative_margin": 0.05, "guide": guide, "reduction": "sum"}
+    mask = mode in ("paired", "shared")
+    assert_matches_reference(torch.float64, path, mode, {**options, **filtered, "mask": mask})
 
 
 def test_the_filter_removes_candidates() -> None:

@@ -40,7 +40,7 @@ engine walks, and nothing else decides it:
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,44 @@ class _Guides:
         return logits.masked_fill(similarity > self.threshold.unsqueeze(1), float("-inf"))
 
 
+@dataclass
+class _Segments:
+    """A walk's key segments and, per segment, what the walker's rules need of it.
+
+    One `add` per segment keeps the per-segment tuples of `Walk` and
+    `GuideRule` aligned with the segments.
+    """
+
+    keys: list[Tensor] = field(default_factory=list)
+    valid: list[Tensor | None] = field(default_factory=list)  # key masks
+    guides: list[Tensor | None] = field(default_factory=list)  # the filter's guide keys
+    protected: list[int | None] = field(default_factory=list)  # the row's own positive
+    partner: list[int] = field(default_factory=list)  # scored against the partner rows
+
+    def add(
+        self,
+        keys: Tensor,
+        *,
+        valid: Tensor | None = None,
+        guide: Tensor | None = None,
+        protected: int | None = None,
+        partner: bool = False,
+    ) -> int:
+        """Append a segment; its index."""
+        index = len(self.keys)
+        self.keys.append(keys)
+        self.valid.append(valid)
+        self.guides.append(guide)
+        self.protected.append(protected)
+        if partner:
+            self.partner.append(index)
+        return index
+
+    def key_masks(self) -> tuple[Tensor | None, ...]:
+        """`Walk.valid_keys`: empty where no segment has a mask."""
+        return tuple(self.valid) if any(v is not None for v in self.valid) else ()
+
+
 def _raised(logits: Tensor, temperature: float | Tensor, strength: float) -> Tensor:
     """``logits + strength * stopgrad(logits * t)``: hardness weighting of per-row logits."""
     return logits + strength * (logits * temperature).detach()
@@ -210,8 +248,6 @@ def info_nce_problem(
     guides = None
     if false_negatives is not None:
         guides = _Guides(false_negatives, query, positive_key, negative_keys, gatherer)
-    guide_keys: list[Tensor | None] = []  # per segment, for the filter
-    protected: list[int | None] = []  # per segment: the diagonal of the row's own positive
     column_queries = None  # (B_all, D) all queries, for a walk of the key-to-query direction
     if symmetric and not columns_in_walk:
         column_queries = query if gatherer is None else gatherer(query)
@@ -258,16 +294,14 @@ def info_nce_problem(
     if unit_query is not None and (not in_batch or own_negatives):
         scaled_query = unit_query / temperature
 
-    segments: list[Tensor] = []
+    segments = _Segments()
     extra: list[Tensor] = []
     raised: list[int] = []  # segments under hardness weighting
     exclusions: list[Diagonal] = []
-    valid_keys: list[Tensor | None] = []
     if in_batch:
-        segments.append(all_keys)
-        valid_keys.append(None)
-        guide_keys.append(None if guides is None else guides.all_keys())
-        protected.append(offset)
+        segments.add(
+            all_keys, guide=None if guides is None else guides.all_keys(), protected=offset
+        )
         if raised_keys:
             raised.append(0)
     else:
@@ -279,13 +313,14 @@ def info_nce_problem(
             negative_keys, negative_mask, query.dtype, gather
         )
         width = negative_keys.shape[1]
-        exclusions.append(Diagonal(start, segment=len(segments), width=width))
+        index = segments.add(
+            shared_keys,
+            valid=shared_valid,
+            guide=None if guides is None else guides.all_negatives(),
+        )
+        exclusions.append(Diagonal(start, segment=index, width=width))
         if hardness.active and hardness.in_batch:
-            raised.append(len(segments))
-        segments.append(shared_keys)
-        valid_keys.append(shared_valid)
-        guide_keys.append(None if guides is None else guides.all_negatives())
-        protected.append(None)
+            raised.append(index)
     if own_negatives:
         assert negative_keys is not None
         assert scaled_query is not None
@@ -305,45 +340,34 @@ def info_nce_problem(
             negative_logits = guides.similar_own(negative_logits)
         extra.append(negative_logits)
     elif negatives is not None:
+        index = segments.add(negatives, guide=None if guides is None else guides.all_negatives())
         if hardness.active and hardness.hard:
-            raised.append(len(segments))
-        segments.append(negatives)
-        valid_keys.append(None)
-        guide_keys.append(None if guides is None else guides.all_negatives())
-        protected.append(None)
+            raised.append(index)
 
     if variant.debiased:
         extra.append(_clamp_logits(query, temperature))
-    partner_segments: list[int] = []
     if directions.joint:
         # Pair i's rows in the other directions, after the query's own.
-        query_segments = len(segments)  # the query-to-key row's
+        query_segments = len(segments.keys)  # the query-to-key row's
         all_queries = query if gatherer is None else gatherer(query)
         query_guides = None if guides is None else guides.all_queries()
         if directions.query_to_query:  # q_i against the other queries
-            exclusions.append(Diagonal(offset, segment=len(segments)))
-            segments.append(all_queries)
-            valid_keys.append(None)
-            guide_keys.append(query_guides)
-            protected.append(None)
+            index = segments.add(all_queries, guide=query_guides)
+            exclusions.append(Diagonal(offset, segment=index))
         if directions.key_to_query:  # k_i against all queries, q_i included
-            partner_segments.append(len(segments))
-            segments.append(all_queries)
-            valid_keys.append(None)
-            guide_keys.append(query_guides)
-            protected.append(offset)
+            segments.add(all_queries, guide=query_guides, protected=offset, partner=True)
         if directions.key_to_key:  # k_i against the query's candidate keys not pair i's
             for index in range(query_segments):
-                new = len(segments)
+                new = segments.add(
+                    segments.keys[index],
+                    valid=segments.valid[index],
+                    guide=segments.guides[index],
+                    partner=True,
+                )
                 rules = [replace(rule, segment=new) for rule in exclusions if rule.segment == index]
                 if in_batch and index == 0:
                     rules.append(Diagonal(offset, segment=new))  # k_i itself
                 exclusions.extend(rules)
-                partner_segments.append(new)
-                segments.append(segments[index])
-                valid_keys.append(valid_keys[index])
-                guide_keys.append(guide_keys[index])
-                protected.append(None)
     targets_in_walk = all_labels is None
     local_labels = None if all_labels is None else all_labels[offset : offset + len(query)]
     exclude_labels = None  # the decoupled loss's rule under labels: no positive is a candidate
@@ -357,26 +381,26 @@ def info_nce_problem(
     if guides is not None:
         guide = GuideRule(
             guides.query,
-            guides.key if partner_segments else None,
-            tuple(guide_keys),
+            guides.key if segments.partner else None,
+            tuple(segments.guides),
             guides.threshold,
-            tuple(protected),
+            tuple(segments.protected),
         )
     walks = [
         Walk(
             rows=query,
-            segments=tuple(segments),
+            segments=tuple(segments.keys),
             extra=tuple(extra),
             target_offset=offset if in_batch and targets_in_walk else None,
             target_extra=not in_batch,
             exclusions=tuple(exclusions),
             exclude_target=exclude_target,
             exclude_labels=exclude_labels,
-            valid_keys=tuple(valid_keys) if any(v is not None for v in valid_keys) else (),
+            valid_keys=segments.key_masks(),
             raised_segments=tuple(raised),
             raise_strength=hardness.strength if raised else 0.0,
-            partner_rows=positive_key if partner_segments else None,
-            partner_segments=tuple(partner_segments),
+            partner_rows=positive_key if segments.partner else None,
+            partner_segments=tuple(segments.partner),
             guide=guide,
             column_keys=len(query) if columns_in_walk else 0,
             row_scale=row_scale,
