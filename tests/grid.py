@@ -13,7 +13,7 @@ import torch
 from tiling import TILES_PATH
 from torch import Tensor
 
-from info_nce import info_nce, nt_xent
+from info_nce import info_nce, nt_xent, siglip_loss
 
 B, D, M = 13, 5, 3
 PATHS = ["dense", "engine", TILES_PATH]
@@ -108,6 +108,20 @@ def options(path: str, reduction: str = "mean") -> dict[str, Loss]:
             [q, k],
             false_negative_rate=0.1,
             hard_negative_beta=1.0,
+            chunk_size=c,
+            reduction=reduction,
+        ),
+        # The bias a tensor (its gradient reaches t), then a number with labels.
+        "siglip": lambda q, k, n, t: siglip_loss(
+            q, k, t, -20 * t, chunk_size=c, reduction=reduction
+        ),
+        "siglip-labels": lambda q, k, n, t: siglip_loss(
+            q,
+            k,
+            t,
+            -3.0,
+            labels=labels.to(q.device),
+            negative_keys=n[:, 0],
             chunk_size=c,
             reduction=reduction,
         ),

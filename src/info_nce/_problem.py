@@ -35,7 +35,11 @@ engine walks, and nothing else decides it:
 * guided false-negative filtering: the guide embeddings of every segment's
   keys, of the rows and of their partners, and each pair's threshold, as a
   `GuideRule` of each walk (the own negatives' extra columns are filtered
-  here, at -inf).
+  here, at -inf);
+* SigLIP's sigmoid loss: one walk of the queries against all keys (and the
+  negatives) whose objective scores each logit alone; its positives are the
+  target diagonal, or with labels every key with the query's label, compared
+  in each block (`Walk.target_labels`); its bias travels with the walk.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from info_nce.objectives import (
     DecoupledObjective,
     InfoNCEObjective,
     RowObjective,
+    SigmoidObjective,
 )
 
 
@@ -529,3 +534,41 @@ def nt_xent_problem(
         objective=_objective(variant, 0),
     )
     return Problem((walk,), (positives,), temperature, reduction, normalize, eps, chunk_size)
+
+
+def siglip_problem(
+    query: Tensor,
+    key: Tensor,
+    negative_keys: Tensor | None,
+    temperature: float | Tensor,
+    bias: float | Tensor,
+    reduction: Reduction,
+    *,
+    labels: Tensor | None,
+    normalize: bool,
+    chunk_size: int | None,
+    gather: bool,
+    eps: float,
+) -> Problem:
+    """The problem of `info_nce.siglip_loss` on (B, D) queries and keys in the compute dtype.
+
+    The keys (with their labels) and the negatives are all ranks'; query i's
+    positive is key ``offset + i``, or with labels every key with its label.
+    """
+    gatherer = Gatherer(len(query), query.device) if gather else None
+    offset = 0 if gatherer is None else gatherer.offset
+    all_keys = key if gatherer is None else gatherer(key)
+    negatives, _ = _unpaired_negatives(negative_keys, None, query.dtype, gather)
+    target_labels = None
+    if labels is not None:
+        all_labels = labels if gatherer is None else gatherer(labels)
+        target_labels = LabelRule(labels, (all_labels,))
+    walk = Walk(
+        rows=query,
+        segments=(all_keys,) if negatives is None else (all_keys, negatives),
+        target_offset=offset if labels is None else None,
+        target_labels=target_labels,
+        logit_bias=bias,
+        objective=SigmoidObjective(),
+    )
+    return Problem((walk,), (), temperature, reduction, normalize, eps, chunk_size)

@@ -73,23 +73,39 @@ def check_anchors(anchors: object) -> Anchors:
 def check_temperature(temperature: object) -> float | Tensor:
     """A finite number > 0, or a floating-point tensor of one such element."""
     if isinstance(temperature, Tensor):
-        if not temperature.is_floating_point() or temperature.numel() != 1:
-            raise TypeError(
-                "temperature must be a number or a floating-point tensor with one element, "
-                f"got a tensor of dtype {temperature.dtype} and shape {tuple(temperature.shape)}"
-            )
-        valid = torch.isfinite(temperature).all() & (temperature > 0).all()
-        if torch.compiler.is_compiling() or temperature.device.type != "cpu":
-            # Compiled: an assert op in the graph (a RuntimeError when it
-            # fails), no graph break. On an accelerator: a device-side assert,
-            # no host sync per step (it stops the process when it fails).
-            torch._assert_async(valid, "temperature must be finite and > 0")
-        elif not bool(valid):  # on the CPU a host sync is free
-            raise ValueError(
-                f"temperature must be finite and > 0, got {temperature.detach().cpu().item()!r}"
-            )
-        return temperature.reshape(())
+        return _check_scalar_tensor("temperature", temperature, positive=True)
     return check_positive_number("temperature", temperature)
+
+
+def check_bias(bias: object) -> float | Tensor:
+    """A finite real number, or a floating-point tensor of one such element."""
+    if isinstance(bias, Tensor):
+        return _check_scalar_tensor("bias", bias, positive=False)
+    number = _check_real("bias", bias)
+    if not math.isfinite(number):
+        raise ValueError(f"bias must be a finite number, got {bias!r}")
+    return number
+
+
+def _check_scalar_tensor(name: str, value: Tensor, *, positive: bool) -> Tensor:
+    """A one-element floating-point tensor, finite (and > 0 if ``positive``), as 0-dim."""
+    if not value.is_floating_point() or value.numel() != 1:
+        raise TypeError(
+            f"{name} must be a number or a floating-point tensor with one element, "
+            f"got a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
+        )
+    condition = "finite and > 0" if positive else "finite"
+    valid = torch.isfinite(value).all()
+    if positive:
+        valid = valid & (value > 0).all()
+    if torch.compiler.is_compiling() or value.device.type != "cpu":
+        # Compiled: an assert op in the graph (a RuntimeError when it
+        # fails), no graph break. On an accelerator: a device-side assert,
+        # no host sync per step (it stops the process when it fails).
+        torch._assert_async(valid, f"{name} must be {condition}")
+    elif not bool(valid):  # on the CPU a host sync is free
+        raise ValueError(f"{name} must be {condition}, got {value.detach().cpu().item()!r}")
+    return value.reshape(())
 
 
 def check_positive_number(name: str, value: object) -> float:
@@ -171,17 +187,19 @@ def check_inputs(
     negative_mode: NegativeMode,
     *,
     allow_empty: bool = False,
+    key_name: str = "positive_key",
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Check the embeddings' types, shapes, dtypes and devices; return them typed.
 
     ``allow_empty``: B = 0 is allowed (a rank whose share of the batch is
-    empty still takes part in the gathering).
+    empty still takes part in the gathering). ``key_name``: what the
+    messages call the second argument (`siglip_loss`'s ``key``).
     """
     query = _check_tensor("query", query)
-    positive_key = _check_tensor("positive_key", positive_key)
-    named = [("query", query), ("positive_key", positive_key)]
+    positive_key = _check_tensor(key_name, positive_key)
+    named = [("query", query), (key_name, positive_key)]
     _check_dim("query", query, 2, "(B, D)")
-    _check_dim("positive_key", positive_key, 2, "(B, D)")
+    _check_dim(key_name, positive_key, 2, "(B, D)")
     if negative_keys is not None:
         negative_keys = _check_tensor("negative_keys", negative_keys)
         named.append(("negative_keys", negative_keys))
@@ -209,7 +227,7 @@ def check_inputs(
         )
     if len(query) != len(positive_key):
         raise ValueError(
-            "<query> and <positive_key> must have the same number of samples, "
+            f"<query> and <{key_name}> must have the same number of samples, "
             f"got {len(query)} and {len(positive_key)}."
         )
     rows_of_negatives = len(query) if negative_keys is None else len(negative_keys)

@@ -442,3 +442,41 @@ def dense_nt_xent(
     if reduction == "none" and not first_view_only:
         return loss.view(num_views, batch)
     return reduce_loss(loss, reduction)
+
+
+def dense_siglip(
+    query: Tensor,
+    key: Tensor,
+    negative_keys: Tensor | None,
+    temperature: float | Tensor,
+    bias: float | Tensor,
+    reduction: Reduction,
+    *,
+    labels: Tensor | None = None,
+) -> Tensor:
+    """SigLIP's sigmoid loss on (already normalised) embeddings, with a logits matrix.
+
+    Args:
+        query: (B, D) queries.
+        key: (B, D) keys; key i is query i's positive.
+        negative_keys: None or (M, D) negatives of every query.
+        temperature: logits are divided by it.
+        bias: added to every logit.
+        reduction: ``'mean'`` (the sum over pairs divided by B), ``'sum'`` or
+            ``'none'`` (each query's sum, (B,)).
+        labels: (B,) ints; keys with a query's label are its positives.
+
+    Returns:
+        The loss: a scalar, or (B,) for ``reduction='none'``; float32 for
+        half-precision inputs.
+    """
+    keys = key if negative_keys is None else torch.cat([key, negative_keys])  # (N, D)
+    logits = _float32_at_least(query @ keys.T) / temperature + bias  # (B, N)
+    if labels is None:
+        positive = torch.eye(len(query), len(keys), dtype=torch.bool, device=query.device)
+    else:
+        positive = torch.zeros(len(query), len(keys), dtype=torch.bool, device=query.device)
+        positive[:, : len(key)] = labels.unsqueeze(1) == labels.unsqueeze(0)
+    signs = positive.to(logits.dtype) * 2 - 1  # (B, N) +1 positive, -1 negative
+    per_query = -F.logsigmoid(signs * logits).sum(dim=1)  # (B,)
+    return reduce_loss(per_query, reduction)

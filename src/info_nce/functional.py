@@ -17,6 +17,7 @@ from info_nce._validation import (
     Partition,
     Reduction,
     check_anchors,
+    check_bias,
     check_bool,
     check_chunk_size,
     check_directions,
@@ -36,7 +37,7 @@ from info_nce._validation import (
     check_view_negatives,
     check_views,
 )
-from info_nce.dense import dense_info_nce, dense_nt_xent
+from info_nce.dense import dense_info_nce, dense_nt_xent, dense_siglip
 
 # Up to this many logits (rows * candidates) the dense loss is as fast as the
 # blockwise engine, and `chunk_size=None` picks it; see docs/benchmarks.md.
@@ -549,6 +550,149 @@ def nt_xent(
     if reduction == "none" and not first_view_only:
         loss = loss.view(num_views, batch)
     return loss
+
+
+def siglip_loss(
+    query: Tensor,
+    key: Tensor,
+    temperature: float | Tensor = 0.1,
+    bias: float | Tensor = -10.0,
+    reduction: Reduction = "mean",
+    *,
+    labels: Tensor | None = None,
+    negative_keys: Tensor | None = None,
+    normalize: bool = True,
+    chunk_size: int | None = None,
+    gather_distributed: bool = False,
+) -> Tensor:
+    """SigLIP's sigmoid loss (Zhai et al. 2023): every (query, key) pair scored alone.
+
+    The logit of pair (i, j) is ``cos(q_i, k_j) / temperature + bias`` (the
+    dot product without ``normalize``). The pair is positive when j == i or,
+    with ``labels``, when ``labels[i] == labels[j]``; every other pair is a
+    negative. Each pair costs ``-log sigmoid(logit)`` if positive and
+    ``-log sigmoid(-logit)`` if negative, and query i's loss is the sum over
+    its B keys and the M ``negative_keys``. Plain PyTorch, without labels or
+    negatives::
+
+        logits = F.normalize(q) @ F.normalize(k).T / t + b   # (B, B)
+        signs = 2 * torch.eye(B) - 1                         # +1 positive, -1 negative
+        loss = -F.logsigmoid(signs * logits).sum() / B
+
+    That is open_clip's ``SigLipLoss`` with ``logit_scale = 1 / t`` and
+    ``logit_bias = b``, and big_vision's. No (B, B) logits or label matrix
+    is built for large batches: the blockwise engine computes the loss and
+    every gradient in one pass over blocks of the logits.
+
+    Args:
+        query: queries, e.g. image embeddings.
+        key: keys, e.g. text embeddings; key i is query i's positive.
+        temperature: logits are divided by it: a finite number > 0, or a
+            one-element floating-point tensor (gradients flow into it).
+            SigLIP learns ``log(1 / temperature)``, starting at 10 (see
+            `SigLIPLoss`).
+        bias: added to every logit: a finite number, or a one-element
+            floating-point tensor (gradients flow into it). SigLIP starts it
+            at -10 so that the many negatives start with a small loss.
+        reduction: ``'mean'`` (the sum over all pairs divided by the number
+            of queries B, as open_clip and big_vision define it), ``'sum'``
+            or ``'none'`` (each query's sum over its pairs, shape (B,)).
+        labels: (B,) integer tensor: queries and keys with equal labels are
+            positive pairs (several positives per query; all labels distinct
+            is the default loss).
+        negative_keys: (M, D) extra negatives of every query (never
+            positive, whatever the labels).
+        normalize: L2-normalise the embeddings (default). False uses raw dot
+            products.
+        chunk_size: ``None`` (default) picks the dense loss for small
+            problems and the blockwise engine (no (B, B + M) logits) for
+            large ones; a positive int forces the engine with that many
+            queries per block.
+        gather_distributed: with an initialised default process group of W > 1
+            processes, each rank scores its own queries against all ranks'
+            keys (with their labels) and negatives, and each embedding's
+            gradient reaches the rank that owns it: the contract of
+            `info_nce`'s ``gather_distributed``. With equal local batches and
+            gradients averaged across ranks (DistributedDataParallel), every
+            gradient, the temperature's and the bias's included, equals one
+            process on the concatenated batch; ``'sum'`` is exact for uneven
+            batches; a rank with no queries returns 0 and takes part.
+
+    Shape:
+        - query: (B, D), B queries of D features.
+        - key: (B, D).
+        - labels: (B,). negative_keys: (M, D), M negatives.
+        - output: scalar, or (B,) if ``reduction='none'``.
+
+    Returns:
+        The loss. Its dtype is the inputs' dtype, except float32 for float16
+        and bfloat16 inputs. Under ``torch.autocast``: as `info_nce`.
+
+    Raises:
+        TypeError: an input is not a floating-point tensor, the inputs' dtypes
+            differ, labels are not integers, a flag is not a bool, or the
+            temperature or bias is not a number or a one-element tensor.
+        ValueError: wrong shapes, empty inputs, different devices, an unknown
+            ``reduction``, a temperature that is not finite and > 0, a bias
+            that is not finite, or a ``chunk_size`` that is not a positive int.
+
+    Examples:
+        >>> import torch
+        >>> from info_nce import siglip_loss
+        >>> image, text = torch.randn(32, 128), torch.randn(32, 128)
+        >>> siglip_loss(image, text, temperature=0.1, bias=-10.0).shape
+        torch.Size([])
+        >>> labels = torch.randint(0, 8, (32,))  # equal labels: positive pairs
+        >>> siglip_loss(image, text, labels=labels, reduction="none").shape
+        torch.Size([32])
+        >>> extra = torch.randn(100, 128)  # negatives of every query
+        >>> siglip_loss(image, text, negative_keys=extra).shape
+        torch.Size([])
+    """
+    reduction = check_reduction(reduction)
+    temperature = check_temperature(temperature)
+    bias = check_bias(bias)
+    chunk_size = check_chunk_size(chunk_size)
+    normalize = check_bool("normalize", normalize)
+    gather_distributed = check_bool("gather_distributed", gather_distributed)
+    gather = gather_distributed and distributed.world_size() > 1
+    query, key, negative_keys = check_inputs(
+        query, key, negative_keys, "unpaired", allow_empty=gather, key_name="key"
+    )
+    labels = check_labels(labels, query)
+
+    compute_dtype = _compute_dtype(query)
+    if isinstance(temperature, Tensor):
+        temperature = temperature.to(compute_dtype)
+    if isinstance(bias, Tensor):
+        bias = bias.to(compute_dtype)
+    candidates = len(key) + (0 if negative_keys is None else len(negative_keys))
+    use_dense = not gather and chunk_size is None and len(query) * candidates <= DENSE_MAX_LOGITS
+    if use_dense:
+        unit = _normalize.unit_fn(normalize)
+        return dense_siglip(
+            unit(query),
+            unit(key),
+            None if negative_keys is None else unit(negative_keys),
+            temperature,
+            bias,
+            reduction,
+            labels=labels,
+        )
+    problem = _problem.siglip_problem(
+        query.to(compute_dtype),
+        key.to(compute_dtype),
+        negative_keys,
+        temperature,
+        bias,
+        reduction,
+        labels=labels,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        gather=gather,
+        eps=_normalize.normalization_eps(query.dtype),
+    )
+    return engine.run(problem)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

@@ -20,6 +20,7 @@ from info_nce._validation import (
     Reduction,
     Variant,
     check_anchors,
+    check_bias,
     check_bool,
     check_chunk_size,
     check_directions,
@@ -33,17 +34,15 @@ from info_nce._validation import (
     check_variant,
 )
 from info_nce.engine import overwritten_after
-from info_nce.functional import info_nce, nt_xent
+from info_nce.functional import info_nce, nt_xent, siglip_loss
 from info_nce.queue import MemoryQueue
 
 
-class _LossModule(nn.Module):
-    """The settings every loss module holds, checked once.
+class _TemperatureModule(nn.Module):
+    """The settings every loss module holds, checked once, and its temperature.
 
     The temperature is fixed (reassignable, validated) or learnable, CLIP's
-    ``logit_scale``. A queue, if any, supplies extra unpaired negatives
-    (`_queue_negatives`), and takes the batch's keys after the loss
-    (`_push`).
+    ``logit_scale``.
     """
 
     def __init__(
@@ -56,10 +55,6 @@ class _LossModule(nn.Module):
         max_logit_scale: float,
         chunk_size: int | None,
         gather_distributed: bool,
-        decoupled: bool,
-        false_negative_rate: float,
-        hard_negative_beta: float,
-        queue: MemoryQueue | None,
     ) -> None:
         super().__init__()
         self.reduction = check_reduction(reduction)
@@ -68,12 +63,6 @@ class _LossModule(nn.Module):
         self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         self.learn_temperature = check_bool("learn_temperature", learn_temperature)
         self.max_logit_scale = check_positive_number("max_logit_scale", max_logit_scale)
-        variant = check_variant(
-            decoupled, false_negative_rate, hard_negative_beta, normalize=self.normalize
-        )
-        self.decoupled = variant.decoupled
-        self.false_negative_rate = variant.false_negative_rate
-        self.hard_negative_beta = variant.hard_negative_beta
         self.logit_scale: nn.Parameter | None = None
         self._temperature: float | Tensor = 0.1  # set below
         if not learn_temperature:
@@ -90,43 +79,6 @@ class _LossModule(nn.Module):
                     "temperature"
                 )
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / initial)))
-        self.queue = check_queue(queue, gather_distributed=self.gather_distributed)
-
-    def _queue_negatives(
-        self, query: Tensor, negative_keys: Tensor | None, labels: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """The queue's entries and their labels as ``negative_keys``/``negative_labels``.
-
-        Without a queue: the given ``negative_keys`` and no labels.
-        """
-        if self.queue is None:
-            return negative_keys, None
-        keys, entry_labels = queue_negatives(self.queue, query, negative_keys, labels)
-        if torch.compiler.is_compiling() and self._pushes():
-            # Compiled, the push after the loss lands in the same graph, and
-            # backward may read the entries: a copy as scored (eagerly the
-            # engine copies only what backward keeps, `_reading_queue`).
-            keys = keys.clone()
-            entry_labels = None if entry_labels is None else entry_labels.clone()
-        return keys, entry_labels
-
-    def _reading_queue(self) -> AbstractContextManager[None]:
-        """Around the loss: the queue is pushed to before backward (`overwritten_after`)."""
-        if self.queue is None or torch.compiler.is_compiling():
-            return nullcontext()  # compiled: `_queue_negatives` copies
-        storage = [self.queue.entries]
-        if self.queue.with_labels:
-            storage.append(self.queue.entry_labels)
-        return overwritten_after(*storage)
-
-    def _push(self, keys: Tensor, labels: Tensor | None) -> None:
-        """After the loss: the batch's keys (and labels) join the queue, in training only."""
-        if self.queue is not None and self._pushes():
-            self.queue.push(keys, labels if self.queue.with_labels else None)
-
-    def _pushes(self) -> bool:
-        """Whether this step pushes to the queue: in training, with gradients."""
-        return self.queue is not None and self.training and torch.is_grad_enabled()
 
     def _set_fixed_temperature(self, value: object) -> None:
         """A fixed temperature: a number, or a tensor used as it is (gradients flow into it).
@@ -168,11 +120,8 @@ class _LossModule(nn.Module):
             )
         self._set_fixed_temperature(value)
 
-    def _settings_repr(self, *own: str) -> str:
-        """Every setting as ``name=value``: the temperature, ``own`` (the subclass's), the rest.
-
-        The queue, a submodule, is shown by `nn.Module`'s repr on a line of its own.
-        """
+    def _settings_repr(self, *own: str, rest: tuple[str, ...] = ()) -> str:
+        """Every setting as ``name=value``: the temperature, ``own`` (the subclass's), the rest."""
         temperature = self.temperature
         if isinstance(temperature, Tensor):
             temperature = float(temperature.detach().cpu())
@@ -186,11 +135,97 @@ class _LossModule(nn.Module):
                 f"max_logit_scale={self.max_logit_scale:g}",
                 f"chunk_size={self.chunk_size}",
                 f"gather_distributed={self.gather_distributed}",
-                f"decoupled={self.decoupled}",
-                f"false_negative_rate={self.false_negative_rate:g}",
-                f"hard_negative_beta={self.hard_negative_beta:g}",
+                *rest,
             ]
         )
+
+
+class _LossModule(_TemperatureModule):
+    """The InfoNCE family's settings: the objective's variant and a queue.
+
+    A queue, if any, supplies extra unpaired negatives (`_queue_negatives`),
+    and takes the batch's keys after the loss (`_push`).
+    """
+
+    def __init__(
+        self,
+        temperature: float | Tensor,
+        reduction: Reduction,
+        *,
+        normalize: bool,
+        learn_temperature: bool,
+        max_logit_scale: float,
+        chunk_size: int | None,
+        gather_distributed: bool,
+        decoupled: bool,
+        false_negative_rate: float,
+        hard_negative_beta: float,
+        queue: MemoryQueue | None,
+    ) -> None:
+        super().__init__(
+            temperature,
+            reduction,
+            normalize=normalize,
+            learn_temperature=learn_temperature,
+            max_logit_scale=max_logit_scale,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
+        )
+        variant = check_variant(
+            decoupled, false_negative_rate, hard_negative_beta, normalize=self.normalize
+        )
+        self.decoupled = variant.decoupled
+        self.false_negative_rate = variant.false_negative_rate
+        self.hard_negative_beta = variant.hard_negative_beta
+        self.queue = check_queue(queue, gather_distributed=self.gather_distributed)
+
+    def _queue_negatives(
+        self, query: Tensor, negative_keys: Tensor | None, labels: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The queue's entries and their labels as ``negative_keys``/``negative_labels``.
+
+        Without a queue: the given ``negative_keys`` and no labels.
+        """
+        if self.queue is None:
+            return negative_keys, None
+        keys, entry_labels = queue_negatives(self.queue, query, negative_keys, labels)
+        if torch.compiler.is_compiling() and self._pushes():
+            # Compiled, the push after the loss lands in the same graph, and
+            # backward may read the entries: a copy as scored (eagerly the
+            # engine copies only what backward keeps, `_reading_queue`).
+            keys = keys.clone()
+            entry_labels = None if entry_labels is None else entry_labels.clone()
+        return keys, entry_labels
+
+    def _reading_queue(self) -> AbstractContextManager[None]:
+        """Around the loss: the queue is pushed to before backward (`overwritten_after`)."""
+        if self.queue is None or torch.compiler.is_compiling():
+            return nullcontext()  # compiled: `_queue_negatives` copies
+        storage = [self.queue.entries]
+        if self.queue.with_labels:
+            storage.append(self.queue.entry_labels)
+        return overwritten_after(*storage)
+
+    def _push(self, keys: Tensor, labels: Tensor | None) -> None:
+        """After the loss: the batch's keys (and labels) join the queue, in training only."""
+        if self.queue is not None and self._pushes():
+            self.queue.push(keys, labels if self.queue.with_labels else None)
+
+    def _pushes(self) -> bool:
+        """Whether this step pushes to the queue: in training, with gradients."""
+        return self.queue is not None and self.training and torch.is_grad_enabled()
+
+    def _settings_repr(self, *own: str, rest: tuple[str, ...] = ()) -> str:
+        """The settings of `_TemperatureModule`, then the variant's.
+
+        The queue, a submodule, is shown by `nn.Module`'s repr on a line of its own.
+        """
+        variant = (
+            f"decoupled={self.decoupled}",
+            f"false_negative_rate={self.false_negative_rate:g}",
+            f"hard_negative_beta={self.hard_negative_beta:g}",
+        )
+        return super()._settings_repr(*own, rest=(*variant, *rest))
 
 
 class InfoNCE(_LossModule):
@@ -543,6 +578,125 @@ class NTXent(_LossModule):
 
     def extra_repr(self) -> str:
         return self._settings_repr(f"anchors={self.anchors!r}")
+
+
+class SigLIPLoss(_TemperatureModule):
+    """SigLIP's sigmoid loss (Zhai et al. 2023), with its learnable temperature and bias.
+
+    Every (query, key) pair is scored alone: ``-log sigmoid(z)`` for a
+    positive pair and ``-log sigmoid(-z)`` for a negative one, ``z`` being
+    ``cos(q_i, k_j) / temperature + bias``. See `info_nce.siglip_loss` for
+    the formula and the options.
+
+    By default both are learnable and start as SigLIP starts them: the
+    parameter ``logit_scale = log(1 / temperature)`` at log 10 (as `InfoNCE`
+    stores a learnable temperature, clamped so that the temperature is at
+    least ``1 / max_logit_scale``) and the parameter ``bias`` at -10.
+
+    Args:
+        temperature: the initial temperature (learnable), or the fixed one: a
+            finite number > 0, or a one-element tensor used as it is
+            (gradients flow into it). Default 0.1, a scale of 10.
+        bias: the initial bias (learnable), or the fixed one: a finite number,
+            or a one-element tensor used as it is. Default -10.
+        learn_temperature: keyword-only; make the temperature the parameter
+            ``logit_scale`` (default True).
+        learn_bias: keyword-only; make the bias the parameter ``bias``
+            (default True).
+        max_logit_scale: keyword-only; forward clamps ``exp(logit_scale)`` to
+            at most this (100 by default: the temperature is at least 0.01).
+        reduction: keyword-only; ``'mean'`` (the sum over all pairs divided
+            by the number of queries), ``'sum'`` or ``'none'``.
+        normalize: keyword-only; L2-normalise the embeddings (default).
+        chunk_size: keyword-only; see `info_nce.siglip_loss`.
+        gather_distributed: keyword-only; score this rank's queries against
+            all ranks' keys (see `info_nce.siglip_loss`).
+
+    Shape:
+        - query: (B, D), B queries of D features. key: (B, D).
+        - labels: (B,). negative_keys: (M, D), M negatives.
+        - output: scalar, or (B,) if ``reduction='none'``.
+
+    Raises:
+        TypeError: a setting of the wrong type (a flag that is not a bool, a
+            temperature or bias that is not a number or one-element tensor).
+        ValueError: a setting out of its range (an unknown reduction, a
+            temperature that is not finite and > 0 or, learnable, below
+            ``1 / max_logit_scale``, a bias that is not finite). Forward
+            raises as `info_nce.siglip_loss` does.
+
+    Examples:
+        >>> import torch
+        >>> from info_nce import SigLIPLoss
+        >>> loss_fn = SigLIPLoss()
+        >>> loss_fn.temperature.item(), loss_fn.bias.item()
+        (0.10000000149011612, -10.0)
+        >>> image = torch.randn(32, 128, requires_grad=True)
+        >>> text = torch.randn(32, 128, requires_grad=True)
+        >>> loss = loss_fn(image, text)
+        >>> loss.backward()
+        >>> loss_fn.logit_scale.grad is not None and loss_fn.bias.grad is not None
+        True
+        >>> sorted(loss_fn.state_dict())
+        ['bias', 'logit_scale']
+    """
+
+    bias: float | Tensor
+
+    def __init__(
+        self,
+        temperature: float | Tensor = 0.1,
+        bias: float | Tensor = -10.0,
+        *,
+        learn_temperature: bool = True,
+        learn_bias: bool = True,
+        max_logit_scale: float = 100.0,
+        reduction: Reduction = "mean",
+        normalize: bool = True,
+        chunk_size: int | None = None,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            temperature,
+            reduction,
+            normalize=normalize,
+            learn_temperature=learn_temperature,
+            max_logit_scale=max_logit_scale,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
+        )
+        self.learn_bias = check_bool("learn_bias", learn_bias)
+        checked = check_bias(bias)
+        if learn_bias:
+            initial = float(checked.detach()) if isinstance(checked, Tensor) else checked
+            self.bias = nn.Parameter(torch.tensor(initial))
+        else:
+            self.bias = bias if isinstance(bias, Tensor) else checked
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        labels: Tensor | None = None,
+        negative_keys: Tensor | None = None,
+    ) -> Tensor:
+        return siglip_loss(
+            query,
+            key,
+            self.temperature,
+            self.bias,
+            self.reduction,
+            labels=labels,
+            negative_keys=negative_keys,
+            normalize=self.normalize,
+            chunk_size=self.chunk_size,
+            gather_distributed=self.gather_distributed,
+        )
+
+    def extra_repr(self) -> str:
+        bias = self.bias
+        value = float(bias.detach().cpu()) if isinstance(bias, Tensor) else bias
+        return self._settings_repr(f"bias={value:g}", f"learn_bias={self.learn_bias}")
 
 
 def check_queue(queue: object, *, gather_distributed: bool) -> MemoryQueue | None:

@@ -106,6 +106,12 @@ class Walk:
     partner_rows: Tensor | None = None  # (R, D) raw
     partner_segments: tuple[int, ...] = ()
     guide: GuideRule | None = None  # guided false-negative filtering
+    # Row i's targets by label: the keys of segments[0] whose label is its
+    # own (the sigmoid loss; labels: LabelRule(rows, (keys,))).
+    target_labels: LabelRule | None = None
+    # Added to every logit by an objective with a bias (the sigmoid loss);
+    # a one-element tensor gets a gradient.
+    logit_bias: float | Tensor = 0.0
     column_keys: int = 0  # leading keys of segments[0] scored against all rows (symmetric)
     row_scale: float = 1.0
     column_scale: float = 0.0
@@ -171,7 +177,11 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
     # only): no factors to apply then.
     has_keys = bool(walk.segments)
     tensor_temperature = temperature if isinstance(temperature, Tensor) and has_keys else None
+    # The Function's segment inputs: the keys, then the partner rows and the bias, if any.
     inputs = walk.segments if walk.partner_rows is None else (*walk.segments, walk.partner_rows)
+    bias = walk.logit_bias
+    if isinstance(bias, Tensor):
+        inputs = (*inputs, bias)
     needs_grad = any(input_grads_needed(walk.rows, extra, tensor_temperature, inputs))
     candidates = sum(len(keys) for keys in walk.segments) + (0 if extra is None else extra.shape[1])
     tileable = walk.objective.tileable and not walk.column_keys and walk.partner_rows is None
@@ -202,6 +212,9 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         raise_strength=walk.raise_strength,
         partner_segments=walk.partner_segments,
         guide=walk.guide,
+        target_labels=walk.target_labels,
+        bias=0.0 if isinstance(bias, Tensor) else bias,
+        bias_input=isinstance(bias, Tensor),
         normalize=problem.normalize and has_keys,
         eps=problem.eps,
         temperature=1.0 if isinstance(temperature, Tensor) or not has_keys else temperature,
@@ -216,11 +229,10 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         ),
         objective=walk.objective,
     )
-    segments = inputs  # the partner rows, if any, travel as the last segment
     if needs_grad and not options.grads_in_forward:  # backward reads the keys and labels
-        segments = tuple(_kept_copy(keys) for keys in segments)
+        inputs = tuple(_kept_copy(keys) for keys in inputs)
         rule = options.exclude_labels
         if rule is not None:
             labels = tuple(None if x is None else _kept_copy(x) for x in rule.segments)
             options = replace(options, exclude_labels=LabelRule(rule.rows, labels))
-    return log_sum_exp(walk.rows, segments, extra, tensor_temperature, options)
+    return log_sum_exp(walk.rows, inputs, extra, tensor_temperature, options)

@@ -66,6 +66,12 @@ class LogSumExpOptions:
         partner_segments: segments scored against the partner rows, the
             last of the Function's segment inputs (see `walker.Layout`).
         guide: guided false-negative filtering (`walker.GuideRule`).
+        target_labels: row i's positives are the first segment's keys with
+            its label (`walker.Layout`; the sigmoid loss).
+        bias: the logits' bias when no bias tensor is given (objectives with
+            a ``bias_stat``).
+        bias_input: the bias is a tensor, the last of the Function's segment
+            inputs (after the partner rows), and gets a gradient.
         normalize: L2-normalise the rows and the keys (by their norms, at
             least ``eps``).
         eps: smallest norm divided by, as in `F.normalize`.
@@ -99,6 +105,9 @@ class LogSumExpOptions:
     raise_strength: float = 0.0
     partner_segments: tuple[int, ...] = ()
     guide: walker.GuideRule | None = None
+    target_labels: walker.LabelRule | None = None
+    bias: float = 0.0
+    bias_input: bool = False
 
     def parts(self) -> tuple[Any, ...]:
         """Every setting as plain values, without label or mask tensors (`from_parts` rebuilds)."""
@@ -127,12 +136,20 @@ class LogSumExpOptions:
             self.raise_strength,
             self.partner_segments,
             None if self.guide is None else self.guide.structure(),
+            self.target_labels is not None,
+            self.bias,
+            self.bias_input,
         )
 
     def rule_tensors(self) -> list[Tensor]:
-        """The key masks that exist, then the guide's tensors (`from_parts` takes them back)."""
+        """The key masks that exist, the guide's tensors, the target labels (`from_parts`)."""
         masks = [mask for mask in self.valid_keys if mask is not None]
-        return masks + ([] if self.guide is None else self.guide.tensors())
+        guide = [] if self.guide is None else self.guide.tensors()
+        labels = self.target_labels
+        targets = (
+            [] if labels is None else [labels.rows, *(x for x in labels.segments if x is not None)]
+        )
+        return masks + guide + targets
 
     @staticmethod
     def from_parts(
@@ -144,14 +161,18 @@ class LogSumExpOptions:
         (reduction, block_rows, tile_columns, column_keys, row_scale, column_scale) = parts[:6]
         (target_offset, target_extra, exclusions, exclude_target, _, normalize) = parts[6:12]
         (eps, temperature, product_dtype, grads_in_forward, objective_type, settings) = parts[12:18]
-        masks_present, raised_segments, raise_strength, partner_segments, guide = parts[18:]
+        masks_present, raised_segments, raise_strength, partner_segments, guide = parts[18:23]
+        has_target_labels, bias, bias_input = parts[23:]
         valid_keys: tuple[Tensor | None, ...] = ()
-        guide_rule = None
+        guide_rule = target_labels = None
         if rule_tensors is not None:
-            tensors = iter(rule_tensors)
-            valid_keys = tuple(next(tensors) if flag else None for flag in masks_present)
+            tensors = list(rule_tensors)
+            valid_keys = tuple(tensors.pop(0) if flag else None for flag in masks_present)
+            if has_target_labels:  # the last two: the rows' labels, the keys'
+                target_labels = walker.LabelRule(tensors[-2], (tensors[-1],))
+                tensors = tensors[:-2]
             if guide is not None:
-                guide_rule = walker.GuideRule.from_tensors(guide, list(tensors))
+                guide_rule = walker.GuideRule.from_tensors(guide, tensors)
         return LogSumExpOptions(
             reduction=reduction,
             block_rows=block_rows,
@@ -175,6 +196,9 @@ class LogSumExpOptions:
             raise_strength=raise_strength,
             partner_segments=partner_segments,
             guide=guide_rule,
+            target_labels=target_labels,
+            bias=bias,
+            bias_input=bias_input,
         )
 
     def raise_factor(self, temperature: Tensor | None) -> Tensor | float:
@@ -185,8 +209,8 @@ class LogSumExpOptions:
             return 1.0 + self.raise_strength * self.temperature
         return 1.0 + self.raise_strength * temperature.detach().reshape(())
 
-    @property
-    def layout(self) -> walker.Layout:
+    def layout(self, bias: Tensor | None) -> walker.Layout:
+        """The walker's rules, with the bias tensor (detached) or the options' bias."""
         return walker.Layout(
             block_rows=self.block_rows,
             tile_columns=self.tile_columns,
@@ -201,6 +225,8 @@ class LogSumExpOptions:
             raised_segments=self.raised_segments,
             partner_segments=self.partner_segments,
             guide=self.guide,
+            target_labels=self.target_labels,
+            logit_bias=self.bias if bias is None else bias.detach().reshape(()),
         )
 
 
@@ -284,10 +310,10 @@ def forward_outputs(
     ``needs_grad`` says which of ``(rows, extra, temperature, *segments)``
     need a gradient.
     """
-    segments, partner = _partnered(segments, options)
+    segments, partner, bias = _split_inputs(segments, options)
     segment_grads = tuple(needs_grad[3 : 3 + len(segments)])
     row_grads = needs_grad[0] or needs_grad[2]  # the temperature's comes from the rows'
-    partner_grads = partner is not None and (needs_grad[-1] or needs_grad[2])
+    partner_grads = partner is not None and (needs_grad[3 + len(segments)] or needs_grad[2])
     factors = _factors(rows, segments, temperature, options)
     partner_factors = None if partner is None else _factors(partner, (), temperature, options)
     walked, column_scales = segments, factors.columns
@@ -307,7 +333,7 @@ def forward_outputs(
         walked,
         extra,
         options.objective,
-        options.layout,
+        options.layout(bias),
         row_scales=factors.rows,
         column_scales=column_scales,
         compute_grads=options.grads_in_forward,
@@ -337,6 +363,8 @@ def forward_outputs(
         partner, result, partner_factors, options, needs_grad, grad_temperature
     )
     grad_segments = result.grad_segments + ([] if partner is None else [grad_partner])
+    if bias is not None:
+        grad_segments.append(_bias_grad(result.row_stat, options, None) if needs_grad[-1] else None)
     return loss, result.grad_rows, result.grad_extra, grad_temperature, *grad_segments
 
 
@@ -359,7 +387,7 @@ def backward_grads(
         return tuple(None if grad is None else grad * scale for grad in kept)
     row_stat, column_lse = kept
     rows, extra, temperature, *segment_list = inputs
-    segments, partner = _partnered(cast(tuple[Tensor, ...], tuple(segment_list)), options)
+    segments, partner, bias = _split_inputs(cast(tuple[Tensor, ...], tuple(segment_list)), options)
     assert row_stat is not None
     assert rows is not None
     row_weight: Tensor | None = None
@@ -378,7 +406,7 @@ def backward_grads(
         segments,
         extra,
         options.objective,
-        options.layout,
+        options.layout(bias),
         walker.BlockPass(row_stat=row_stat, column_lse=column_lse),
         row_scales=factors.rows,
         column_scales=factors.columns,
@@ -389,13 +417,16 @@ def backward_grads(
         raise_factor=options.raise_factor(temperature),
         partner=partner,
         partner_scales=None if partner_factors is None else partner_factors.rows,
-        partner_grads=partner is not None and (needs_grad[-1] or needs_grad[2]),
+        partner_grads=partner is not None and (needs_grad[3 + len(segments)] or needs_grad[2]),
     )
     grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
     grad_partner, grad_temperature = _partner_grads(
         partner, result, partner_factors, options, needs_grad, grad_temperature
     )
     grad_segments = result.grad_segments + ([] if partner is None else [grad_partner])
+    if bias is not None:
+        grad_bias = _bias_grad(row_stat, options, row_weight) if needs_grad[-1] else None
+        grad_segments.append(None if grad_bias is None else grad_bias.reshape(bias.shape))
     grads = (result.grad_rows, result.grad_extra, grad_temperature, *grad_segments)
     if row_weight is None:
         scale = _scalar_scale(grad_output, options, len(rows))
@@ -406,13 +437,31 @@ def backward_grads(
     return grad_rows, grad_extra, grad_temperature, *grad_segments
 
 
-def _partnered(
+def _split_inputs(
     segments: tuple[Tensor, ...], options: LogSumExpOptions
-) -> tuple[tuple[Tensor, ...], Tensor | None]:
-    """The key segments, and the partner rows (the last segment input) if the walk has them."""
+) -> tuple[tuple[Tensor, ...], Tensor | None, Tensor | None]:
+    """The key segments, the partner rows and the bias tensor, where the walk has them.
+
+    The Function's segment inputs are the key segments, then the partner
+    rows (``partner_segments``), then the bias (``bias_input``).
+    """
+    bias = segments[-1] if options.bias_input else None
+    inputs = segments[:-1] if options.bias_input else segments
     if not options.partner_segments:
-        return segments, None
-    return segments[:-1], segments[-1]
+        return inputs, None, bias
+    return inputs[:-1], inputs[-1], bias
+
+
+def _bias_grad(row_stat: Tensor, options: LogSumExpOptions, row_weight: Tensor | None) -> Tensor:
+    """The bias's gradient: the rows' ``d loss / d bias`` (a statistic), weighted and summed.
+
+    Without ``row_weight`` (a scalar reduction) the gradient of the unscaled
+    row losses' sum, which backward scales as it does every gradient.
+    """
+    index = options.objective.bias_stat
+    assert index is not None, "a bias needs an objective that has one"
+    per_row = row_stat[:, index]  # (B,)
+    return per_row.sum() if row_weight is None else torch.dot(per_row, row_weight)
 
 
 def _partner_grads(
@@ -441,7 +490,8 @@ def _partner_grads(
     )
     if share is not None:
         grad_temperature = share if grad_temperature is None else grad_temperature + share
-    return (result.grad_partner if needs_grad[-1] else None), grad_temperature
+    wanted = needs_grad[-2] if options.bias_input else needs_grad[-1]  # the bias comes last
+    return (result.grad_partner if wanted else None), grad_temperature
 
 
 def _factors(

@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from info_nce.engine import columns as col
-from info_nce.objectives.base import RowContext, RowObjective, target_entries
+from info_nce.objectives.base import RowContext, RowObjective, TargetLabels, target_entries
 
 # Rows per logits block, chosen by measurement (docs/benchmarks.md): at least
 # 256 rows, and up to ~4M logits per block. Each block's product with the
@@ -263,6 +263,12 @@ class Layout:
             logits, as the added term takes none).
         guide: keys too similar to their row's anchor by a guide are no
             candidates (`GuideRule`: guided false-negative filtering).
+        target_labels: row r's targets are the keys of segment 0 whose
+            label (``segments[0]``) is its own (``rows``), instead of one key
+            or column: objectives that score each logit alone (the sigmoid
+            loss) read them from the context, with no (B, N) mask.
+        logit_bias: added to every logit by an objective that has a bias
+            (``bias_stat``; the sigmoid loss), a float or a 0-dim tensor.
         partner_segments: segments whose keys are scored against the rows'
             partners (a second row set, row r's partner pairs with row r)
             instead of the rows: one row of the block is then a pair's row
@@ -288,6 +294,8 @@ class Layout:
     raised_segments: tuple[int, ...] = ()
     partner_segments: tuple[int, ...] = ()
     guide: GuideRule | None = None
+    target_labels: LabelRule | None = None
+    logit_bias: Tensor | float = 0.0
 
     def key_mask(self, segment: int) -> Tensor | None:
         """(N_k,) bool, False for the keys of ``segment`` that are no candidate of any row."""
@@ -297,15 +305,21 @@ class Layout:
     def has_target(self) -> bool:
         return self.target_offset is not None or self.target_extra
 
-    def context(
-        self, first_row: int, key_start: int, candidates: Tensor | None = None
-    ) -> RowContext:
+    def context(self, rows: slice, key_start: int, candidates: Tensor | None = None) -> RowContext:
+        """The context of a block of ``rows`` whose first key column is ``key_start``."""
+        first_row, bias = rows.start, self.logit_bias
         if self.target_extra:
-            return RowContext(first_row, target_start=0, target_step=0, candidates=candidates)
+            return RowContext(first_row, 0, 0, candidates, logit_bias=bias)
         if self.target_offset is not None:
             start = key_start + self.target_offset
-            return RowContext(first_row, target_start=start, candidates=candidates)
-        return RowContext(first_row, candidates=candidates)
+            return RowContext(first_row, start, 1, candidates, logit_bias=bias)
+        labels = None
+        if self.target_labels is not None:
+            rule = self.target_labels
+            keys = rule.keys(0)
+            assert keys is not None
+            labels = TargetLabels(rule.rows[rows], keys, key_start)
+        return RowContext(first_row, candidates=candidates, target_labels=labels, logit_bias=bias)
 
 
 @dataclass
@@ -459,7 +473,7 @@ class _Blocks:
 
     def context(self, span: slice) -> RowContext:
         candidates = None if self.candidates is None else self.candidates[span]
-        return self.layout.context(span.start, self.key_start, candidates)
+        return self.layout.context(span, self.key_start, candidates)
 
     def spans(self) -> list[slice]:
         """The blocks' row ranges."""

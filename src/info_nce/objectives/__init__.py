@@ -7,6 +7,7 @@ from info_nce.objectives.base import RowContext, RowObjective
 from info_nce.objectives.debiased import DebiasedObjective
 from info_nce.objectives.decoupled import DecoupledObjective
 from info_nce.objectives.infonce import InfoNCEObjective, mean_positive_logit
+from info_nce.objectives.sigmoid import SigmoidObjective
 
 __all__ = [
     "DebiasedObjective",
@@ -14,5 +15,6 @@ __all__ = [
     "InfoNCEObjective",
     "RowContext",
     "RowObjective",
+    "SigmoidObjective",
     "mean_positive_logit",
 ]

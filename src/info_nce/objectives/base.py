@@ -25,6 +25,11 @@ Rows too long for a block of complete rows (a queue of a million keys) are
 split into column tiles where the objective is ``tileable``: ``forward_``
 then gets each row's log-sum-exp over its candidates as a one-column block.
 
+An objective that scores logits on an absolute scale (the sigmoid loss) adds
+``context.logit_bias`` to every logit itself, and records each row's
+``d loss / d bias`` as its statistic ``bias_stat``; the others have no bias
+(``bias_stat`` None) and never see one.
+
 The gradient with respect to an excluded target is the objective's to write
 (it is the only entry of an excluded column that is not 0).
 
@@ -47,19 +52,49 @@ CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
+class TargetLabels:
+    """Targets by label: row r's targets are the first segment's keys with its label."""
+
+    rows: Tensor  # (R,) the block's rows' labels
+    keys: Tensor  # (N_0,) the first segment's keys' labels
+    key_start: int  # the block column of the first segment's key 0
+
+    def mask(self, first_column: int, width: int) -> Tensor | None:
+        """(R, width) bool, True at the targets among ``width`` columns from ``first_column``.
+
+        None where the columns hold no key of the first segment.
+        """
+        start = max(first_column, self.key_start)
+        stop = min(first_column + width, self.key_start + len(self.keys))
+        if start >= stop:
+            return None
+        keys = self.keys[start - self.key_start : stop - self.key_start]
+        equal = self.rows.unsqueeze(1) == keys  # (R, stop - start)
+        if stop - start == width:
+            return equal
+        found = equal.new_zeros(len(self.rows), width)
+        found[:, start - first_column : stop - first_column] = equal
+        return found
+
+
+@dataclass(frozen=True)
 class RowContext:
-    """Where each row's special columns are, in block coordinates.
+    """Where each row's special columns are, in block coordinates, and the logits' bias.
 
     Row ``r`` (counted over all rows, not within the block) has its target,
     if any, at block column ``target_start + r * target_step``: ``target_step``
     is 1 for a diagonal (in-batch positives: key ``offset + r``) and 0 for a
-    fixed column (a query's own positive in the first extra column).
+    fixed column (a query's own positive in the first extra column). With
+    ``target_labels`` a row's targets are instead every key with its label
+    (objectives that score each logit alone: the sigmoid loss).
     """
 
     first_row: int  # the block's first row
     target_start: int | None = None
     target_step: int = 1
     candidates: Tensor | None = None  # (R,) each row's number of candidates, if asked for
+    target_labels: TargetLabels | None = None
+    logit_bias: Tensor | float = 0.0  # added to every logit by objectives with a bias
 
     def target_diagonal(self, first_column: int) -> int | None:
         """Offset of the targets' diagonal in a slice whose first column is ``first_column``."""
@@ -79,6 +114,15 @@ class RowObjective(Protocol):
     @property
     def needs_candidates(self) -> bool:
         """Whether ``forward_`` needs ``context.candidates``."""
+        ...
+
+    @property
+    def bias_stat(self) -> int | None:
+        """Which statistic is the row's ``d loss / d bias`` (None: the objective has no bias).
+
+        The bias's gradient is then the statistic's sum over the rows,
+        weighted as the rows' losses are: no gradient pass needed.
+        """
         ...
 
     @property

@@ -1,0 +1,99 @@
+"""SigLIP's sigmoid loss (Zhai et al., ICCV 2023): every logit scored alone.
+
+With ``z = logit + bias`` and ``s`` = -1 for a target (the row's positives:
+its diagonal key, or every key with its label) and +1 for any other
+candidate, the row's loss is ``sum_j softplus(s_j z_j)``, which is
+``-log sigmoid(z)`` for a positive and ``-log sigmoid(-z)`` for a negative,
+and its gradient is ``d loss / d z_j = s_j sigmoid(s_j z_j)`` (``sigmoid(z)
+- 1`` at a positive, ``sigmoid(z)`` elsewhere). An excluded entry (-inf)
+costs 0 and has no gradient.
+
+No row statistic enters the loss, so ``forward_`` leaves the gradient itself
+in the block and the walker builds every gradient in the same pass: three
+matrix products in all. The one statistic is the row's gradient sum,
+``d loss / d bias``; the bias's gradient is its (weighted) sum over the rows.
+Each step runs a cache-sized chunk of columns at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from info_nce.objectives.base import RowContext, column_slices, target_entries
+
+# softplus(z) is z itself, to the last bit of a float64, above this
+# (exp(-40) < 2^-53 * 40); below it log1p(exp(z)) never overflows in float32.
+_LINEAR_ABOVE = 40.0
+
+
+@dataclass(frozen=True)
+class SigmoidObjective:
+    """Each logit plus the bias scored alone: ``softplus(-z)`` at targets, else ``softplus(z)``."""
+
+    num_stats = 1  # the row's d loss / d bias
+    needs_candidates = False
+    bias_stat = 0
+    tileable = False  # not through a log-sum-exp (any tiling would do; none is needed)
+
+    def parts(self) -> tuple[float, ...]:
+        return ()
+
+    def forward_(
+        self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
+    ) -> Tensor:
+        loss = block.new_zeros(len(block))  # (R,)
+        bias_grad = row_stat[:, 0].zero_()  # (R,)
+        for columns in column_slices(block):
+            chunk = block[:, columns]  # (R, k) view
+            signs = _signed_(chunk, context, columns.start)
+            loss += F.softplus(chunk, threshold=_LINEAR_ABOVE).sum(dim=1)
+            chunk.sigmoid_()
+            _unsign_(chunk, context, columns.start, signs)  # d loss / d z
+            bias_grad += chunk.sum(dim=1)
+        return loss
+
+    def gradient_from_forward_(
+        self, block: Tensor, context: RowContext, row_stat: Tensor, weight: Tensor | float
+    ) -> None:
+        if isinstance(weight, Tensor) or weight != 1.0:
+            block.mul_(weight)
+
+    def gradient_(
+        self,
+        logits: Tensor,
+        context: RowContext,
+        first_column: int,
+        row_stat: Tensor,
+        weight: Tensor | float,
+    ) -> None:
+        signs = _signed_(logits, context, first_column)
+        logits.sigmoid_()
+        _unsign_(logits, context, first_column, signs)
+        self.gradient_from_forward_(logits, context, row_stat, weight)
+
+
+def _signed_(logits: Tensor, context: RowContext, first_column: int) -> Tensor | None:
+    """In place: logits become ``s * (logit + bias)``; the (R, k) signs by label, if any."""
+    logits.add_(context.logit_bias)
+    if context.target_labels is not None:
+        mask = context.target_labels.mask(first_column, logits.shape[1])
+        if mask is None:
+            return None
+        signs = 1 - 2 * mask.to(logits.dtype)  # (R, k) -1 at the targets
+        logits.mul_(signs)
+        return signs
+    targets, _ = target_entries(logits, context, first_column)
+    targets.neg_()
+    return None
+
+
+def _unsign_(logits: Tensor, context: RowContext, first_column: int, signs: Tensor | None) -> None:
+    """In place: the targets' entries negated back (``sigmoid(s z)`` becomes ``s sigmoid(s z)``)."""
+    if signs is not None:
+        logits.mul_(signs)
+    elif context.target_labels is None:
+        targets, _ = target_entries(logits, context, first_column)
+        targets.neg_()
