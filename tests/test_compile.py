@@ -24,10 +24,10 @@ from tiling import tiles_on_path  # noqa: F401  (autouse: the tiles path)
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-from info_nce import InfoNCE, MemoryQueue, NTXent, info_nce
+from info_nce import InfoNCE, MemoryQueue, NTXent, SigLIPLoss, info_nce
 from info_nce.engine import op, walker
 from info_nce.engine.function import LogSumExpOptions
-from info_nce.objectives import DecoupledObjective
+from info_nce.objectives import DecoupledObjective, SigmoidObjective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,6 +114,12 @@ def test_learnable_temperature_module_compiles_once() -> None:
     assert graphs == [1, 1, 1]
 
 
+@pytest.mark.parametrize("labelled", [False, True])
+def test_siglip_module_with_learnable_temperature_and_bias_compiles_once(labelled: bool) -> None:
+    graphs = run_steps(SigLIPLoss(chunk_size=8, reduction="none"), 3, labelled=labelled)
+    assert graphs == [1, 1, 1]
+
+
 @pytest.mark.parametrize(
     ("module_type", "settings"),
     [
@@ -179,14 +185,27 @@ def op_cases() -> list[tuple[LogSumExpOptions, tuple[Tensor, ...]]]:
         raise_strength=2.0,
         normalize=True,
     )
+    # SigLIP: positives by label, a bias tensor (the last segment input).
+    sigmoid = LogSumExpOptions(
+        reduction="none",
+        block_rows=2,
+        target_labels=walker.LabelRule(torch.arange(5) % 2, (torch.arange(5) % 2,)),
+        bias_input=True,
+        normalize=True,
+        objective=SigmoidObjective(),
+    )
+    bias = torch.tensor(-1.5, dtype=torch.float64)
     return [
         (two_pass, (rows, None, temperature, keys)),
         (in_forward, (rows, extra, temperature, keys, frozen)),
         (shared, (rows, extra, temperature, keys, draw(10, 3))),
+        (sigmoid, (rows, None, temperature, keys, frozen, bias)),
     ]
 
 
-@pytest.mark.parametrize("case", [0, 1, 2], ids=["two-pass", "grads-in-forward", "shared"])
+@pytest.mark.parametrize(
+    "case", [0, 1, 2, 3], ids=["two-pass", "grads-in-forward", "shared", "sigmoid"]
+)
 def test_the_engine_ops_pass_torch_library_opcheck(case: int) -> None:
     # Schema, fake (meta) shapes, autograd registration and AOT dispatch.
     options, (rows, extra, temperature, *segments) = op_cases()[case]
@@ -194,6 +213,8 @@ def test_the_engine_ops_pass_torch_library_opcheck(case: int) -> None:
     inputs = (rows, extra, temperature, *segments)
     # Every input needs a gradient but a second segment (frozen keys, a queue).
     needs = [True, extra is not None, True, True] + [case == 2] * (len(segments) - 1)
+    if case == 3:  # the bias
+        needs[-1] = True
     for x, flag in zip(inputs, needs, strict=True):
         if x is not None:
             x.requires_grad_(flag)

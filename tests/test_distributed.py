@@ -32,11 +32,12 @@ from reference import assert_close as assert_close_scaled
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from info_nce import InfoNCE, NTXent, info_nce, nt_xent
+from info_nce import InfoNCE, NTXent, SigLIPLoss, info_nce, nt_xent, siglip_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-10  # float64, relative and absolute
 TEMPERATURE = 0.2
+BIAS = -2.0  # SigLIP's
 IN_FEATURES, HIDDEN, EMBEDDING = 5, 7, 6
 PAIRED_NEGATIVES = 3  # negatives per query in paired mode
 CLASSES = 3  # labels are arange(B) % CLASSES: repeated, and spread over the ranks
@@ -69,6 +70,9 @@ class Case:
     no_grad: bool = False  # forward under torch.no_grad() (evaluation): the loss only
     views: int = 0  # V >= 2: NTXent / nt_xent over V views (the encoders' outputs) instead
     negative_labels: bool = False  # labels of the unpaired negatives (a labelled queue's)
+    # SigLIPLoss (a learnable temperature and bias; unpaired negatives only) or,
+    # without learn_temperature, siglip_loss with numbers.
+    siglip: bool = False
 
 
 CASES = [
@@ -412,6 +416,31 @@ CASES = [
         negatives="unpaired",
         learn_temperature=False,
     ),
+    # SigLIP: the temperature's and the bias's gradients equal one process's too.
+    Case("siglip-ddp", siglip=True, ddp=True),
+    Case(
+        "siglip-labels-negatives-unequal-shares",
+        siglip=True,
+        labels=True,
+        negatives="unpaired",
+        unequal_negatives=True,
+    ),
+    Case("siglip-unequal-sum", siglip=True, unequal=True, reduction="sum"),
+    Case(
+        "siglip-labels-blockwise-unequal-none",
+        {"chunk_size": 2},
+        siglip=True,
+        labels=True,
+        unequal=True,
+        reduction="none",
+    ),
+    Case(
+        "siglip-fixed-negatives-blockwise",
+        {"chunk_size": 3},
+        siglip=True,
+        negatives="unpaired",
+        learn_temperature=False,
+    ),
 ]
 CASE_IDS = [case.name for case in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS), "case names must be unique"
@@ -444,9 +473,16 @@ class TwoTower(nn.Module):
         self.frozen_query = case.frozen_query
         negative_mode: Literal["unpaired", "paired", "shared"] = case.negatives or "unpaired"
         self.views = case.views
-        self.criterion: InfoNCE | NTXent | None = None
+        self.criterion: InfoNCE | NTXent | SigLIPLoss | None = None
         self.functional_options: dict[str, Any] = {}
-        if case.views:
+        self.siglip = case.siglip
+        if case.siglip:
+            options = dict(reduction=case.reduction, gather_distributed=gather, **case.options)
+            if case.learn_temperature:
+                self.criterion = SigLIPLoss(TEMPERATURE, BIAS, **options)
+            else:
+                self.functional_options = dict(temperature=TEMPERATURE, bias=BIAS, **options)
+        elif case.views:
             self.criterion = None
             options = dict(reduction=case.reduction, gather_distributed=gather, **case.options)
             if case.learn_temperature:
@@ -498,9 +534,20 @@ class TwoTower(nn.Module):
                 negative_labels=negative_labels,
                 **self.functional_options,
             )
+        if self.siglip:
+            if isinstance(self.criterion, SigLIPLoss):
+                siglip: Tensor = self.criterion(query, positive_key, labels, negative_keys)
+                return siglip
+            return siglip_loss(
+                query,
+                positive_key,
+                labels=labels,
+                negative_keys=negative_keys,
+                **self.functional_options,
+            )
         if self.frozen_query:
             query = query.detach()
-        if self.criterion is not None:
+        if isinstance(self.criterion, InfoNCE):
             loss: Tensor = self.criterion(
                 query, positive_key, negative_keys, labels=labels, negative_mask=mask, guide=guide
             )
@@ -795,6 +842,8 @@ EMPTY_RANK_CASES: dict[str, dict[str, Any]] = {
         "hardness_mode": "all_negatives",
         "hardness_strength": 2.0,
     },
+    "siglip-labels-negatives": {"siglip": True, "labels": True, "negatives": True},
+    "siglip-none": {"siglip": True, "reduction": "none"},
 }
 
 
@@ -816,7 +865,10 @@ def empty_rank_case(name: str, rank: int | None) -> tuple[Tensor, list[Tensor]]:
         negatives = negatives[3 * rank : 3 * rank + 3]
         options["gather_distributed"] = True
     labels = (torch.arange(5) % 2)[:batch] if options.pop("labels", False) else None
-    if options.pop("views", False):
+    if options.pop("siglip", False):
+        unpaired = negatives if options.pop("negatives", False) else None
+        loss = siglip_loss(query, key, 0.2, BIAS, labels=labels, negative_keys=unpaired, **options)
+    elif options.pop("views", False):
         loss = nt_xent([query, key], labels, **options)
     elif options.pop("shared", False):  # two shared negatives per query
         loss = info_nce(query, key, shared, negative_mode="shared", **options)

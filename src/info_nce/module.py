@@ -629,8 +629,8 @@ class SigLIPLoss(_TemperatureModule):
         >>> import torch
         >>> from info_nce import SigLIPLoss
         >>> loss_fn = SigLIPLoss()
-        >>> loss_fn.temperature.item(), loss_fn.bias.item()
-        (0.10000000149011612, -10.0)
+        >>> round(loss_fn.temperature.item(), 6), loss_fn.bias.item()
+        (0.1, -10.0)
         >>> image = torch.randn(32, 128, requires_grad=True)
         >>> text = torch.randn(32, 128, requires_grad=True)
         >>> loss = loss_fn(image, text)
