@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from info_nce import info_nce, nt_xent
+from info_nce import info_nce, nt_xent, siglip_loss
 from info_nce.cli import bench
 from info_nce.cli.__main__ import main
 
@@ -20,7 +20,7 @@ TINY = {
 @pytest.mark.parametrize("mode", list(TINY))
 @pytest.mark.parametrize("implementation", ["ours", "reference", "floor"])
 def test_measure_reports_times_and_memory(mode: str, implementation: str) -> None:
-    result = bench.measure(TINY[mode], implementation, wheel=None)
+    result = bench.measure(TINY[mode], implementation, bench.References())
     times = result["times_s"]
     assert isinstance(times, list)
     assert len(times) == 2
@@ -33,7 +33,8 @@ def test_measure_reports_times_and_memory(mode: str, implementation: str) -> Non
 def test_measure_uses_the_reference_wheel(info_nce_pytorch: object) -> None:
     # The conftest fixture fails if the wheel is missing; reading it here checks the path.
     assert bench.DEFAULT_REFERENCE_WHEEL.exists()
-    result = bench.measure(TINY["unpaired"], "reference", bench.DEFAULT_REFERENCE_WHEEL)
+    references = bench.References(info_nce_pytorch=bench.DEFAULT_REFERENCE_WHEEL)
+    result = bench.measure(TINY["unpaired"], "reference", references)
     assert isinstance(result["median_s"], float)
 
 
@@ -41,7 +42,8 @@ def test_symmetric_and_label_references_are_the_dense_losses() -> None:
     config_symmetric = bench.Config("T", "in-batch", 8, 0, 4, repeats=1, symmetric=True)
     config_labels = bench.Config("T", "in-batch", 8, 0, 4, repeats=1, classes=3)
     for config in (config_symmetric, config_labels):
-        assert bench.measure(config, "reference", None)["median_s"] > 0  # type: ignore[operator]
+        result = bench.measure(config, "reference", bench.References())
+        assert result["median_s"] > 0  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("name", ["C8", "C9", "C10"])
@@ -97,7 +99,7 @@ def test_unknown_configuration_is_refused(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_every_issue_configuration_is_defined() -> None:
-    assert {f"C{k}" for k in range(13)} | {"C14", "C15"} <= set(bench.CONFIGS)
+    assert {f"C{k}" for k in range(17)} <= set(bench.CONFIGS)
     assert bench.CONFIGS["C11"].queue
     assert not bench._inputs(bench.CONFIGS["C11"])[2].requires_grad
     assert bench.CONFIGS["C10"].temperature == 0.5
@@ -146,3 +148,33 @@ def test_embedding_recipe_references_compute_the_benchmarked_loss() -> None:
             chunk_size=chunk_size,
         )
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("open_clip", [False, True], ids=["formula", "open_clip-wheel"])
+def test_siglip_references_compute_the_benchmarked_loss(open_clip: bool) -> None:
+    # C13's dense loss (open_clip's SigLipLoss, or its formula written in the
+    # bench) is the loss `ours` computes there, in float64 at a small size.
+    generator = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 9, 5, generator=generator, dtype=torch.float64)
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
+    reference = bench._dense_siglip_loss
+    if open_clip:
+        assert bench.DEFAULT_OPEN_CLIP_WHEEL.exists()
+        reference = bench.load_open_clip_siglip(bench.DEFAULT_OPEN_CLIP_WHEEL)()
+    unit = torch.nn.functional.normalize
+    expected = reference(unit(query, dim=1), unit(key, dim=1), scale, bias)
+    for chunk_size in (None, 4):
+        loss = siglip_loss(query, key, 1 / scale, bias, chunk_size=chunk_size)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", ["ours", "reference", "floor"])
+def test_siglip_configuration_measures_each_implementation(implementation: str) -> None:
+    tiny = dataclasses.replace(bench.CONFIGS["C13"], batch=8, dim=4, repeats=2)
+    references = bench.References(open_clip=bench.DEFAULT_OPEN_CLIP_WHEEL)
+    result = bench.measure(tiny, implementation, references)
+    assert isinstance(result["median_s"], float)
+    assert bench.References(None, bench.DEFAULT_OPEN_CLIP_WHEEL).arguments() == [
+        "--open-clip-wheel",
+        str(bench.DEFAULT_OPEN_CLIP_WHEEL),
+    ]

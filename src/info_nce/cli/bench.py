@@ -14,7 +14,9 @@ single run:
   the hard-negative loss its authors' estimator (exp space, a (2B, 2B - 2)
   matrix of negatives), and for the embedding recipes (C14, C15) the dense
   logits as sentence-transformers builds them (MNRL's similarity matrices,
-  hardness penalties and GISTEmbed's guided mask);
+  hardness penalties and GISTEmbed's guided mask), and for SigLIP (C13)
+  open_clip's ``SigLipLoss`` read from its wheel (``--open-clip-wheel``),
+  else the same formula written here as open_clip writes it;
 * ``ours``: ``info_nce.info_nce`` (or ``nt_xent``) with its defaults (automatic dispatch);
 * ``floor``: only the matrix products any exact implementation must do
   (logits, and the two gradient products), timed alone. For C14 that is the
@@ -22,7 +24,8 @@ single run:
   similarity product (G features, no gradient); for C15 the three products
   of each of the four directions (twelve B x B x D products: the joint
   softmax's rows are formed per pair, so the key-to-query block is a
-  product of its own, as in sentence-transformers).
+  product of its own, as in sentence-transformers). SigLIP's floor is the
+  three products of the in-batch loss, its sigmoid costing none.
 
 Time is the median over a configuration's repeats of forward+backward passes
 after a warm-up pass, and the median of those medians over several fresh
@@ -55,12 +58,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from info_nce import info_nce, nt_xent
+from info_nce import SigLIPLoss, info_nce, nt_xent
 from info_nce._normalize import unit
 from info_nce.dense import dense_info_nce
 
 IMPLEMENTATIONS = ("reference", "ours", "floor")
 DEFAULT_REFERENCE_WHEEL = Path(".venv/reference/info_nce_pytorch-0.1.4-py3-none-any.whl")
+DEFAULT_OPEN_CLIP_WHEEL = Path(".venv/reference/open_clip_torch-3.3.0-py3-none-any.whl")
+
+
+@dataclass(frozen=True)
+class References:
+    """The peers' wheels the reference implementations are read from (None: written here)."""
+
+    info_nce_pytorch: Path | None = None
+    open_clip: Path | None = None
+
+    def arguments(self) -> list[str]:
+        """The command-line arguments that give these wheels to a worker."""
+        found = []
+        if self.info_nce_pytorch is not None:
+            found += ["--reference-wheel", str(self.info_nce_pytorch)]
+        if self.open_clip is not None:
+            found += ["--open-clip-wheel", str(self.open_clip)]
+        return found
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,7 @@ class Config:
     guide_width: int = 0
     margin: float = 0.1
     directions: tuple[str, ...] = ()
+    siglip: bool = False  # SigLIP's sigmoid loss, its temperature and bias learnable
 
     def describe(self) -> str:
         if self.views:
@@ -97,6 +119,8 @@ class Config:
                 options += f", temperature={self.temperature}"
             return f"nt_xent V={self.views}{options}, B={self.batch}, D={self.dim}"
         shape = f"B={self.batch}"
+        if self.siglip:
+            return f"SigLIP, learnable temperature and bias, {shape}, D={self.dim}"
         if self.queue:
             return f"MoCo, queue (no gradient) {shape}, K={self.negatives}, D={self.dim}"
         if self.directions:
@@ -157,7 +181,10 @@ CONFIGS = {
             hardness=5.0,
             guide_width=64,
         ),
+        Config("C13", "in-batch", 16384, 0, 128, repeats=3, processes=3, siglip=True),
         Config("C15", "in-batch", 8192, 0, 128, repeats=3, processes=3, directions=GTE),
+        # SigLIP at a batch whose dense (B, B) logits alone take 16 GiB.
+        Config("C16", "in-batch", 65536, 0, 128, repeats=1, reference_fits=False, siglip=True),
     )
 }
 
@@ -167,6 +194,23 @@ OBJECTIVE_OPTIONS: dict[str, dict[str, float | bool]] = {
     "decoupled": {"decoupled": True},
     "hard-negative": {"hard_negative_beta": 1.0, "false_negative_rate": 0.1},
 }
+
+
+def load_open_clip_siglip(wheel: Path) -> type[torch.nn.Module]:
+    """open_clip's ``SigLipLoss``, read from its wheel's ``loss.py`` (it imports torch only)."""
+    with zipfile.ZipFile(wheel) as archive:
+        source = archive.read("open_clip/loss.py")
+    module = types.ModuleType("open_clip_loss_reference")
+    exec(compile(source, f"{wheel}/open_clip/loss.py", "exec"), module.__dict__)
+    loss: type[torch.nn.Module] = module.SigLipLoss
+    return loss
+
+
+def _dense_siglip_loss(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """SigLIP's loss as open_clip writes it: (B, B) logits and a (B, B) matrix of +-1 labels."""
+    logits = scale * image @ text.T + bias  # (B, B)
+    labels = 2 * torch.eye(len(image)) - torch.ones(len(image), len(image))  # (B, B)
+    return -F.logsigmoid(labels * logits).sum() / len(image)
 
 
 def load_reference(wheel: Path) -> Callable[..., Tensor]:
@@ -203,15 +247,36 @@ def _guide(config: Config, inputs: list[Tensor]) -> tuple[Tensor, ...]:
     return tuple(torch.randn(*x.shape[:-1], width, generator=generator) for x in inputs)
 
 
-def _loss_step(config: Config, implementation: str, wheel: Path | None) -> Callable[[], None]:
+def _loss_step(config: Config, implementation: str, references: References) -> Callable[[], None]:
     """A closure running one forward+backward pass of `implementation`."""
+    wheel = references.info_nce_pytorch
     inputs = _inputs(config)
     query, positive = inputs[:2]
     negatives = inputs[2] if len(inputs) > 2 else None
     mode = _negative_mode(config)
     labels = torch.arange(config.batch) % config.classes if config.classes else None
     temperature = config.temperature
-    if implementation == "ours" and config.views:
+    if implementation == "ours" and config.siglip:
+        siglip = SigLIPLoss()
+        inputs += list(siglip.parameters())  # their gradients are reset each step too
+
+        def loss() -> Tensor:
+            result: Tensor = siglip(query, positive)
+            return result
+
+    elif implementation == "reference" and config.siglip:
+        # SigLIP's learnable parameters, as open_clip's model holds them.
+        log_scale = torch.tensor(math.log(10.0), requires_grad=True)
+        bias = torch.tensor(-10.0, requires_grad=True)
+        inputs += [log_scale, bias]
+        dense_siglip: Callable[..., Tensor] = _dense_siglip_loss
+        if references.open_clip is not None:
+            dense_siglip = load_open_clip_siglip(references.open_clip)()
+
+        def loss() -> Tensor:
+            return dense_siglip(unit(query), unit(positive), log_scale.exp(), bias)
+
+    elif implementation == "ours" and config.views:
         options = OBJECTIVE_OPTIONS[config.objective]
 
         def loss() -> Tensor:
@@ -481,9 +546,9 @@ def _current_rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(config: Config, implementation: str, wheel: Path | None) -> dict[str, object]:
+def measure(config: Config, implementation: str, references: References) -> dict[str, object]:
     """Time and measure one implementation on one configuration, in this process."""
-    step = _loss_step(config, implementation, wheel)
+    step = _loss_step(config, implementation, references)
     baseline = _current_rss_bytes()
     step()  # warm-up
     times = []
@@ -499,10 +564,9 @@ def measure(config: Config, implementation: str, wheel: Path | None) -> dict[str
     }
 
 
-def _run_worker(config: Config, implementation: str, wheel: Path | None) -> dict[str, object]:
+def _run_worker(config: Config, implementation: str, references: References) -> dict[str, object]:
     command = [sys.executable, "-m", "info_nce.cli.bench", "--worker", config.name, implementation]
-    if wheel is not None:
-        command += ["--reference-wheel", str(wheel)]
+    command += references.arguments()
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         return {"error": completed.stderr.strip().splitlines()[-1:]}
@@ -532,7 +596,7 @@ def _mib(value: object) -> str:
     return f"{value / 2**20:.0f}" if isinstance(value, int) else "-"
 
 
-def run_benchmarks(names: list[str], wheel: Path | None) -> list[dict[str, object]]:
+def run_benchmarks(names: list[str], references: References) -> list[dict[str, object]]:
     rows = []
     for name in names:
         config = CONFIGS[name]
@@ -544,7 +608,7 @@ def run_benchmarks(names: list[str], wheel: Path | None) -> list[dict[str, objec
         # Rounds of one fresh process per implementation, interleaved so that
         # drifting machine state affects all implementations alike.
         rounds = [
-            {impl: _run_worker(config, impl, wheel) for impl in implementations}
+            {impl: _run_worker(config, impl, references) for impl in implementations}
             for _ in range(config.processes)
         ]
         results = {impl: _combine([r[impl] for r in rounds]) for impl in implementations}
@@ -630,24 +694,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="wheel of info-nce-pytorch 0.1.4 to use as the dense reference "
         "(default: the one `make setup` downloads, else this package's dense path)",
     )
+    parser.add_argument(
+        "--open-clip-wheel",
+        type=Path,
+        default=DEFAULT_OPEN_CLIP_WHEEL if DEFAULT_OPEN_CLIP_WHEEL.exists() else None,
+        help="wheel of open_clip_torch whose SigLipLoss is SigLIP's reference "
+        "(default: the one `make setup` downloads, else the same formula written here)",
+    )
     parser.add_argument("--csv", type=Path, help="also write the results as CSV here")
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON here")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
+    references = References(args.reference_wheel, args.open_clip_wheel)
     if args.worker:
         name, implementation = args.worker
-        print(json.dumps(measure(CONFIGS[name], implementation, args.reference_wheel)))
+        print(json.dumps(measure(CONFIGS[name], implementation, references)))
         return 0
     unknown = [name for name in args.configs if name not in CONFIGS]
     if unknown:
         print(f"info-nce bench: unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
         return 2
     reference = args.reference_wheel or "this package's dense path"
-    print(f"machine: {machine_description()}\nreference: {reference}\n")
+    siglip = args.open_clip_wheel or "open_clip's formula, written here"
+    print(f"machine: {machine_description()}\nreference: {reference}\nSigLIP: {siglip}\n")
     print(MARKDOWN_HEADER, flush=True)
-    rows = run_benchmarks(args.configs, args.reference_wheel)
+    rows = run_benchmarks(args.configs, references)
     if args.csv:
         with args.csv.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
