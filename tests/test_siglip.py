@@ -369,9 +369,9 @@ class TestModule:
         loss_fn = SigLIPLoss()
         assert loss_fn.logit_scale is not None
         assert loss_fn.logit_scale.item() == pytest.approx(torch.tensor(10.0).log().item())
-        assert float(loss_fn.temperature) == pytest.approx(0.1)
+        assert loss_fn.temperature.item() == pytest.approx(0.1)
         assert isinstance(loss_fn.bias, torch.nn.Parameter)
-        assert float(loss_fn.bias) == -10.0
+        assert loss_fn.bias.item() == -10.0
         assert sorted(name for name, _ in loss_fn.named_parameters()) == ["bias", "logit_scale"]
 
     def test_forward_equals_the_function(self) -> None:
@@ -398,17 +398,17 @@ class TestModule:
         tower = torch.nn.Linear(8, 8)
         loss_fn = SigLIPLoss()
         optimizer = torch.optim.SGD([*tower.parameters(), *loss_fn.parameters()], lr=0.5)
-        start = (float(loss_fn.logit_scale), float(loss_fn.bias))
+        start = (loss_fn.logit_scale.item(), loss_fn.bias.item())
         losses = []
         for _ in range(10):
             optimizer.zero_grad()
             loss = loss_fn(tower(samples + 0.1 * torch.randn(16, 8)), samples)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         assert losses[-1] < losses[0]
-        assert float(loss_fn.logit_scale) != start[0]
-        assert float(loss_fn.bias) != start[1]
+        assert loss_fn.logit_scale.item() != start[0]
+        assert loss_fn.bias.item() != start[1]
 
     def test_state_dict_round_trips(self) -> None:
         loss_fn = SigLIPLoss()
@@ -417,14 +417,14 @@ class TestModule:
             loss_fn.bias.sub_(1.5)  # type: ignore[union-attr]
         other = SigLIPLoss()
         other.load_state_dict(loss_fn.state_dict())
-        assert float(other.temperature) == float(loss_fn.temperature)
-        assert float(other.bias) == -11.5
+        assert other.temperature.item() == loss_fn.temperature.item()
+        assert other.bias.item() == -11.5
 
     def test_the_scale_is_clamped_at_max_logit_scale(self) -> None:
         loss_fn = SigLIPLoss(max_logit_scale=20.0)
         with torch.no_grad():
             loss_fn.logit_scale.fill_(5.0)  # type: ignore[union-attr]
-        assert float(loss_fn.temperature) == pytest.approx(1 / 20)
+        assert loss_fn.temperature.item() == pytest.approx(1 / 20)
         loss_fn(torch.randn(8, 4), torch.randn(8, 4)).backward()
         assert float(loss_fn.logit_scale.grad) == 0.0  # type: ignore[union-attr,arg-type]
 

@@ -17,9 +17,9 @@ Each step runs a cache-sized chunk of columns at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
 from info_nce.objectives.base import RowContext, column_slices, target_entries
@@ -32,6 +32,9 @@ _LINEAR_ABOVE = 40.0
 @dataclass(frozen=True)
 class SigmoidObjective:
     """Each logit plus the bias scored alone: ``softplus(-z)`` at targets, else ``softplus(z)``."""
+
+    # The softplus values of a slice, reused from slice to slice within one loss call.
+    _scratch: list[Tensor] = field(default_factory=list, init=False, compare=False, repr=False)
 
     num_stats = 1  # the row's d loss / d bias
     needs_candidates = False
@@ -46,10 +49,16 @@ class SigmoidObjective:
     ) -> Tensor:
         loss = block.new_zeros(len(block))  # (R,)
         bias_grad = row_stat[:, 0].zero_()  # (R,)
-        for columns in column_slices(block):
+        slices = column_slices(block)
+        width = slices[0].stop - slices[0].start if slices else 0
+        if not self._scratch or self._scratch[0].numel() < len(block) * width:
+            self._scratch[:] = [block.new_empty(len(block) * width)]
+        for columns in slices:
             chunk = block[:, columns]  # (R, k) view
             signs = _signed_(chunk, context, columns.start)
-            loss += F.softplus(chunk, threshold=_LINEAR_ABOVE).sum(dim=1)
+            terms = self._scratch[0][: chunk.numel()].view(chunk.shape)  # (R, k)
+            torch.ops.aten.softplus.out(chunk, 1.0, _LINEAR_ABOVE, out=terms)
+            loss += terms.sum(dim=1)
             chunk.sigmoid_()
             _unsign_(chunk, context, columns.start, signs)  # d loss / d z
             bias_grad += chunk.sum(dim=1)
