@@ -22,6 +22,8 @@ from torch import Tensor
 
 import info_nce.functional as functional
 from info_nce import SigLIPLoss, grad_cache, siglip_loss
+from info_nce.engine import walker
+from info_nce.objectives import SigmoidObjective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -492,3 +494,11 @@ def test_every_pair_of_paths_agrees_on_a_random_grid() -> None:
         dense = siglip_loss(query, key, labels=labels, reduction="none")
         blocks = siglip_loss(query, key, labels=labels, reduction="none", chunk_size=chunk)
         assert_close(blocks, dense, rtol=1e-10, atol=1e-12)
+
+
+def test_sigmoid_walks_take_taller_blocks_up_to_the_cap() -> None:
+    # `block_scale`: 4x the walker's target logits, never past its maximum.
+    scale = SigmoidObjective.block_scale
+    assert walker.default_block_shape(16384, 16384, tileable=False, scale=scale) == (1024, None)
+    assert walker.default_block_shape(65536, 65536, tileable=False, scale=scale) == (256, None)
+    assert walker.default_block_shape(16384, 16384, tileable=False) == (256, None)

@@ -192,6 +192,7 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         tileable=tileable,
         frozen_keys=frozen_keys,
         device=walk.rows.device,
+        scale=walk.objective.block_scale,
     )
     if problem.chunk_size is not None:  # the caller's rows per block, complete rows
         block_rows, tile_columns = problem.chunk_size, None

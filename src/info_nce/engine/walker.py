@@ -125,11 +125,16 @@ class BlockLimits:
 _CPU = torch.device("cpu")
 
 
-def default_block_rows(num_rows: int, num_candidates: int, device: torch.device = _CPU) -> int:
-    """Rows per logits block for `num_candidates` candidates per row on ``device``."""
+def default_block_rows(
+    num_rows: int, num_candidates: int, device: torch.device = _CPU, scale: int = 1
+) -> int:
+    """Rows per logits block for `num_candidates` candidates per row on ``device``.
+
+    ``scale``: the objective's ``block_scale``, a multiple of the target logits.
+    """
     limits = BlockLimits.of(device)
     candidates = max(1, num_candidates)
-    rows = max(limits.min_rows, limits.target_elements // candidates)
+    rows = max(limits.min_rows, scale * limits.target_elements // candidates)
     rows = min(rows, limits.max_elements // candidates)
     return max(1, min(num_rows, rows))
 
@@ -141,6 +146,7 @@ def default_block_shape(
     tileable: bool,
     frozen_keys: bool = False,
     device: torch.device = _CPU,
+    scale: int = 1,
 ) -> tuple[int, int | None]:
     """Rows per block and columns per tile (None: complete rows) for a walk on ``device``.
 
@@ -152,10 +158,12 @@ def default_block_shape(
     (``frozen_keys``: a queue; then `_online_pass` builds the gradients in
     the one pass, with the products of complete rows), or complete rows
     would leave fewer than `MIN_TILED_ROWS` rows per block. Otherwise blocks
-    of complete rows. Accelerators take larger blocks (`BlockLimits`).
+    of complete rows, ``scale`` times the target logits (the objective's
+    ``block_scale``), at most `MAX_BLOCK_ELEMENTS`. Accelerators take larger
+    blocks (`BlockLimits`).
     """
     limits = BlockLimits.of(device)
-    rows = default_block_rows(num_rows, num_candidates, device)
+    rows = default_block_rows(num_rows, num_candidates, device, scale)
     tile_rows = max(1, min(num_rows, limits.min_rows))
     tile = max(1, limits.target_elements // tile_rows)
     if tileable and (

@@ -117,6 +117,17 @@ class RowObjective(Protocol):
         ...
 
     @property
+    def block_scale(self) -> int:
+        """How many times the walker's target logits per block suit the objective (1: as many).
+
+        Blocks of complete rows hold up to ``block_scale`` times
+        `walker.TARGET_BLOCK_ELEMENTS` logits, never more than
+        `walker.MAX_BLOCK_ELEMENTS`: an objective of several elementwise
+        steps per logit runs them over fewer, taller blocks.
+        """
+        ...
+
+    @property
     def bias_stat(self) -> int | None:
         """Which statistic is the row's ``d loss / d bias`` (None: the objective has no bias).
 

@@ -68,6 +68,7 @@ class DebiasedObjective:
 
     num_stats = 6
     needs_candidates = True
+    block_scale = 1
     bias_stat = None  # no bias
     tileable = False  # P and Q need complete rows
 

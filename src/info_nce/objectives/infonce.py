@@ -23,6 +23,7 @@ class InfoNCEObjective:
 
     num_stats = 1  # the row log-sum-exp
     needs_candidates = False
+    block_scale = 1
     bias_stat = None  # no bias: a row's softmax does not move when all its logits do
     tileable = True  # the loss is the log-sum-exp minus the target logit
 
