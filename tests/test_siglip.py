@@ -93,7 +93,7 @@ def run_path(path: str | int, **kwargs: Any) -> Tensor:
         assert "chunk_size" not in kwargs
         return siglip_loss(**kwargs)
     if path == "engine":
-        with mock.patch.object(functional, "DENSE_MAX_LOGITS", -1):
+        with mock.patch.object(functional, "SIGLIP_DENSE_MAX_LOGITS", -1):
             return siglip_loss(**kwargs)
     return siglip_loss(**kwargs, chunk_size=int(path))
 
@@ -502,3 +502,19 @@ def test_sigmoid_walks_take_taller_blocks_up_to_the_cap() -> None:
     assert walker.default_block_shape(16384, 16384, tileable=False, scale=scale) == (1024, None)
     assert walker.default_block_shape(65536, 65536, tileable=False, scale=scale) == (256, None)
     assert walker.default_block_shape(16384, 16384, tileable=False) == (256, None)
+
+
+@pytest.mark.parametrize(("path", "engine"), [("dense", False), ("engine", True), (8, True)])
+def test_each_path_runs_where_it_says(path: str | int, engine: bool) -> None:
+    walks = []
+    original = walker.statistics_pass
+
+    def spy(*args: Any, **kwargs: Any) -> walker.BlockPass:
+        walks.append(args[4].block_rows)
+        return original(*args, **kwargs)
+
+    with mock.patch.object(walker, "statistics_pass", spy):
+        run_path(path, query=draw(37, 9, seed=1), key=draw(37, 9, seed=2))
+    assert bool(walks) == engine
+    if path == 8:
+        assert walks == [8]

@@ -45,7 +45,12 @@ def column_tiles(rows: int, tile: int) -> Iterator[list[int | None]]:
             )
         )
         stack.enter_context(
-            mock.patch.multiple(functional, DENSE_MAX_LOGITS=-1, DENSE_MAX_PAIRED_ELEMENTS=-1)
+            mock.patch.multiple(
+                functional,
+                DENSE_MAX_LOGITS=-1,
+                DENSE_MAX_PAIRED_ELEMENTS=-1,
+                SIGLIP_DENSE_MAX_LOGITS=-1,
+            )
         )
         stack.enter_context(mock.patch.object(walker, "statistics_pass", spy))
         yield seen

@@ -42,6 +42,11 @@ from info_nce.dense import dense_info_nce, dense_nt_xent, dense_siglip
 # Up to this many logits (rows * candidates) the dense loss is as fast as the
 # blockwise engine, and `chunk_size=None` picks it; see docs/benchmarks.md.
 DENSE_MAX_LOGITS = 3 << 16
+# The sigmoid loss's dense path does more elementwise work per logit than
+# the engine's blocks: fwd+bwd, D=128, 2 cores, dense / engine 2.06 / 2.33 ms
+# at 192^2 logits, 2.62 / 2.82 and 3.96 / 2.97 (two runs) at 256^2, 5.02 /
+# 4.44 at 443^2.
+SIGLIP_DENSE_MAX_LOGITS = 1 << 16
 # Paired negatives without in-batch candidates: up to this many negative
 # elements (B * M * D) the dense loss's fewer Python-level ops win.
 DENSE_MAX_PAIRED_ELEMENTS = 1 << 16
@@ -667,7 +672,9 @@ def siglip_loss(
     if isinstance(bias, Tensor):
         bias = bias.to(compute_dtype)
     candidates = len(key) + (0 if negative_keys is None else len(negative_keys))
-    use_dense = not gather and chunk_size is None and len(query) * candidates <= DENSE_MAX_LOGITS
+    use_dense = (
+        not gather and chunk_size is None and len(query) * candidates <= SIGLIP_DENSE_MAX_LOGITS
+    )
     if use_dense:
         unit = _normalize.unit_fn(normalize)
         return dense_siglip(

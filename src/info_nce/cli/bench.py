@@ -679,6 +679,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _present(wheel: Path) -> Path | None:
+    """``wheel`` if it exists (`make setup` downloads the peers' wheels), else None."""
+    return wheel if wheel.exists() else None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "configs",
@@ -690,14 +695,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference-wheel",
         type=Path,
-        default=DEFAULT_REFERENCE_WHEEL if DEFAULT_REFERENCE_WHEEL.exists() else None,
+        default=_present(DEFAULT_REFERENCE_WHEEL),
         help="wheel of info-nce-pytorch 0.1.4 to use as the dense reference "
         "(default: the one `make setup` downloads, else this package's dense path)",
     )
     parser.add_argument(
         "--open-clip-wheel",
         type=Path,
-        default=DEFAULT_OPEN_CLIP_WHEEL if DEFAULT_OPEN_CLIP_WHEEL.exists() else None,
+        default=_present(DEFAULT_OPEN_CLIP_WHEEL),
         help="wheel of open_clip_torch whose SigLipLoss is SigLIP's reference "
         "(default: the one `make setup` downloads, else the same formula written here)",
     )
