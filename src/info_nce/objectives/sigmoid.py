@@ -39,9 +39,9 @@ class SigmoidObjective:
     num_stats = 1  # the row's d loss / d bias
     needs_candidates = False
     # Blocks of 4x the walker's target logits: at B = 16384, D = 128 (2 cores,
-    # AVX2) 1024 rows per block took 1.12x the three-product floor against
-    # 1.19x at 512 and 1.21-1.24x at 256 (in-process alternation); 2048 rows
-    # 1.18x. InfoNCE gained 2% there, within the noise.
+    # AVX2, forward+backward alternating in one process) 1024 rows per block
+    # took 1.12-1.16x the three-product floor, 512 rows 1.19x, 256 rows
+    # 1.21-1.30x, 2048 rows 1.18x. InfoNCE gained 2% there, within the noise.
     block_scale = 4
     bias_stat = 0
     tileable = False  # not through a log-sum-exp (any tiling would do; none is needed)
