@@ -1,0 +1,1 @@
+"""Adapters of `info_nce` to other libraries' interfaces (each imports its library)."""

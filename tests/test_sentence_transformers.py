@@ -1,0 +1,315 @@
+"""`info_nce.integrations.sentence_transformers.InfoNCELoss` against sentence-transformers' losses.
+
+Tiny models built here, offline: word embeddings over a small vocabulary,
+mean pooling, optional dropout and a dense layer. The loss and every
+parameter gradient equal sentence-transformers' own MNRL (each direction,
+partition and hardness), CachedMNRL (``mini_batch_size``) and GISTEmbedLoss
+(a guide model).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import sentence_transformers.sentence_transformer.losses as losses
+import sentence_transformers.sentence_transformer.modules as models
+import torch
+from reference import assert_close
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules.tokenizer import WhitespaceTokenizer
+from torch import Tensor
+
+from info_nce.integrations.sentence_transformers import InfoNCELoss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORDS = [
+    "a",
+    "the",
+    "cat",
+    "dog",
+    "bird",
+    "sat",
+    "ran",
+    "flew",
+    "on",
+    "under",
+    "mat",
+    "tree",
+    "sky",
+    "big",
+    "small",
+    "red",
+    "blue",
+]
+COLUMNS = [
+    ["a cat sat", "the dog ran", "a bird flew", "the big cat", "a small dog", "red bird"],
+    [
+        "a cat on a mat",
+        "a dog ran",
+        "the bird in the sky",
+        "big cat",
+        "small dog ran",
+        "a red bird",
+    ],
+    ["the sky", "a tree", "under the mat", "blue sky", "the red mat", "a big tree"],
+    ["the mat", "blue tree", "a sky", "on the tree", "a cat", "small mat"],
+]
+GTE = ("query_to_key", "key_to_query", "query_to_query", "key_to_key")
+ST_DIRECTIONS = {
+    "query_to_key": "query_to_doc",
+    "key_to_query": "doc_to_query",
+    "query_to_query": "query_to_query",
+    "key_to_key": "doc_to_doc",
+}
+
+
+def tiny_model(seed: int = 0, dropout: float = 0.0, dim: int = 12) -> SentenceTransformer:
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(len(WORDS), dim, generator=generator, dtype=torch.float64)
+    embedding = models.WordEmbeddings(WhitespaceTokenizer(WORDS), weights, update_embeddings=True)
+    modules: list[torch.nn.Module] = [embedding, models.Pooling(dim, "mean")]
+    if dropout:
+        modules.append(models.Dropout(dropout))
+    dense = models.Dense(dim, 8)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    modules.append(dense)
+    return SentenceTransformer(modules=modules, device="cpu").double()
+
+
+def features(model: SentenceTransformer, columns: int) -> list[dict[str, Tensor]]:
+    return [model.preprocess(texts) for texts in COLUMNS[:columns]]
+
+
+def loss_and_grads(
+    loss_fn: torch.nn.Module, model: SentenceTransformer, columns: int, seed: int = 0
+) -> tuple[Tensor, list[Tensor]]:
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = loss_fn(features(model, columns), None)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def assert_same(ours: tuple[Tensor, list[Tensor]], theirs: tuple[Tensor, list[Tensor]]) -> None:
+    assert_close(ours[0], theirs[0], rtol=1e-10, atol=1e-10, name="loss")
+    assert len(ours[1]) == len(theirs[1]) > 0
+    for got, want in zip(ours[1], theirs[1], strict=True):
+        assert_close(got, want, rtol=1e-9, atol=1e-10, name="parameter gradient")
+
+
+MNRL_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("plain", {}, {}),
+    (
+        "symmetric",
+        {"directions": ("query_to_key", "key_to_query"), "partition": "per_direction"},
+        {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"},
+    ),
+    (
+        "gte",
+        {"directions": GTE, "partition": "joint"},
+        {"directions": tuple(ST_DIRECTIONS[d] for d in GTE), "partition_mode": "joint"},
+    ),
+    *(
+        (
+            f"hardness-{mode}",
+            {"hardness_mode": mode, "hardness_strength": 5.0},
+            {"hardness_mode": mode, "hardness_strength": 5.0},
+        )
+        for mode in ("in_batch_negatives", "hard_negatives", "all_negatives")
+    ),
+]
+
+
+@pytest.mark.parametrize("columns", [2, 3, 4])
+@pytest.mark.parametrize(("name", "ours", "theirs"), MNRL_CASES, ids=[c[0] for c in MNRL_CASES])
+def test_equals_multiple_negatives_ranking_loss(
+    name: str, ours: dict[str, Any], theirs: dict[str, Any], columns: int
+) -> None:
+    model = tiny_model()
+    mnrl = losses.MultipleNegativesRankingLoss(model, scale=20.0, **theirs)
+    expected = loss_and_grads(mnrl, model, columns)
+    assert_same(
+        loss_and_grads(InfoNCELoss(model, temperature=0.05, **ours), model, columns), expected
+    )
+
+
+def test_dropout_draws_the_same_masks_as_mnrl() -> None:
+    model = tiny_model(dropout=0.3)
+    mnrl = losses.MultipleNegativesRankingLoss(model, scale=20.0)
+    for seed in (0, 1):
+        expected = loss_and_grads(mnrl, model, 3, seed)
+        assert_same(loss_and_grads(InfoNCELoss(model), model, 3, seed), expected)
+    other = loss_and_grads(InfoNCELoss(model), model, 3, 5)
+    assert not torch.equal(other[0], expected[0])  # the masks matter
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 2, 4])
+def test_mini_batch_size_equals_cached_mnrl(mini_batch_size: int) -> None:
+    model = tiny_model()
+    cached = losses.CachedMultipleNegativesRankingLoss(
+        model, scale=20.0, mini_batch_size=mini_batch_size
+    )
+    expected = loss_and_grads(cached, model, 3)
+    ours = InfoNCELoss(model, mini_batch_size=mini_batch_size)
+    assert_same(loss_and_grads(ours, model, 3), expected)
+    assert_same(loss_and_grads(InfoNCELoss(model), model, 3), expected)
+
+
+def test_mini_batch_size_with_dropout_equals_a_plain_backward_over_the_same_mini_batches() -> None:
+    # grad_cache replays each mini-batch with its first run's random state:
+    # the loss of embeddings drawn mini-batch by mini-batch, back-propagated.
+    model = tiny_model(dropout=0.3)
+    loss_fn = InfoNCELoss(model, mini_batch_size=2)
+    got = loss_and_grads(loss_fn, model, 3, seed=4)
+
+    def plain(columns: Any, labels: Any) -> Tensor:
+        embeddings = [
+            torch.cat([model(_slice(column, s))["sentence_embedding"] for s in range(0, 6, 2)])
+            for column in columns
+        ]
+        query, key, *rest = embeddings
+        from info_nce import info_nce
+
+        return info_nce(query, key, torch.stack(rest, 1), temperature=0.05, negative_mode="shared")
+
+    assert_same(got, loss_and_grads(plain, model, 3, seed=4))
+
+
+def _slice(column: dict[str, Tensor], start: int) -> dict[str, Tensor]:
+    return {k: v[start : start + 2] for k, v in column.items()}
+
+
+@pytest.mark.parametrize("columns", [2, 3])
+def test_a_guide_model_equals_gist_embed_loss(columns: int) -> None:
+    # On triplets GISTEmbed's positive-positive block leaves the negatives
+    # out, where our key-to-key rows take them (docs/guides/embeddings.md):
+    # compared there without that block.
+    triplets = columns == 3
+    model, guide = tiny_model(seed=0), tiny_model(seed=1).requires_grad_(False)
+    expected = loss_and_grads(
+        _gist_embed_loss(model, guide, positives=not triplets), model, columns
+    )
+    directions = ("query_to_key", "query_to_query") + (() if triplets else ("key_to_key",))
+    for mini_batch_size in (None, 4):
+        ours = InfoNCELoss(
+            model,
+            guide=guide,
+            mini_batch_size=mini_batch_size,
+            temperature=0.01,
+            directions=directions,
+            false_negative_margin=0.0,
+        )
+        assert_same(loss_and_grads(ours, model, columns), expected)
+
+
+def _gist_embed_loss(
+    model: SentenceTransformer, guide: SentenceTransformer, *, positives: bool = True
+) -> torch.nn.Module:
+    """GISTEmbedLoss(model, guide, temperature=0.01, margin=0.0, contrast_positives=positives).
+
+    Its __init__ accepts transformers tokenizers only; the tiny models here
+    share one word tokenizer, so nothing is tokenized again (its
+    ``must_retokenize`` is False), and its forward is its own code.
+    """
+    gist = losses.GISTEmbedLoss.__new__(losses.GISTEmbedLoss)
+    torch.nn.Module.__init__(gist)
+    gist.model, gist.guide = model, guide
+    gist.temperature = 0.01
+    gist.similarity_fct = torch.nn.CosineSimilarity(dim=-1)
+    gist.must_retokenize = False
+    gist.margin_strategy, gist.margin = "absolute", 0.0
+    gist.contrast_anchors, gist.contrast_positives = True, positives
+    gist.gather_across_devices = False
+    gist.cross_entropy_loss = torch.nn.CrossEntropyLoss()
+    return gist
+
+
+def test_config_citation_and_temperature() -> None:
+    model = tiny_model()
+    plain = InfoNCELoss(model)
+    assert plain.temperature == 0.05
+    assert plain.get_config_dict()["temperature"] == 0.05
+    assert "1807.03748" in plain.citation
+    gte = InfoNCELoss(model, directions=GTE, hardness_mode="all_negatives", hardness_strength=2.0)
+    assert gte.get_config_dict()["directions"] == GTE
+    assert gte.get_config_dict()["hardness_strength"] == 2.0
+    assert "2308.03281" in gte.citation
+    assert "2402.16829" in InfoNCELoss(model, false_negative_margin=0.1).citation
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"scale": 20}, TypeError, "unknown option"),
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+        ({"hardness_mode": "hardest"}, ValueError, "hardness_mode"),
+        ({"hardness_strength": 2.0}, ValueError, "hardness_strength"),
+        ({"mini_batch_size": 0}, ValueError, "mini_batch_size"),
+        ({"directions": ("key_to_query",)}, ValueError, "query_to_key"),
+        ({"partition": "both"}, ValueError, "partition"),
+        (
+            {"decoupled": True, "hardness_mode": "all_negatives", "hardness_strength": 1.0},
+            ValueError,
+            "decoupled",
+        ),
+        ({"gather_distributed": 1}, TypeError, "gather_distributed"),
+    ],
+)
+def test_bad_options_raise_at_construction(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        InfoNCELoss(tiny_model(), **options)
+
+
+def test_a_guide_needs_a_margin() -> None:
+    with pytest.raises(ValueError, match="false_negative_margin"):
+        InfoNCELoss(tiny_model(), guide=tiny_model(seed=1))
+
+
+def test_one_column_is_refused() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match="at least two columns"):
+        InfoNCELoss(model)(features(model, 1), None)
+
+
+def test_without_sentence_transformers_the_import_error_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['sentence_transformers'] = None\n"
+        "import info_nce\n"
+        "try:\n"
+        "    import info_nce.integrations.sentence_transformers\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "info-nce[sentence-transformers]" in result.stdout
+
+
+def test_import_info_nce_does_not_import_sentence_transformers() -> None:
+    code = "import sys, info_nce; print('sentence_transformers' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+def test_the_docstring_example_runs() -> None:
+    import doctest
+
+    from info_nce.integrations import sentence_transformers as integration
+
+    found = doctest.DocTestFinder().find(integration)
+    tests = [test for test in found if test.name.endswith(".InfoNCELoss") and test.examples]
+    assert len(tests) == 1
+    report: list[str] = []
+    result = doctest.DocTestRunner().run(tests[0], out=report.append)
+    assert result.failed == 0, "".join(report)
