@@ -313,3 +313,12 @@ def test_the_docstring_example_runs() -> None:
     report: list[str] = []
     result = doctest.DocTestRunner().run(tests[0], out=report.append)
     assert result.failed == 0, "".join(report)
+
+
+def test_construction_draws_nothing_from_the_global_generator() -> None:
+    model, guide = tiny_model(), tiny_model(seed=1)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    InfoNCELoss(model, guide=guide, false_negative_margin=0.1)
+    assert torch.equal(torch.rand(4), expected)

@@ -204,15 +204,24 @@ class InfoNCELoss(nn.Module):
         self._retokenize = guide is not None and _tokenizers_differ(model, guide)
 
     def _check_options(self) -> None:
-        """Every setting through `info_nce`'s own checks, on two tiny rows with a negative."""
-        query, key = torch.randn(2, 3), torch.randn(2, 3)
+        """Every setting through `info_nce`'s own checks, on two tiny rows with a negative.
+
+        The rows are fixed values: the check draws nothing from the global
+        random generator.
+        """
+        values = torch.linspace(-1.0, 1.0, 12)
+        query, key, negatives = (
+            values[:6].view(2, 3),
+            values[6:].view(2, 3),
+            values[:6].view(2, 1, 3),
+        )
         guide = None
         if self.guide is not None:
-            guide = (torch.randn(2, 2), torch.randn(2, 2), torch.randn(2, 1, 2))
+            guide = (values[:4].view(2, 2), values[4:8].view(2, 2), values[8:].view(2, 1, 2))
         info_nce(
             query,
             key,
-            torch.randn(2, 1, 3),
+            negatives,
             temperature=self.temperature,
             negative_mode="shared",
             gather_distributed=False,
