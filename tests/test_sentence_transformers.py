@@ -67,10 +67,12 @@ ST_DIRECTIONS = {
 }
 
 
-def tiny_model(seed: int = 0, dropout: float = 0.0, dim: int = 12) -> SentenceTransformer:
+def tiny_model(
+    seed: int = 0, dropout: float = 0.0, dim: int = 12, words: list[str] = WORDS
+) -> SentenceTransformer:
     generator = torch.Generator().manual_seed(seed)
-    weights = torch.randn(len(WORDS), dim, generator=generator, dtype=torch.float64)
-    embedding = models.WordEmbeddings(WhitespaceTokenizer(WORDS), weights, update_embeddings=True)
+    weights = torch.randn(len(words), dim, generator=generator, dtype=torch.float64)
+    embedding = models.WordEmbeddings(WhitespaceTokenizer(words), weights, update_embeddings=True)
     modules: list[torch.nn.Module] = [embedding, models.Pooling(dim, "mean")]
     if dropout:
         modules.append(models.Dropout(dropout))
@@ -322,3 +324,11 @@ def test_construction_draws_nothing_from_the_global_generator() -> None:
     torch.manual_seed(3)
     InfoNCELoss(model, guide=guide, false_negative_margin=0.1)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_guide_that_must_retokenize_needs_a_decoding_tokenizer() -> None:
+    # Another vocabulary: the texts must be tokenized again, from the model's
+    # input ids, which a word tokenizer cannot decode.
+    guide = tiny_model(seed=1, words=WORDS[::-1])
+    with pytest.raises(ValueError, match="another tokenizer than the model"):
+        InfoNCELoss(tiny_model(), guide=guide, false_negative_margin=0.0)

@@ -202,6 +202,12 @@ class InfoNCELoss(nn.Module):
         self.options = dict(options)
         self._check_options()
         self._retokenize = guide is not None and _tokenizers_differ(model, guide)
+        if self._retokenize and not hasattr(model.tokenizer, "batch_decode"):
+            raise ValueError(
+                "guide= has another tokenizer than the model: the texts are decoded from the "
+                "model's input ids and tokenized again, which needs a transformers tokenizer "
+                f"(batch_decode); the model's is a {type(model.tokenizer).__name__}"
+            )
 
     def _check_options(self) -> None:
         """Every setting through `info_nce`'s own checks, on two tiny rows with a negative.
