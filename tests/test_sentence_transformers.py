@@ -332,3 +332,22 @@ def test_a_guide_that_must_retokenize_needs_a_decoding_tokenizer() -> None:
     guide = tiny_model(seed=1, words=WORDS[::-1])
     with pytest.raises(ValueError, match="another tokenizer than the model"):
         InfoNCELoss(tiny_model(), guide=guide, false_negative_margin=0.0)
+
+
+def test_matryoshka_loss_wraps_it_as_it_wraps_mnrl() -> None:
+    model = tiny_model()
+    dims = [8, 4, 2]
+    expected = loss_and_grads(
+        losses.MatryoshkaLoss(model, losses.MultipleNegativesRankingLoss(model, scale=20.0), dims),
+        model,
+        3,
+    )
+    got = loss_and_grads(losses.MatryoshkaLoss(model, InfoNCELoss(model), dims), model, 3)
+    assert_same(got, expected)
+
+
+def test_matryoshka_with_mini_batches_is_refused_clearly() -> None:
+    model = tiny_model()
+    loss_fn = losses.MatryoshkaLoss(model, InfoNCELoss(model, mini_batch_size=2), [8, 4])
+    with pytest.raises(ValueError, match="MatryoshkaLoss around InfoNCELoss"):
+        loss_fn(features(model, 3), None)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 try:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.losses.merged_forward import embed_columns
+    from sentence_transformers.sentence_transformer.losses.matryoshka import ForwardDecorator
 except ImportError as error:  # pragma: no cover - exercised in a process without the package
     raise ImportError(
         "info_nce.integrations.sentence_transformers needs sentence-transformers: "
@@ -271,6 +272,12 @@ class InfoNCELoss(nn.Module):
         """Each column's (B, D) embeddings: merged forwards as MNRL's, or mini-batches."""
         if self.mini_batch_size is None:
             return embed_columns(model, features)
+        if isinstance(getattr(model, "forward", None), ForwardDecorator):
+            # Its shrunk embeddings would meet full-width replays in backward.
+            raise ValueError(
+                "MatryoshkaLoss around InfoNCELoss(mini_batch_size=...) is not supported yet: "
+                "wrap an InfoNCELoss without mini_batch_size, or use CachedMNRL's Matryoshka"
+            )
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in model.parameters()):
             encoder = _SentenceEmbedding(model)
             return [
