@@ -310,10 +310,10 @@ def forward_outputs(
     ``needs_grad`` says which of ``(rows, extra, temperature, *segments)``
     need a gradient.
     """
-    segments, partner, bias = _split_inputs(segments, options)
-    segment_grads = tuple(needs_grad[3 : 3 + len(segments)])
+    walk = _WalkInputs.of(segments, options, needs_grad)
+    segments, partner, bias = walk.keys, walk.partner, walk.bias
     row_grads = needs_grad[0] or needs_grad[2]  # the temperature's comes from the rows'
-    partner_grads = partner is not None and (needs_grad[3 + len(segments)] or needs_grad[2])
+    partner_grads = partner is not None and (walk.partner_grad or needs_grad[2])
     factors = _factors(rows, segments, temperature, options)
     partner_factors = None if partner is None else _factors(partner, (), temperature, options)
     walked, column_scales = segments, factors.columns
@@ -337,7 +337,7 @@ def forward_outputs(
         row_scales=factors.rows,
         column_scales=column_scales,
         compute_grads=options.grads_in_forward,
-        segment_grads=segment_grads,
+        segment_grads=walk.key_grads,
         row_grads=row_grads,
         raise_factor=options.raise_factor(temperature),
         partner=partner,
@@ -360,11 +360,11 @@ def forward_outputs(
                 grad.mul_(s.unsqueeze(1))
     grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
     grad_partner, grad_temperature = _partner_grads(
-        partner, result, partner_factors, options, needs_grad, grad_temperature
+        walk, result, partner_factors, options, needs_grad[2], grad_temperature
     )
     grad_segments = result.grad_segments + ([] if partner is None else [grad_partner])
     if bias is not None:
-        grad_segments.append(_bias_grad(result.row_stat, options, None) if needs_grad[-1] else None)
+        grad_segments.append(_bias_grad(result.row_stat, options, None) if walk.bias_grad else None)
     return loss, result.grad_rows, result.grad_extra, grad_temperature, *grad_segments
 
 
@@ -387,7 +387,8 @@ def backward_grads(
         return tuple(None if grad is None else grad * scale for grad in kept)
     row_stat, column_lse = kept
     rows, extra, temperature, *segment_list = inputs
-    segments, partner, bias = _split_inputs(cast(tuple[Tensor, ...], tuple(segment_list)), options)
+    walk = _WalkInputs.of(cast(tuple[Tensor, ...], tuple(segment_list)), options, needs_grad)
+    segments, partner, bias = walk.keys, walk.partner, walk.bias
     assert row_stat is not None
     assert rows is not None
     row_weight: Tensor | None = None
@@ -412,20 +413,20 @@ def backward_grads(
         column_scales=factors.columns,
         row_weight=row_weight,
         column_weight=column_weight,
-        segment_grads=tuple(needs_grad[3 : 3 + len(segments)]),
+        segment_grads=walk.key_grads,
         row_grads=needs_grad[0] or needs_grad[2],
         raise_factor=options.raise_factor(temperature),
         partner=partner,
         partner_scales=None if partner_factors is None else partner_factors.rows,
-        partner_grads=partner is not None and (needs_grad[3 + len(segments)] or needs_grad[2]),
+        partner_grads=partner is not None and (walk.partner_grad or needs_grad[2]),
     )
     grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
     grad_partner, grad_temperature = _partner_grads(
-        partner, result, partner_factors, options, needs_grad, grad_temperature
+        walk, result, partner_factors, options, needs_grad[2], grad_temperature
     )
     grad_segments = result.grad_segments + ([] if partner is None else [grad_partner])
     if bias is not None:
-        grad_bias = _bias_grad(row_stat, options, row_weight) if needs_grad[-1] else None
+        grad_bias = _bias_grad(row_stat, options, row_weight) if walk.bias_grad else None
         grad_segments.append(None if grad_bias is None else grad_bias.reshape(bias.shape))
     grads = (result.grad_rows, result.grad_extra, grad_temperature, *grad_segments)
     if row_weight is None:
@@ -437,19 +438,35 @@ def backward_grads(
     return grad_rows, grad_extra, grad_temperature, *grad_segments
 
 
-def _split_inputs(
-    segments: tuple[Tensor, ...], options: LogSumExpOptions
-) -> tuple[tuple[Tensor, ...], Tensor | None, Tensor | None]:
-    """The key segments, the partner rows and the bias tensor, where the walk has them.
+@dataclass(frozen=True)
+class _WalkInputs:
+    """The Function's segment inputs by kind, and which of them need a gradient.
 
-    The Function's segment inputs are the key segments, then the partner
-    rows (``partner_segments``), then the bias (``bias_input``).
+    They are the key segments, then the partner rows (``partner_segments``),
+    then the bias (``bias_input``).
     """
-    bias = segments[-1] if options.bias_input else None
-    inputs = segments[:-1] if options.bias_input else segments
-    if not options.partner_segments:
-        return inputs, None, bias
-    return inputs[:-1], inputs[-1], bias
+
+    keys: tuple[Tensor, ...]
+    partner: Tensor | None
+    bias: Tensor | None
+    key_grads: tuple[bool, ...]
+    partner_grad: bool
+    bias_grad: bool
+
+    @staticmethod
+    def of(
+        segments: tuple[Tensor, ...], options: LogSumExpOptions, needs_grad: tuple[bool, ...]
+    ) -> _WalkInputs:
+        """Split ``segments``; ``needs_grad`` as ``(rows, extra, temperature, *segments)``."""
+        flags = needs_grad[3:]
+        count = len(segments) - bool(options.partner_segments) - options.bias_input
+        partner = segments[count] if options.partner_segments else None
+        partner_grad = bool(options.partner_segments) and flags[count]
+        bias = segments[-1] if options.bias_input else None
+        bias_grad = options.bias_input and flags[-1]
+        return _WalkInputs(
+            segments[:count], partner, bias, tuple(flags[:count]), partner_grad, bias_grad
+        )
 
 
 def _bias_grad(row_stat: Tensor, options: LogSumExpOptions, row_weight: Tensor | None) -> Tensor:
@@ -465,33 +482,32 @@ def _bias_grad(row_stat: Tensor, options: LogSumExpOptions, row_weight: Tensor |
 
 
 def _partner_grads(
-    partner: Tensor | None,
+    walk: _WalkInputs,
     result: walker.BlockPass,
     factors: sc.Scales | None,
     options: LogSumExpOptions,
-    needs_grad: tuple[bool, ...],
+    temperature_grad: bool,
     grad_temperature: Tensor | None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """The partner rows' gradient (None unless asked for) and the temperature's, both rows' share.
 
     As `_input_grads` does for the rows, in place.
     """
-    if partner is None or result.grad_partner is None:
+    if walk.partner is None or result.grad_partner is None:
         return None, grad_temperature
     assert factors is not None
     share = sc.input_grads_(
-        partner,
+        walk.partner,
         (),
         result.grad_partner,
         [],
         factors,
         eps=options.eps,
-        temperature_grad=needs_grad[2],
+        temperature_grad=temperature_grad,
     )
     if share is not None:
         grad_temperature = share if grad_temperature is None else grad_temperature + share
-    wanted = needs_grad[-2] if options.bias_input else needs_grad[-1]  # the bias comes last
-    return (result.grad_partner if wanted else None), grad_temperature
+    return (result.grad_partner if walk.partner_grad else None), grad_temperature
 
 
 def _factors(
