@@ -24,6 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from info_nce import InfoNCE, MemoryQueue, grad_cache, info_nce, nt_xent
+from info_nce.cache import cached_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -368,3 +369,26 @@ def test_grad_scaler_on_the_cpu_scales_and_unscales_the_cached_gradients() -> No
     want = step(lambda x: plain(encoder, x, 4))
     for g, w in zip(got, want, strict=True):
         assert_close(g, w, rtol=1e-5, atol=1e-7, name="unscaled parameter gradient")
+
+
+def test_cached_embeddings_of_several_columns_equal_grad_cache_of_each() -> None:
+    encoder = mlp(dropout=0.3)
+    x, y = batch(1), batch(2)[:5]
+    x.requires_grad_()
+
+    def step(embed: Callable[[], list[Tensor]]) -> list[Tensor]:
+        encoder.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(7)
+        first, second = embed()
+        info_nce(first[:5], second).backward()
+        return [x.grad.clone(), *(p.grad.clone() for p in encoder.parameters())]
+
+    expected = step(lambda: [grad_cache(encoder, c, chunk_size=3) for c in (x, y)])
+    assert_same(step(lambda: cached_embeddings(encoder, [x, y], chunk_size=3)), expected)
+
+
+def test_cached_embeddings_refuse_a_tensor_in_two_columns() -> None:
+    x = batch(1).requires_grad_()
+    with pytest.raises(ValueError, match="must not share a tensor"):
+        cached_embeddings(mlp(), [x, x], chunk_size=2)

@@ -351,3 +351,106 @@ def test_matryoshka_with_mini_batches_is_refused_clearly() -> None:
     loss_fn = losses.MatryoshkaLoss(model, InfoNCELoss(model, mini_batch_size=2), [8, 4])
     with pytest.raises(ValueError, match="MatryoshkaLoss around InfoNCELoss"):
         loss_fn(features(model, 3), None)
+
+
+# Two ranks, as the trainer runs them: the loss holds the DDP-wrapped model.
+# Rank 1's share is short (the tail of an epoch), so the ranks replay
+# different numbers of mini-batches.
+DDP_SPLITS = {"equal": (3, 3), "short": (5, 1)}
+DDP_OPTIONS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "gte-hardness": {"directions": GTE, "hardness_mode": "all_negatives", "hardness_strength": 2.0},
+}
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import gc
+    import os
+
+    import torch.distributed as dist
+    from ranks import init_gloo
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
+    try:
+        calls = [0]
+
+        # Unannotated: DDP checks a hook's annotations at run time.
+        def counting_hook(state, bucket):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            return default_hooks.allreduce_hook(state, bucket)
+
+        results = {}
+        for split, sizes in DDP_SPLITS.items():
+            start = sum(sizes[:rank])
+            for name, options in DDP_OPTIONS.items():
+                for mini_batch_size in (None, 2):
+                    model = tiny_model()
+                    loss_fn = InfoNCELoss(
+                        model, mini_batch_size=mini_batch_size, gather_distributed=True, **options
+                    )
+                    ddp = DistributedDataParallel(model)
+                    ddp.register_comm_hook(None, counting_hook)
+                    loss_fn.model = ddp  # what SentenceTransformerTrainer does
+                    calls[0] = 0
+                    columns = [
+                        model.preprocess(texts[start : start + sizes[rank]]) for texts in COLUMNS
+                    ]
+                    loss = loss_fn(columns, None)
+                    loss.backward()
+                    grads = [p.grad.clone() for p in model.parameters()]
+                    results[split, name, mini_batch_size] = (loss.detach(), grads, calls[0])
+                    del loss_fn, ddp, loss
+                    gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _one_process_reference(
+    sizes: tuple[int, ...], options: dict[str, Any]
+) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """Each rank's loss and the averaged gradients, from the concatenated batch in one process.
+
+    Rank r's loss is the mean of its rows' losses; DDP averages the ranks'
+    gradients: the gradient of sum_r mean_r / W.
+    """
+    from info_nce import info_nce
+
+    model = tiny_model()
+    query, key, *negatives = [
+        model(model.preprocess(texts))["sentence_embedding"] for texts in COLUMNS
+    ]
+    rows = info_nce(
+        query,
+        key,
+        torch.stack(negatives, 1),
+        temperature=0.05,
+        negative_mode="shared",
+        reduction="none",
+        **options,
+    )
+    parts = rows.split(list(sizes))
+    sum(part.mean() for part in parts).div(len(sizes)).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return [part.detach().mean() for part in parts], grads
+
+
+def test_ddp_with_gather_and_mini_batches_equals_one_process(tmp_path: Any) -> None:
+    from ranks import run_ranks
+
+    run_ranks(_ddp_worker, 2, str(tmp_path))
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for split, sizes in DDP_SPLITS.items():
+        for name, options in DDP_OPTIONS.items():
+            losses_, grads = _one_process_reference(sizes, options)
+            plain_calls = results[0][split, name, None][2]
+            for rank in range(2):
+                for mini_batch_size in (None, 2):
+                    loss, got, calls = results[rank][split, name, mini_batch_size]
+                    assert_same((loss, got), (losses_[rank], grads))
+                    # One all-reduce per step, whatever the mini-batches.
+                    assert calls == plain_calls >= 1

@@ -144,50 +144,88 @@ def _checked(output: Any, rows: int) -> Tensor:
 
 
 class _GradCache(torch.autograd.Function):
-    """The chunked embeddings; backward replays each chunk and back-propagates its slice."""
+    """Each input's chunked embeddings; backward replays every chunk and back-propagates its slice.
+
+    Several inputs (the columns of one batch through one encoder) share one
+    backward, so DDP all-reduces once for all of them, with the last chunk.
+    """
 
     @staticmethod
     def forward(
         ctx: Any,
         encoder: Callable[..., Any],
-        inputs: Inputs,
-        chunks: list[slice],
+        columns: list[Inputs],
+        chunks: list[list[slice]],
         anchor: Tensor,
         *differentiable: Tensor,
-    ) -> Tensor:
-        devices = sorted({t.device.index or 0 for t in _tensors(inputs).values() if t.is_cuda})
+    ) -> tuple[Tensor, ...]:
+        tensors = [t for inputs in columns for t in _tensors(inputs).values()]
+        devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
         if torch.cuda.is_available() and not devices and isinstance(encoder, nn.Module):
             devices = sorted({p.device.index or 0 for p in encoder.parameters() if p.is_cuda})
-        states, outputs = [], []
-        for rows in chunks:
-            states.append(_State.capture(devices))
-            outputs.append(_checked(_call(encoder, _chunk(inputs, rows)), rows.stop - rows.start))
-        ctx.encoder, ctx.inputs, ctx.chunks = encoder, inputs, chunks
+        states: list[list[_State]] = []
+        embeddings = []
+        for inputs, column_chunks in zip(columns, chunks, strict=True):
+            states.append([])
+            outputs = []
+            for rows in column_chunks:
+                states[-1].append(_State.capture(devices))
+                output = _call(encoder, _chunk(inputs, rows))
+                outputs.append(_checked(output, rows.stop - rows.start))
+            embeddings.append(torch.cat(outputs))  # (B_c, D)
+        ctx.encoder, ctx.columns, ctx.chunks = encoder, columns, chunks
         ctx.states, ctx.devices = states, devices
         ctx.differentiable = [id(t) for t in differentiable]
-        return torch.cat(outputs)  # (B, D)
+        return tuple(embeddings)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        encoder, inputs, chunks = ctx.encoder, ctx.inputs, ctx.chunks
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        encoder = ctx.encoder
+        no_sync = getattr(encoder, "no_sync", None)
+        replays = [(c, n) for c, column in enumerate(ctx.chunks) for n in range(len(column))]
         input_grads: dict[int, list[Tensor]] = {key: [] for key in ctx.differentiable}
-        for n, rows in enumerate(chunks):
+        for c, n in replays:
+            inputs, rows = ctx.columns[c], ctx.chunks[c][n]
             # DDP all-reduces the accumulated gradients once, with the last chunk.
-            last = n == len(chunks) - 1
             sync = contextlib.nullcontext()
-            if isinstance(encoder, nn.parallel.DistributedDataParallel) and not last:
-                sync = encoder.no_sync()  # type: ignore[assignment]
+            if callable(no_sync) and (c, n) != replays[-1]:
+                sync = no_sync()
             leaves: dict[int, Tensor] = {}
-            replay = ctx.states[n].restored(ctx.devices)
+            replay = ctx.states[c][n].restored(ctx.devices)
             with sync, replay, _running_stats_kept(encoder), torch.enable_grad():
                 chunk = _chunk(inputs, rows, leaves)
                 output = _checked(_call(encoder, chunk), rows.stop - rows.start)
-                torch.autograd.backward(output, grad[rows].to(output.dtype))
-            for key in input_grads:
-                leaf = leaves[key]
+                torch.autograd.backward(output, grads[c][rows].to(output.dtype))
+            for key, leaf in leaves.items():
                 input_grads[key].append(torch.zeros_like(leaf) if leaf.grad is None else leaf.grad)
-        grads = tuple(torch.cat(parts) for parts in input_grads.values())
-        return None, None, None, None, *grads
+        return None, None, None, None, *(torch.cat(parts) for parts in input_grads.values())
+
+
+def cached_embeddings(
+    encoder: Callable[..., Any], columns: Sequence[Inputs], *, chunk_size: int
+) -> list[Tensor]:
+    """`grad_cache` over several inputs through one encoder, with one backward for them all.
+
+    The columns of a batch (queries, documents, negatives) may differ in
+    their other dimensions (a tokenizer pads each to its own length); their
+    replays share one backward, so a DDP encoder all-reduces once per step,
+    not once per column. A tensor may appear in one column only.
+
+    Returns:
+        Each column's (B_c, D) embeddings, in order.
+    """
+    chunk_size = check_positive_int("chunk_size", chunk_size)
+    chunks = []
+    for inputs in columns:
+        batch = _batch_size(inputs)
+        chunks.append([slice(a, min(a + chunk_size, batch)) for a in range(0, batch, chunk_size)])
+    differentiable = [t for inputs in columns for t in _tensors(inputs).values() if t.requires_grad]
+    if len({id(t) for t in differentiable}) < len(differentiable):
+        raise ValueError("columns must not share a tensor that needs a gradient")
+    # Backward must run even when no input needs a gradient (the parameters do).
+    anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
+    outputs = _GradCache.apply(encoder, list(columns), chunks, anchor, *differentiable)  # type: ignore[no-untyped-call]
+    return list(cast(tuple[Tensor, ...], outputs))
 
 
 def grad_cache(encoder: Callable[..., Any], inputs: Inputs, *, chunk_size: int) -> Tensor:
@@ -198,9 +236,11 @@ def grad_cache(encoder: Callable[..., Any], inputs: Inputs, *, chunk_size: int) 
             tensor: an ``nn.Module`` or its ``DistributedDataParallel``
             wrapper. A dict of inputs is passed as keyword arguments, a tuple
             or list as positional ones. The batch norms whose running
-            statistics the replay keeps, the CUDA devices of the parameters
-            (whose random state it restores) and DDP's ``no_sync`` are found
-            through the module; a plain function is run as given.
+            statistics the replay keeps and the CUDA devices of the
+            parameters (whose random state it restores) are found through
+            the module, and a ``no_sync()`` context on the encoder (DDP's,
+            or a wrapper's that forwards it) defers the gradient all-reduce
+            to the last chunk; a plain function is run as given.
         inputs: a tensor, or a dict/tuple/list whose tensors share their
             first dimension B (a tokenizer's output); other values are
             passed to every chunk unchanged.
@@ -243,11 +283,5 @@ def grad_cache(encoder: Callable[..., Any], inputs: Inputs, *, chunk_size: int) 
         >>> encoder[0].weight.grad.shape
         torch.Size([16, 8])
     """
-    chunk_size = check_positive_int("chunk_size", chunk_size)
-    batch = _batch_size(inputs)
-    chunks = [slice(a, min(a + chunk_size, batch)) for a in range(0, batch, chunk_size)]
-    differentiable = [t for t in _tensors(inputs).values() if t.requires_grad]
-    # Backward must run even when no input needs a gradient (the parameters do).
-    anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
-    output = _GradCache.apply(encoder, inputs, chunks, anchor, *differentiable)  # type: ignore[no-untyped-call]
-    return cast(Tensor, output)
+    (embeddings,) = cached_embeddings(encoder, [inputs], chunk_size=chunk_size)
+    return embeddings

@@ -15,6 +15,7 @@ Needs the ``sentence-transformers`` extra: ``pip install
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,7 +32,7 @@ except ImportError as error:  # pragma: no cover - exercised in a process withou
         "pip install 'info-nce[sentence-transformers]'"
     ) from error
 
-from info_nce.cache import grad_cache
+from info_nce.cache import cached_embeddings
 from info_nce.functional import info_nce
 
 __all__ = ["InfoNCELoss"]
@@ -92,7 +93,13 @@ _GIST = """
 
 
 class _SentenceEmbedding(nn.Module):
-    """A sentence-transformers model as `grad_cache` takes an encoder: features in, (b, D) out."""
+    """A sentence-transformers model as `grad_cache` takes an encoder: features in, (b, D) out.
+
+    Under DDP (the trainer puts its wrapped model into the loss) it forwards
+    the wrapper's ``no_sync``, so that the replays of all columns
+    all-reduce once, with the last mini-batch, whatever the number of
+    mini-batches on each rank.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -101,6 +108,11 @@ class _SentenceEmbedding(nn.Module):
     def forward(self, **features: Any) -> Tensor:
         embedding: Tensor = self.model(features)["sentence_embedding"]
         return embedding
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """The wrapped model's ``no_sync`` where it has one (DDP), else nothing."""
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if callable(no_sync) else contextlib.nullcontext()
 
 
 class InfoNCELoss(nn.Module):
@@ -203,6 +215,8 @@ class InfoNCELoss(nn.Module):
         self.options = dict(options)
         self._check_options()
         self._retokenize = guide is not None and _tokenizers_differ(model, guide)
+        # Kept: the trainer may replace the model by its DDP wrapper, which has none.
+        self._tokenizer = model.tokenizer
         if self._retokenize and not hasattr(model.tokenizer, "batch_decode"):
             raise ValueError(
                 "guide= has another tokenizer than the model: the texts are decoded from the "
@@ -278,8 +292,8 @@ class InfoNCELoss(nn.Module):
                 "MatryoshkaLoss around InfoNCELoss(mini_batch_size=...) is not supported yet: "
                 "wrap an InfoNCELoss without mini_batch_size, or use CachedMNRL's Matryoshka"
             )
+        encoder = _SentenceEmbedding(model)
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in model.parameters()):
-            encoder = _SentenceEmbedding(model)
             return [
                 torch.cat(
                     [
@@ -289,8 +303,8 @@ class InfoNCELoss(nn.Module):
                 )
                 for column in features
             ]
-        encoder = _SentenceEmbedding(model)
-        return [grad_cache(encoder, column, chunk_size=self.mini_batch_size) for column in features]
+        # One backward replays every column: under DDP, one all-reduce per step.
+        return cached_embeddings(encoder, features, chunk_size=self.mini_batch_size)
 
     def _guide_features(self, features: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """The columns as the guide takes them: the texts again, through its own tokenizer."""
@@ -298,8 +312,7 @@ class InfoNCELoss(nn.Module):
             return features
         assert self.guide is not None
         texts = [
-            self.model.tokenizer.batch_decode(f["input_ids"], skip_special_tokens=True)
-            for f in features
+            self._tokenizer.batch_decode(f["input_ids"], skip_special_tokens=True) for f in features
         ]
         device = next(self.guide.parameters()).device
         return [
