@@ -454,3 +454,47 @@ def test_ddp_with_gather_and_mini_batches_equals_one_process(tmp_path: Any) -> N
                     assert_same((loss, got), (losses_[rank], grads))
                     # One all-reduce per step, whatever the mini-batches.
                     assert calls == plain_calls >= 1
+
+
+def test_the_trainer_trains_saves_and_reloads(tmp_path: Any) -> None:
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    model = tiny_model().float()
+    loss_fn = InfoNCELoss(
+        model, mini_batch_size=2, hardness_mode="hard_negatives", hardness_strength=2.0
+    )
+    columns = {"anchor": COLUMNS[0], "positive": COLUMNS[1], "negative": COLUMNS[2]}
+    data = Dataset.from_dict({name: texts * 4 for name, texts in columns.items()})
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return float(loss_fn(features(model, 3), None))
+
+    before = held_out_loss()
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=6,
+        num_train_epochs=3,
+        learning_rate=0.05,
+        seed=0,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss_fn).train()
+    assert held_out_loss() < 0.5 * before
+
+    model.save(str(tmp_path / "model"))
+    again = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    texts = COLUMNS[0]
+    assert torch.equal(
+        again.encode(texts, convert_to_tensor=True), model.encode(texts, convert_to_tensor=True)
+    )
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "InfoNCELoss" in card
+    assert '"hardness_mode": "hard_negatives"' in card
