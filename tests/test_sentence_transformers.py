@@ -498,3 +498,72 @@ def test_the_trainer_trains_saves_and_reloads(tmp_path: Any) -> None:
     card = (tmp_path / "model" / "README.md").read_text()
     assert "InfoNCELoss" in card
     assert '"hardness_mode": "hard_negatives"' in card
+
+
+def _trainer_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One SGD step of lr 1 through the trainer's own DDP: the step is minus the gradient."""
+    import os
+
+    import torch.distributed as dist
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_fn = InfoNCELoss(model, mini_batch_size=2, gather_distributed=True)
+    data = Dataset.from_dict({"anchor": COLUMNS[0], "positive": COLUMNS[1], "negative": COLUMNS[2]})
+    args = SentenceTransformerTrainingArguments(
+        output_dir=os.path.join(out_dir, "run"),
+        per_device_train_batch_size=3,  # the 6 rows in one step on 2 ranks
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,  # no clipping
+        seed=0,
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss_fn)
+    trainer.train()
+    wrapped = type(loss_fn.model).__name__
+    steps = [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
+    torch.save((wrapped, steps), os.path.join(out_dir, f"rank{rank}.pt"))
+    del trainer, loss_fn
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_the_trainer_under_ddp_steps_as_one_process_on_the_whole_batch(tmp_path: Any) -> None:
+    from ranks import run_ranks
+
+    from info_nce import info_nce
+
+    run_ranks(_trainer_worker, 2, str(tmp_path))
+    model = tiny_model()
+    query, key, negative = [
+        model(model.preprocess(texts))["sentence_embedding"] for texts in COLUMNS[:3]
+    ]
+    # Each row's loss is over the same candidates however the ranks split the batch.
+    info_nce(query, key, negative[:, None], temperature=0.05, negative_mode="shared").backward()
+    for rank in range(2):
+        wrapped, steps = torch.load(tmp_path / f"rank{rank}.pt")
+        assert wrapped == "DistributedDataParallel"
+        for step, p in zip(steps, model.parameters(), strict=True):
+            assert_close(step, p.grad, rtol=1e-9, atol=1e-12, name="SGD step")
