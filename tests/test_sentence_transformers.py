@@ -346,11 +346,26 @@ def test_matryoshka_loss_wraps_it_as_it_wraps_mnrl() -> None:
     assert_same(got, expected)
 
 
-def test_matryoshka_with_mini_batches_is_refused_clearly() -> None:
+@pytest.mark.parametrize("mini_batch_size", [1, 4])
+def test_matryoshka_with_mini_batches_equals_it_around_cached_mnrl(mini_batch_size: int) -> None:
+    # The columns are embedded once, at full width, and shrunk for each width.
     model = tiny_model()
-    loss_fn = losses.MatryoshkaLoss(model, InfoNCELoss(model, mini_batch_size=2), [8, 4])
-    with pytest.raises(ValueError, match="MatryoshkaLoss around InfoNCELoss"):
-        loss_fn(features(model, 3), None)
+    dims, weights = [8, 4, 2], [1.0, 0.5, 2.0]
+    cached = losses.CachedMultipleNegativesRankingLoss(
+        model, scale=20.0, mini_batch_size=mini_batch_size
+    )
+    expected = loss_and_grads(losses.MatryoshkaLoss(model, cached, dims, weights), model, 3)
+    ours = InfoNCELoss(model, mini_batch_size=mini_batch_size)
+    calls = [0]
+    model[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    got = loss_and_grads(losses.MatryoshkaLoss(model, ours, dims, weights), model, 3)
+    assert_same(got, expected)
+    matryoshka_calls, calls[0] = calls[0], 0
+    loss_and_grads(ours, model, 3)
+    assert matryoshka_calls == calls[0]  # one run and one replay per mini-batch, for all widths
+    with torch.no_grad():  # evaluation: mini-batches without grad_cache
+        evaluated = losses.MatryoshkaLoss(model, ours, dims, weights)(features(model, 3), None)
+    assert_close(evaluated, expected[0], rtol=1e-10, atol=1e-10, name="loss without gradient")
 
 
 # Two ranks, as the trainer runs them: the loss holds the DDP-wrapped model.

@@ -16,7 +16,7 @@ Needs the ``sentence-transformers`` extra: ``pip install
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -25,7 +25,10 @@ from torch import Tensor, nn
 try:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.losses.merged_forward import embed_columns
-    from sentence_transformers.sentence_transformer.losses.matryoshka import ForwardDecorator
+    from sentence_transformers.sentence_transformer.losses.matryoshka import (
+        ForwardDecorator,
+        shrink,
+    )
 except ImportError as error:  # pragma: no cover - exercised in a process without the package
     raise ImportError(
         "info_nce.integrations.sentence_transformers needs sentence-transformers: "
@@ -101,12 +104,15 @@ class _SentenceEmbedding(nn.Module):
     mini-batches on each rank.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, forward: Callable[..., Any] | None = None) -> None:
         super().__init__()
         self.model = model
+        # The model's own forward where MatryoshkaLoss has decorated it.
+        self._forward = forward
 
     def forward(self, **features: Any) -> Tensor:
-        embedding: Tensor = self.model(features)["sentence_embedding"]
+        output = self.model(features) if self._forward is None else self._forward(features)
+        embedding: Tensor = output["sentence_embedding"]
         return embedding
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
@@ -286,14 +292,27 @@ class InfoNCELoss(nn.Module):
         """Each column's (B, D) embeddings: merged forwards as MNRL's, or mini-batches."""
         if self.mini_batch_size is None:
             return embed_columns(model, features)
-        if isinstance(getattr(model, "forward", None), ForwardDecorator):
-            # Its shrunk embeddings would meet full-width replays in backward.
-            raise ValueError(
-                "MatryoshkaLoss around InfoNCELoss(mini_batch_size=...) is not supported yet: "
-                "wrap an InfoNCELoss without mini_batch_size, or use CachedMNRL's Matryoshka"
-            )
-        encoder = _SentenceEmbedding(model)
-        if not torch.is_grad_enabled() or not any(p.requires_grad for p in model.parameters()):
+        matryoshka = getattr(model, "forward", None)
+        if not isinstance(matryoshka, ForwardDecorator):
+            return self._embed_in_mini_batches(_SentenceEmbedding(model), features)
+        # MatryoshkaLoss calls the loss once per width. The columns are
+        # embedded once, at full width, by the model's own forward (so that
+        # the replays in backward see full-width outputs too), and shrunk
+        # for each width as its decorator shrinks them.
+        if matryoshka.cache_dim is None or matryoshka.cache_dim == matryoshka.dim:
+            encoder = _SentenceEmbedding(model, forward=matryoshka.fn)
+            matryoshka.cache.append(self._embed_in_mini_batches(encoder, features))
+            matryoshka.cache_dim = matryoshka.dim
+        full: list[Tensor] = matryoshka.cache[matryoshka.idx]
+        matryoshka.idx += 1
+        width: int = matryoshka.dim  # type: ignore[assignment]  # set before each call
+        return [shrink(embeddings, width) for embeddings in full]
+
+    def _embed_in_mini_batches(
+        self, encoder: _SentenceEmbedding, features: list[dict[str, Tensor]]
+    ) -> list[Tensor]:
+        assert self.mini_batch_size is not None
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in encoder.parameters()):
             return [
                 torch.cat(
                     [
