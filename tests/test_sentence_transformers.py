@@ -582,3 +582,23 @@ def test_the_trainer_under_ddp_steps_as_one_process_on_the_whole_batch(tmp_path:
         assert wrapped == "DistributedDataParallel"
         for step, p in zip(steps, model.parameters(), strict=True):
             assert_close(step, p.grad, rtol=1e-9, atol=1e-12, name="SGD step")
+
+
+def test_the_example_fine_tunes_offline_and_reports_both_peaks(tmp_path: Any) -> None:
+    import re
+
+    command = [
+        sys.executable,
+        "examples/sentence_transformers_example.py",
+        "--tiny",
+        *("--batch-size", "64", "--mini-batch-size", "16", "--steps", "4"),
+        *("--learning-rate", "1e-3", "--output-dir", str(tmp_path)),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for label in ("InfoNCELoss (guide, mini-batches)", "MNRL"):
+        assert re.search(rf"{re.escape(label)}: one step [\d.]+ s, peak \d+ MiB", result.stdout)
+    before, after = map(
+        float, re.findall(r"held-out loss: ([\d.]+) before, ([\d.]+)", result.stdout)[0]
+    )
+    assert after < before
