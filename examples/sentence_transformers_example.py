@@ -44,9 +44,8 @@ from sentence_transformers import (
     SentenceTransformer,
     SentenceTransformerTrainer,
     SentenceTransformerTrainingArguments,
-    losses,
 )
-from sentence_transformers.sentence_transformer import modules
+from sentence_transformers.sentence_transformer import losses, modules
 from transformers.utils import logging as hf_logging
 
 from info_nce.integrations.sentence_transformers import InfoNCELoss
@@ -81,14 +80,16 @@ def triplets(rows: int, seed: int) -> dict[str, list[str]]:
     return columns
 
 
-def tiny_bert(seed: int = 0, hidden: int = 64, layers: int = 2) -> SentenceTransformer:
-    """A BERT of ``layers`` layers over VOCABULARY, built offline, with mean pooling."""
+def tiny_bert(
+    seed: int = 0, hidden: int = 64, layers: int = 2, words: list[str] = VOCABULARY
+) -> SentenceTransformer:
+    """A BERT of ``layers`` layers over ``words``, built offline, with mean pooling."""
     from tokenizers import Tokenizer, pre_tokenizers, processors
     from tokenizers import models as token_models
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    vocab = {word: i for i, word in enumerate([*specials, *VOCABULARY])}
+    vocab = {word: i for i, word in enumerate([*specials, *words])}
     tokenizer = Tokenizer(token_models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(

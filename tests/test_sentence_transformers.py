@@ -602,3 +602,45 @@ def test_the_example_fine_tunes_offline_and_reports_both_peaks(tmp_path: Any) ->
         float, re.findall(r"held-out loss: ([\d.]+) before, ([\d.]+)", result.stdout)[0]
     )
     assert after < before
+
+
+def _example() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sentence_transformers_example", "examples/sentence_transformers_example.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("columns", [2, 3])
+def test_a_guide_with_another_tokenizer_retokenizes_as_gist_embed_loss(columns: int) -> None:
+    # Two tiny BERTs whose word-level tokenizers number the words differently:
+    # the guide takes the texts decoded from the model's ids, tokenized again.
+    example = _example()
+    model = example.tiny_bert(seed=0, hidden=16).double().eval()
+    guide = example.tiny_bert(seed=1, hidden=16, words=example.VOCABULARY[::-1])
+    guide.double().eval().requires_grad_(False)
+    texts = list(example.triplets(5, seed=0).values())[:columns]
+    triplets = columns == 3
+    gist = losses.GISTEmbedLoss(
+        model, guide, temperature=0.01, margin=0.0, contrast_positives=not triplets
+    )
+    assert gist.must_retokenize
+    directions = ("query_to_key", "query_to_query") + (() if triplets else ("key_to_key",))
+    ours = InfoNCELoss(
+        model, guide=guide, temperature=0.01, directions=directions, false_negative_margin=0.0
+    )
+    assert ours._retokenize
+
+    def run(loss_fn: torch.nn.Module) -> tuple[Tensor, list[Tensor]]:
+        model.zero_grad()
+        loss = loss_fn([model.preprocess(t) for t in texts], None)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    assert_same(run(ours), run(gist))
