@@ -58,25 +58,28 @@ FILLER = ["a", "the", "in", "on", "near", "by"]
 VOCABULARY = sorted({*COLOURS, *ANIMALS, *ACTIONS, *PLACES, *FILLER})
 
 
-def triplets(rows: int, seed: int) -> dict[str, list[str]]:
-    """(anchor, positive, negative) columns: a scene, the same scene reworded, another scene.
+def triplets(rows: int, seed: int, negatives: int = 1) -> dict[str, list[str]]:
+    """(anchor, positive, negative…) columns: a scene, the same scene reworded, other scenes.
 
-    The negative differs from the anchor in one attribute only: a hard
-    negative, as mined negatives are.
+    Each negative differs from the anchor in one attribute only: a hard
+    negative, as mined negatives are. One negative makes a column
+    ``negative``; several, ``negative_1``, ``negative_2``, ….
     """
     rng = random.Random(seed)
-    columns: dict[str, list[str]] = {"anchor": [], "positive": [], "negative": []}
+    names = ["negative"] if negatives == 1 else [f"negative_{m + 1}" for m in range(negatives)]
+    columns: dict[str, list[str]] = {name: [] for name in ["anchor", "positive", *names]}
+    pools = {"colour": COLOURS, "animal": ANIMALS, "place": PLACES}
     for _ in range(rows):
         colour, animal, action, place = (rng.choice(x) for x in (COLOURS, ANIMALS, ACTIONS, PLACES))
-        other = {"colour": colour, "animal": animal, "place": place}
-        changed = rng.choice(list(other))
-        pool = {"colour": COLOURS, "animal": ANIMALS, "place": PLACES}[changed]
-        other[changed] = rng.choice([x for x in pool if x != other[changed]])
         columns["anchor"].append(f"a {colour} {animal} {action} in the {place}")
         columns["positive"].append(f"in the {place} the {animal} {action} a {colour} one")
-        columns["negative"].append(
-            f"a {other['colour']} {other['animal']} {action} in the {other['place']}"
-        )
+        for name in names:
+            other = {"colour": colour, "animal": animal, "place": place}
+            changed = rng.choice(list(other))
+            other[changed] = rng.choice([x for x in pools[changed] if x != other[changed]])
+            columns[name].append(
+                f"a {other['colour']} {other['animal']} {action} in the {other['place']}"
+            )
     return columns
 
 

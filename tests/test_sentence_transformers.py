@@ -617,8 +617,11 @@ def _example() -> Any:
     return module
 
 
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
 @pytest.mark.parametrize("columns", [2, 3])
-def test_a_guide_with_another_tokenizer_retokenizes_as_gist_embed_loss(columns: int) -> None:
+def test_a_guide_with_another_tokenizer_retokenizes_as_gist_embed_loss(
+    columns: int, mini_batch_size: int | None
+) -> None:
     # Two tiny BERTs whose word-level tokenizers number the words differently:
     # the guide takes the texts decoded from the model's ids, tokenized again.
     example = _example()
@@ -627,13 +630,20 @@ def test_a_guide_with_another_tokenizer_retokenizes_as_gist_embed_loss(columns: 
     guide.double().eval().requires_grad_(False)
     texts = list(example.triplets(5, seed=0).values())[:columns]
     triplets = columns == 3
-    gist = losses.GISTEmbedLoss(
-        model, guide, temperature=0.01, margin=0.0, contrast_positives=not triplets
-    )
+    options = {"temperature": 0.01, "margin": 0.0, "contrast_positives": not triplets}
+    if mini_batch_size is None:
+        gist = losses.GISTEmbedLoss(model, guide, **options)
+    else:
+        gist = losses.CachedGISTEmbedLoss(model, guide, mini_batch_size=mini_batch_size, **options)
     assert gist.must_retokenize
     directions = ("query_to_key", "query_to_query") + (() if triplets else ("key_to_key",))
     ours = InfoNCELoss(
-        model, guide=guide, temperature=0.01, directions=directions, false_negative_margin=0.0
+        model,
+        guide=guide,
+        mini_batch_size=mini_batch_size,
+        temperature=0.01,
+        directions=directions,
+        false_negative_margin=0.0,
     )
     assert ours._retokenize
 
@@ -644,3 +654,65 @@ def test_a_guide_with_another_tokenizer_retokenizes_as_gist_embed_loss(columns: 
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     assert_same(run(ours), run(gist))
+
+
+def test_symmetric_ranking_loss_on_pairs_is_the_per_direction_loss() -> None:
+    model = tiny_model()
+    expected = loss_and_grads(
+        losses.MultipleNegativesSymmetricRankingLoss(model, scale=20.0), model, 2
+    )
+    ours = InfoNCELoss(
+        model, directions=("query_to_key", "key_to_query"), partition="per_direction"
+    )
+    assert_same(loss_and_grads(ours, model, 2), expected)
+
+
+def test_labels_reach_info_nce() -> None:
+    # A dataset's label column: rows of one label are each other's positives.
+    from info_nce import info_nce
+
+    model = tiny_model()
+    labels = torch.tensor([0, 1, 0, 2, 1, 3])
+
+    def reference(columns: Any, labels: Any) -> Tensor:
+        query, key, negative = [model(column)["sentence_embedding"] for column in columns]
+        return info_nce(
+            query, key, negative[:, None], temperature=0.05, negative_mode="shared", labels=labels
+        )
+
+    model.zero_grad()
+    expected = reference(features(model, 3), labels)
+    got = InfoNCELoss(model)(features(model, 3), labels)
+    assert_close(got, expected, rtol=1e-12, atol=1e-12, name="loss")
+    assert not torch.allclose(got, InfoNCELoss(model)(features(model, 3), None))
+
+
+def test_labels_with_options_that_refuse_them_raise_naming_them() -> None:
+    model = tiny_model()
+    loss_fn = InfoNCELoss(model, hardness_mode="hard_negatives", hardness_strength=2.0)
+    with pytest.raises(ValueError, match="labels"):
+        loss_fn(features(model, 3), torch.arange(6))
+
+
+def test_mini_batches_are_cut_to_their_longest_text_as_cached_mnrl_cuts_them() -> None:
+    example = _example()
+    model = example.tiny_bert(seed=0, hidden=16).double().eval()
+    short, long = "a cat", "a red cat sleeps in the garden near the river by the house"
+    columns = [[short, short, long, short], [short, long, short, short]]
+    widths: list[int] = []
+    model[0].register_forward_pre_hook(
+        lambda module, args: widths.append(args[0]["input_ids"].shape[1])
+    )
+
+    def run(loss_fn: torch.nn.Module) -> tuple[Tensor, list[Tensor]]:
+        model.zero_grad()
+        loss = loss_fn([model.preprocess(texts) for texts in columns], None)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    expected = run(losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=1))
+    widths.clear()
+    assert_same(run(InfoNCELoss(model, mini_batch_size=1)), expected)
+    full = len(long.split()) + 2  # [CLS] … [SEP]
+    # Each text alone, first run and replay: 3 + 3 short ones and 1 + 1 long.
+    assert sorted(widths) == [4] * 12 + [full] * 4

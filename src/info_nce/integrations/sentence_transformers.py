@@ -111,6 +111,7 @@ class _SentenceEmbedding(nn.Module):
         self._forward = forward
 
     def forward(self, **features: Any) -> Tensor:
+        features = _without_trailing_padding(features)
         output = self.model(features) if self._forward is None else self._forward(features)
         embedding: Tensor = output["sentence_embedding"]
         return embedding
@@ -145,9 +146,14 @@ class InfoNCELoss(nn.Module):
             `grad_cache` (the guide too, without gradients): the model's
             memory is a mini-batch's, as in the cached losses, with the
             gradients of the whole batch (dropout included: each
-            mini-batch's replay draws its first run's masks).
+            mini-batch's replay draws its first run's masks). The columns'
+            replays share one backward, so under DDP the gradients are
+            all-reduced once per step, whatever the number of mini-batches
+            on each rank. Under ``MatryoshkaLoss`` the columns are
+            embedded once, at full width, for all its widths.
         gather_distributed: score each rank's queries against all ranks'
-            candidates (see `info_nce`).
+            candidates (see `info_nce`): under DDP, the gradients of one
+            process on the whole batch.
         **options: `info_nce`'s keyword options: ``directions``,
             ``partition``, ``symmetric``, ``hardness_mode``,
             ``hardness_strength``, ``false_negative_margin``,
@@ -378,3 +384,28 @@ def _batch_size(column: dict[str, Tensor]) -> int:
 
 def _rows(column: dict[str, Tensor], start: int, size: int) -> dict[str, Any]:
     return {k: v[start : start + size] if isinstance(v, Tensor) else v for k, v in column.items()}
+
+
+def _without_trailing_padding(features: dict[str, Any]) -> dict[str, Any]:
+    """A mini-batch's features cut to its longest sequence, as the cached losses cut them.
+
+    A tokenizer pads the whole column to its longest text; a mini-batch of
+    shorter texts is embedded at its own width. Padding at the start (left
+    padding) is kept, as it sets positions.
+    """
+    mask = features.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return features
+    active = mask.bool()
+    expansion = features.get("query_expansion_positions")  # scored though masked (ColBERT)
+    if isinstance(expansion, Tensor) and expansion.shape == mask.shape:
+        active = active | expansion.bool()
+    columns = active.any(dim=0).nonzero()
+    width = mask.shape[1]
+    end = int(columns.max()) + 1 if len(columns) else width
+    if end == width:
+        return features
+    return {
+        k: v[:, :end] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == width else v
+        for k, v in features.items()
+    }
