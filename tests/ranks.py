@@ -69,3 +69,19 @@ def run_ranks(worker: Callable[..., Any], world: int, out_dir: str) -> None:
     """Spawn ``world`` ranks of ``worker`` on a free port and wait for them all."""
     (port,) = free_ports(1)
     join_ranks(start_ranks(worker, world, port, out_dir))
+
+
+def count_all_reduces(model: Any) -> list[int]:
+    """A one-element counter of the gradient buckets ``model`` (DDP) all-reduces from now on."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    calls = [0]
+
+    # Unannotated: DDP checks a hook's annotations at run time, and these
+    # would be strings here.
+    def counting_hook(state, bucket):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    model.register_comm_hook(None, counting_hook)
+    return calls

@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import init_gloo, run_ranks
+from ranks import count_all_reduces, init_gloo, run_ranks
 from reference import assert_close
 from torch import Tensor, nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from info_nce import InfoNCE, MemoryQueue, grad_cache, info_nce, nt_xent
@@ -313,20 +312,11 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     init_gloo(rank, world, port)
     try:
-        calls = [0]
-
-        # Unannotated: DDP checks a hook's annotations at run time, and these
-        # would be strings here.
-        def counting_hook(state, bucket):  # type: ignore[no-untyped-def]
-            calls[0] += 1
-            return default_hooks.allreduce_hook(state, bucket)
-
         results = {}
         x, y = batch(10 + rank), keys(20 + rank)
         for name in ("plain", "cached"):
             model = DDP(mlp(0, dropout=0.0))
-            model.register_comm_hook(None, counting_hook)
-            calls[0] = 0
+            calls = count_all_reduces(model)
             embeddings = model(x) if name == "plain" else grad_cache(model, x, chunk_size=4)
             info_nce(embeddings, y).backward()
             results[name] = ([p.grad.clone() for p in model.parameters()], calls[0])

@@ -197,17 +197,28 @@ def test_a_guide_model_equals_gist_embed_loss(columns: int) -> None:
     expected = loss_and_grads(
         _gist_embed_loss(model, guide, positives=not triplets), model, columns
     )
-    directions = ("query_to_key", "query_to_query") + (() if triplets else ("key_to_key",))
     for mini_batch_size in (None, 4):
-        ours = InfoNCELoss(
-            model,
-            guide=guide,
-            mini_batch_size=mini_batch_size,
-            temperature=0.01,
-            directions=directions,
-            false_negative_margin=0.0,
-        )
+        ours = _as_gist_embed_loss(model, guide, triplets, mini_batch_size)
         assert_same(loss_and_grads(ours, model, columns), expected)
+
+
+def _as_gist_embed_loss(
+    model: SentenceTransformer,
+    guide: SentenceTransformer,
+    triplets: bool,
+    mini_batch_size: int | None,
+) -> InfoNCELoss:
+    """GISTEmbedLoss(model, guide, temperature=0.01, margin=0.0) as an InfoNCELoss."""
+    # On triplets GISTEmbed's positive-positive block is left out (see above).
+    directions = ("query_to_key", "query_to_query") + (() if triplets else ("key_to_key",))
+    return InfoNCELoss(
+        model,
+        guide=guide,
+        mini_batch_size=mini_batch_size,
+        temperature=0.01,
+        directions=directions,
+        false_negative_margin=0.0,
+    )
 
 
 def _gist_embed_loss(
@@ -383,20 +394,12 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import os
 
     import torch.distributed as dist
-    from ranks import init_gloo
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from ranks import count_all_reduces, init_gloo
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     init_gloo(rank, world, port)
     try:
-        calls = [0]
-
-        # Unannotated: DDP checks a hook's annotations at run time.
-        def counting_hook(state, bucket):  # type: ignore[no-untyped-def]
-            calls[0] += 1
-            return default_hooks.allreduce_hook(state, bucket)
-
         results = {}
         for split, sizes in DDP_SPLITS.items():
             start = sum(sizes[:rank])
@@ -407,9 +410,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                         model, mini_batch_size=mini_batch_size, gather_distributed=True, **options
                     )
                     ddp = DistributedDataParallel(model)
-                    ddp.register_comm_hook(None, counting_hook)
+                    calls = count_all_reduces(ddp)
                     loss_fn.model = ddp  # what SentenceTransformerTrainer does
-                    calls[0] = 0
                     columns = [
                         model.preprocess(texts[start : start + sizes[rank]]) for texts in COLUMNS
                     ]
@@ -636,15 +638,7 @@ def test_a_guide_with_another_tokenizer_retokenizes_as_gist_embed_loss(
     else:
         gist = losses.CachedGISTEmbedLoss(model, guide, mini_batch_size=mini_batch_size, **options)
     assert gist.must_retokenize
-    directions = ("query_to_key", "query_to_query") + (() if triplets else ("key_to_key",))
-    ours = InfoNCELoss(
-        model,
-        guide=guide,
-        mini_batch_size=mini_batch_size,
-        temperature=0.01,
-        directions=directions,
-        false_negative_margin=0.0,
-    )
+    ours = _as_gist_embed_loss(model, guide, triplets, mini_batch_size)
     assert ours._retokenize
 
     def run(loss_fn: torch.nn.Module) -> tuple[Tensor, list[Tensor]]:
