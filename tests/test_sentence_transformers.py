@@ -710,3 +710,24 @@ def test_mini_batches_are_cut_to_their_longest_text_as_cached_mnrl_cuts_them() -
     full = len(long.split()) + 2  # [CLS] … [SEP]
     # Each text alone, first run and replay: 3 + 3 short ones and 1 + 1 long.
     assert sorted(widths) == [4] * 12 + [full] * 4
+
+
+def test_model_fit_trains_with_it(tmp_path: Any) -> None:
+    # The older training loop: InputExamples, a DataLoader and model.fit.
+    from sentence_transformers.sentence_transformer.readers import InputExample
+    from torch.utils.data import DataLoader
+
+    model = tiny_model().float()
+    loss_fn = InfoNCELoss(model, mini_batch_size=2)
+    examples = [InputExample(texts=list(row)) for row in zip(*COLUMNS[:3], strict=True)]
+    loader = DataLoader(examples * 4, batch_size=6, shuffle=False)  # type: ignore[arg-type]
+    before = float(loss_fn(features(model, 3), None).detach())
+    model.fit(
+        train_objectives=[(loader, loss_fn)],
+        epochs=3,
+        optimizer_params={"lr": 0.05},
+        warmup_steps=0,
+        show_progress_bar=False,
+        checkpoint_path=None,
+    )
+    assert float(loss_fn(features(model, 3), None).detach()) < 0.5 * before
