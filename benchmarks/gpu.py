@@ -4,14 +4,18 @@
    on the dense, engine and tiles paths, every reduction, against a float64
    CPU reference; the autocast policy; a queue module), run by pytest on
    ``--device``.
-2. Timings: forward+backward of our loss, the dense loss (where it fits) and
-   the matrix-product floor (the products of forward+backward alone: three of
+2. Timings: forward+backward of our loss on each backend (``ours``:
+   ``INFO_NCE_BACKEND=auto``, the Triton kernels where they exist;
+   ``ours_torch``: the PyTorch ops), the dense loss (where it fits) and the
+   matrix-product floor (the products of forward+backward alone: three of
    (B, N, D) each), timed with device events in the same process, and each
    one's peak ``torch.cuda.max_memory_allocated`` above its inputs, for
 
    * in-batch InfoNCE, B = N = 32768, D = 512;
    * the symmetric loss, B = 32768, D = 512;
    * ``nt_xent`` over V = 2 views of B = 16384, D = 512 (2B rows against 2B);
+   * shared hard negatives, B = 16384, M = 3, D = 512 (N = 65536);
+   * SigLIP's sigmoid loss, B = 32768, D = 512;
 
    each in bfloat16 under autocast (bfloat16 embeddings, as an autocast
    encoder returns them) and in float32 with TF32 products.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from info_nce import info_nce, nt_xent
+from info_nce import info_nce, nt_xent, siglip_loss
+from info_nce._backend import ENVIRONMENT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,27 +58,55 @@ class Case:
     name: str
     batch: int  # B: rows of each input
     dim: int
-    kind: str  # "in-batch", "symmetric" or "nt_xent"
+    kind: str  # "in-batch", "symmetric", "nt_xent", "shared" or "siglip"
 
 
 CASES = (
     Case("in-batch B=N=32768 D=512", 32768, 512, "in-batch"),
     Case("symmetric B=32768 D=512", 32768, 512, "symmetric"),
     Case("nt_xent V=2 B=16384 D=512", 16384, 512, "nt_xent"),
+    Case("shared B=16384 M=3 D=512", 16384, 512, "shared"),
+    Case("siglip B=32768 D=512", 32768, 512, "siglip"),
 )
 SMALL_CASES = (
     Case("in-batch B=N=96 D=16", 96, 16, "in-batch"),
     Case("symmetric B=96 D=16", 96, 16, "symmetric"),
     Case("nt_xent V=2 B=48 D=16", 48, 16, "nt_xent"),
+    Case("shared B=48 M=3 D=16", 48, 16, "shared"),
+    Case("siglip B=96 D=16", 96, 16, "siglip"),
 )
+NEGATIVES = 3  # M, the shared case's hard negatives per row
+BIAS = -10.0  # the sigmoid loss's logit bias
 PRECISIONS = ("bf16-autocast", "fp32-tf32")
 TEMPERATURE = 0.1
+
+
+def negatives(case: Case, b: Tensor) -> Tensor:
+    """The shared case's (B, M, D) hard negatives: fixed functions of the keys."""
+    return torch.stack([b.roll(m + 1, dims=1) for m in range(NEGATIVES)], dim=1)
 
 
 def ours(case: Case, a: Tensor, b: Tensor) -> Tensor:
     if case.kind == "nt_xent":
         return nt_xent([a, b], temperature=TEMPERATURE)
+    if case.kind == "shared":
+        return info_nce(a, b, negatives(case, b), temperature=TEMPERATURE, negative_mode="shared")
+    if case.kind == "siglip":
+        return siglip_loss(a, b, TEMPERATURE, BIAS)
     return info_nce(a, b, temperature=TEMPERATURE, symmetric=case.kind == "symmetric")
+
+
+def ours_torch(case: Case, a: Tensor, b: Tensor) -> Tensor:
+    """Ours on the PyTorch ops (``INFO_NCE_BACKEND=torch``)."""
+    previous = os.environ.get(ENVIRONMENT)
+    os.environ[ENVIRONMENT] = "torch"
+    try:
+        return ours(case, a, b)
+    finally:
+        if previous is None:
+            del os.environ[ENVIRONMENT]
+        else:
+            os.environ[ENVIRONMENT] = previous
 
 
 def dense(case: Case, a: Tensor, b: Tensor) -> Tensor:
@@ -85,7 +119,14 @@ def dense(case: Case, a: Tensor, b: Tensor) -> Tensor:
         n = len(a)
         targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(a.device)
         return F.cross_entropy(logits, targets)
-    logits = (a @ b.T).float() / TEMPERATURE  # (B, B)
+    if case.kind == "siglip":
+        logits = (a @ b.T).float() / TEMPERATURE + BIAS  # (B, B)
+        signs = 2 * torch.eye(len(a), device=a.device) - 1
+        return -F.logsigmoid(signs * logits).sum() / len(a)
+    keys = b
+    if case.kind == "shared":
+        keys = torch.cat([b, F.normalize(negatives(case, b).flatten(0, 1), dim=1)])
+    logits = (a @ keys.T).float() / TEMPERATURE  # (B, N)
     targets = torch.arange(len(a), device=a.device)
     loss = F.cross_entropy(logits, targets)
     if case.kind == "symmetric":
@@ -97,6 +138,8 @@ def floor(case: Case, a: Tensor, b: Tensor) -> Tensor:
     """Forward+backward's matrix products alone: logits, then d rows and d keys."""
     rows = torch.cat([a, b]) if case.kind == "nt_xent" else a
     keys = rows if case.kind == "nt_xent" else b
+    if case.kind == "shared":
+        keys = torch.cat([b, negatives(case, b).flatten(0, 1)])  # (B + B * M, D)
     logits = rows @ keys.T  # (R, N)
     return (logits @ keys).sum() + (logits.T @ rows).sum()
 
@@ -147,7 +190,8 @@ def run_case(case: Case, precision: str, device: torch.device, repeats: int) -> 
         return step
 
     row: dict[str, object] = {"case": case.name, "precision": precision}
-    for label, loss_fn in (("ours", ours), ("dense", dense), ("floor", floor)):
+    losses = (("ours", ours), ("ours_torch", ours_torch), ("dense", dense), ("floor", floor))
+    for label, loss_fn in losses:
         result = timed(step_of(loss_fn), device, repeats)
         row[f"{label}_s"] = None if result is None else result[0]
         row[f"{label}_mib"] = None if result is None else result[1]
@@ -157,7 +201,7 @@ def run_case(case: Case, precision: str, device: torch.device, repeats: int) -> 
 def correctness(device: torch.device) -> int:
     """The device-parametrised tests on ``device`` (pytest's exit status)."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", device.type]
-    command += ["tests/test_device.py", "tests/test_autocast.py"]
+    command += ["tests/test_device.py", "tests/test_autocast.py", "tests/test_triton.py"]
     print("$", " ".join(command), flush=True)
     return subprocess.run(command, cwd=REPO, check=False).returncode
 
@@ -174,15 +218,18 @@ def number(value: object, unit: str) -> str:
 
 def table(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| case | precision | ours | dense | floor | ours / floor | dense / ours "
-        "| ours MiB | dense MiB | floor MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | precision | ours | ours (torch ops) | dense | floor | ours / floor "
+        "| torch ops / floor | dense / ours | ours MiB | dense MiB | floor MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['case']} | {row['precision']} | {number(row['ours_s'], 's')} "
+            f"| {number(row['ours_torch_s'], 's')} "
             f"| {number(row['dense_s'], 's')} | {number(row['floor_s'], 's')} "
-            f"| {ratio(row['ours_s'], row['floor_s'])} | {ratio(row['dense_s'], row['ours_s'])} "
+            f"| {ratio(row['ours_s'], row['floor_s'])} "
+            f"| {ratio(row['ours_torch_s'], row['floor_s'])} "
+            f"| {ratio(row['dense_s'], row['ours_s'])} "
             f"| {number(row['ours_mib'], 'MiB')} | {number(row['dense_mib'], 'MiB')} "
             f"| {number(row['floor_mib'], 'MiB')} |"
         )

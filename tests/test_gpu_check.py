@@ -28,11 +28,11 @@ def test_the_gpu_check_runs_its_cases_and_writes_its_table(
     rows = json.loads(out.read_text())["rows"]
     assert [(row["case"].split()[0], row["precision"]) for row in rows] == [
         (kind, precision)
-        for kind in ("in-batch", "symmetric", "nt_xent")
+        for kind in ("in-batch", "symmetric", "nt_xent", "shared", "siglip")
         for precision in ("bf16-autocast", "fp32-tf32")
     ]
     for row in rows:
-        for label in ("ours", "dense", "floor"):
+        for label in ("ours", "ours_torch", "dense", "floor"):
             assert isinstance(row[f"{label}_s"], float)
             assert row[f"{label}_s"] > 0
     assert "| ours / floor |" in capsys.readouterr().out

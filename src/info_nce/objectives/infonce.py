@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from info_nce._backend import kernels_for
 from info_nce.objectives.base import RowContext, add_to_targets_
 
 
@@ -34,6 +35,10 @@ class InfoNCEObjective:
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
     ) -> Tensor:
         lse = row_stat[:, 0]
+        kernels = kernels_for(block)
+        if kernels is not None:
+            loss: Tensor = kernels.infonce_forward_(block, lse, target_logit)
+            return loss
         row_max = block.amax(dim=1)  # (R,)
         torch.ops.aten._softmax.out(block, 1, False, out=block)  # probabilities, in place
         # The row's largest probability, at its largest logit, is
@@ -44,6 +49,10 @@ class InfoNCEObjective:
     def gradient_from_forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, weight: Tensor | float
     ) -> None:
+        kernels = kernels_for(block)
+        if kernels is not None:
+            kernels.infonce_gradient_(block, context, 0, weight, None)
+            return
         if isinstance(weight, Tensor):
             block.mul_(weight)
         add_to_targets_(block, context, 0, _negated(weight))
@@ -56,6 +65,10 @@ class InfoNCEObjective:
         row_stat: Tensor,
         weight: Tensor | float,
     ) -> None:
+        kernels = kernels_for(logits)
+        if kernels is not None:
+            kernels.infonce_gradient_(logits, context, first_column, weight, row_stat[:, 0])
+            return
         logits.sub_(row_stat).exp_()
         if isinstance(weight, Tensor):
             logits.mul_(weight)

@@ -1,0 +1,12 @@
+"""Triton kernels: the objectives' bodies on a block of logits, one program per row.
+
+Imported only by `info_nce._backend`, which imports Triton first; an
+objective calls its kernels where the backend chooses them
+(``INFO_NCE_BACKEND``) and its PyTorch ops otherwise. A kernel computes what
+the objective's ops compute, in the block's precision (float32 at least),
+in place.
+"""
+
+from info_nce.kernels.infonce import infonce_forward_, infonce_gradient_
+
+__all__ = ["infonce_forward_", "infonce_gradient_"]

@@ -1,0 +1,275 @@
+"""The Triton kernels (``INFO_NCE_BACKEND=triton``) against float64, and the backend's choice.
+
+Without a GPU the kernels run on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py before any kernel is built);
+with one, the same tests run them on CUDA too. Marked ``triton``:
+``pytest -m "not triton"`` leaves them out locally; CI runs them.
+
+* Each kernel against the formula in float64, written here: odd shapes,
+  rows longer than one program's step, excluded entries, rows without
+  candidates, targets on a diagonal, in one column or none, a weight per row
+  or one for all; float64, float32 and float16 blocks.
+* Every option of the test grid on the engine and tiles paths, with every
+  reduction, under the kernels: equal to the PyTorch ops in float64, and to
+  the float64 loss in float32.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from grid import inputs, options
+from reference import assert_close
+from tiling import TILES_PATH, tiles_on_path  # noqa: F401  (autouse: the tiles path)
+from torch import Tensor
+
+from info_nce import info_nce
+from info_nce._backend import ENVIRONMENT, backend, kernels_for
+from info_nce.objectives import InfoNCEObjective
+from info_nce.objectives.base import RowContext
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.usefixtures("one_thread"),
+    # The interpreter computes log(0) of a row without candidates in NumPy, which warns.
+    pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning"),
+]
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="CUDA is not available on this machine"
+        ),
+    ),
+]
+
+
+@pytest.fixture
+def kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels on every tensor."""
+    monkeypatch.setenv(ENVIRONMENT, "triton")
+
+
+def random_block(rows: int, width: int, dtype: torch.dtype, device: str, seed: int) -> Tensor:
+    """(rows, width) logits in [-3, 3], about one in five -inf, row 1 all -inf if it exists."""
+    generator = torch.Generator().manual_seed(seed)
+    block = torch.rand(rows, width, generator=generator, dtype=torch.float64) * 6 - 3
+    block[torch.rand(rows, width, generator=generator) < 0.2] = float("-inf")
+    if rows > 2:
+        block[1] = float("-inf")  # a row without candidates
+    return block.to(device, dtype)
+
+
+def target_columns(context: RowContext, rows: int, first_column: int) -> list[int | None]:
+    """Each row's target column in a slice from ``first_column``, from the definition."""
+    if context.target_start is None:
+        return [None] * rows
+    return [
+        context.target_start + (context.first_row + r) * context.target_step - first_column
+        for r in range(rows)
+    ]
+
+
+def expected_softmax(block: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 log-sum-exp of each row (-inf: no candidate) and its softmax (0 there)."""
+    exact = block.double().cpu()
+    lse = torch.logsumexp(exact, dim=1)
+    probabilities = torch.exp(exact - lse[:, None]).nan_to_num(nan=0.0)
+    return lse, probabilities
+
+
+def expected_gradient(
+    probabilities: Tensor, weight: Tensor | float, targets: list[int | None]
+) -> Tensor:
+    """``weight * (probabilities - onehot(target))`` in float64."""
+    w = (
+        weight.double().cpu()
+        if isinstance(weight, Tensor)
+        else torch.tensor(weight, dtype=torch.float64)
+    )
+    grad = probabilities * w
+    rows = w[:, 0] if isinstance(weight, Tensor) else w.expand(len(probabilities))
+    for r, column in enumerate(targets):
+        if column is not None and 0 <= column < probabilities.shape[1]:
+            grad[r, column] -= rows[r]
+    return grad
+
+
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 2e-3),
+}
+SHAPES = [(1, 1), (1, 123), (5, 7), (37, 123), (9, 2048 + 37)]
+CONTEXTS = {
+    "none": (RowContext(3), 0),
+    "diagonal": (RowContext(3, target_start=2), 0),
+    "diagonal-offset": (RowContext(5, target_start=1), 4),
+    "column": (RowContext(3, target_start=0, target_step=0), 0),
+    "column-outside": (RowContext(0, target_start=0, target_step=0), 2),
+}
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("target", list(CONTEXTS))
+def test_forward_kernel_is_the_row_softmax(
+    device: str, dtype: torch.dtype, shape: tuple[int, int], target: str
+) -> None:
+    rows, width = shape
+    context, _ = CONTEXTS[target]
+    block = random_block(rows, width, dtype, device, seed=rows + width)
+    lse, probabilities = expected_softmax(block)
+    target_logit = None
+    if context.target_start is not None:
+        target_logit = torch.randn(rows, dtype=torch.float64).to(device, dtype)
+    row_stat = block.new_empty(rows, 1, dtype=torch.promote_types(dtype, torch.float32))
+    loss = InfoNCEObjective().forward_(block, context, row_stat, target_logit)
+    rtol, atol = TOLERANCES[dtype]
+    finite = torch.isfinite(lse)
+    assert_close(
+        row_stat[finite.to(device), 0].cpu().double(), lse[finite], rtol=rtol, atol=atol, name="lse"
+    )
+    assert torch.isneginf(row_stat[~finite.to(device), 0]).all()
+    assert_close(block.cpu().double(), probabilities, rtol=rtol, atol=atol, name="softmax")
+    want = lse if target_logit is None else lse - target_logit.double().cpu()
+    assert_close(
+        loss[finite.to(device)].cpu().double(), want[finite], rtol=rtol, atol=atol, name="loss"
+    )
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("target", list(CONTEXTS))
+@pytest.mark.parametrize("row_weight", [False, True], ids=["one-weight", "row-weights"])
+@pytest.mark.parametrize("from_forward", [False, True], ids=["from-logits", "from-softmax"])
+def test_gradient_kernels_are_weighted_softmax_minus_target(
+    device: str,
+    dtype: torch.dtype,
+    shape: tuple[int, int],
+    target: str,
+    row_weight: bool,
+    from_forward: bool,
+) -> None:
+    rows, width = shape
+    context, first_column = CONTEXTS[target]
+    block = random_block(rows, width, dtype, device, seed=rows * width)
+    lse, probabilities = expected_softmax(block)
+    weight: Tensor | float = 0.7
+    if row_weight:
+        weight = torch.rand(rows, 1, dtype=torch.float64).to(device, dtype)
+    objective = InfoNCEObjective()
+    if from_forward:
+        block = probabilities.to(device, dtype, copy=True)
+        objective.gradient_from_forward_(block, context, block.new_empty(rows, 1), weight)
+        first_column = 0
+    else:
+        row_stat = lse.to(device, torch.promote_types(dtype, torch.float32))[:, None]
+        objective.gradient_(block, context, first_column, row_stat, weight)
+    want = expected_gradient(probabilities, weight, target_columns(context, rows, first_column))
+    rtol, atol = TOLERANCES[dtype]
+    assert_close(block.cpu().double(), want, rtol=rtol, atol=atol, name="gradient")
+
+
+GRID_PATHS = ["engine", TILES_PATH]
+
+
+def loss_and_grads(
+    path: str, name: str, reduction: str, dtype: torch.dtype, device: str
+) -> tuple[Tensor, list[Tensor]]:
+    leaves = [x.requires_grad_() for x in inputs(0, dtype, device)]
+    value = options(path, reduction)[name](*leaves)
+    generator = torch.Generator().manual_seed(1)
+    upstream = torch.rand(value.shape, generator=generator, dtype=torch.float64)
+    grads = torch.autograd.grad(value, leaves, upstream.to(device, dtype), allow_unused=True)
+    zeros = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
+    return value.cpu().double(), [g.cpu().double() for g in zeros]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    ("path", "name"), [(path, name) for path in GRID_PATHS for name in options(path)]
+)
+def test_every_option_under_the_kernels_matches_the_ops(
+    monkeypatch: pytest.MonkeyPatch, device: str, path: str, name: str, reduction: str
+) -> None:
+    monkeypatch.setenv(ENVIRONMENT, "torch")
+    exact, exact_grads = loss_and_grads(path, name, reduction, torch.float64, "cpu")
+    monkeypatch.setenv(ENVIRONMENT, "triton")
+    for dtype, (rtol, atol) in [(torch.float64, (1e-12, 1e-12)), (torch.float32, (1e-5, 1e-6))]:
+        value, grads = loss_and_grads(path, name, reduction, dtype, device)
+        assert_close(value, exact, rtol=rtol, atol=atol, name=f"{name} loss, {dtype}")
+        for got, want in zip(grads, exact_grads, strict=True):
+            assert_close(got, want, rtol=rtol, atol=atol, name=f"{name} gradient, {dtype}")
+
+
+def test_the_kernels_run_where_the_backend_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from info_nce import kernels
+
+    calls: list[str] = []
+    original = kernels.infonce_forward_
+
+    def counted(*args: object) -> Tensor:
+        calls.append("forward")
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "infonce_forward_", counted)
+    query, key = torch.randn(13, 4), torch.randn(13, 4)
+    for value, runs in [("triton", True), ("torch", False), ("auto", False)]:  # CPU tensors
+        monkeypatch.setenv(ENVIRONMENT, value)
+        calls.clear()
+        info_nce(query, key, chunk_size=6)
+        assert bool(calls) == runs, value
+    monkeypatch.delenv(ENVIRONMENT)
+    assert backend() == "auto"
+
+
+def test_an_unknown_backend_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENVIRONMENT, "cuda")
+    with pytest.raises(ValueError, match=r"INFO_NCE_BACKEND must be one of 'auto', .*got 'cuda'"):
+        info_nce(torch.randn(13, 4), torch.randn(13, 4), chunk_size=6)
+
+
+def test_triton_on_the_cpu_without_the_interpreter_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(ENVIRONMENT, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels_for(torch.zeros(1))
+
+
+def test_without_triton_the_ops_run_with_one_warning() -> None:
+    code = (
+        "import sys, warnings; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from info_nce import info_nce\n"
+        "q, k = torch.randn(13, 4), torch.randn(13, 4)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = info_nce(q, k, chunk_size=6)\n"
+        "    b = info_nce(q, k, chunk_size=6)\n"
+        "found = [str(w.message) for w in caught if 'Triton' in str(w.message)]\n"
+        "print(len(found), found[0] if found else '')\n"
+        "import os; os.environ['INFO_NCE_BACKEND'] = 'torch'\n"
+        "print(torch.equal(a, info_nce(q, k, chunk_size=6)))\n"
+    )
+    environment = {**os.environ, ENVIRONMENT: "triton", "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True
+    )
+    count, *message = result.stdout.splitlines()[0].split(" ", 1)
+    assert count == "1", result.stdout
+    assert "PyTorch ops instead of its Triton kernels" in message[0]
+    assert result.stdout.splitlines()[1] == "True"
