@@ -29,8 +29,8 @@ from torch import Tensor
 
 from info_nce import info_nce
 from info_nce._backend import ENVIRONMENT, backend, kernels_for
-from info_nce.objectives import InfoNCEObjective
-from info_nce.objectives.base import RowContext
+from info_nce.objectives import InfoNCEObjective, SigmoidObjective
+from info_nce.objectives.base import RowContext, TargetLabels
 
 pytestmark = [
     pytest.mark.triton,
@@ -179,6 +179,93 @@ def test_gradient_kernels_are_weighted_softmax_minus_target(
     want = expected_gradient(probabilities, weight, target_columns(context, rows, first_column))
     rtol, atol = TOLERANCES[dtype]
     assert_close(block.cpu().double(), want, rtol=rtol, atol=atol, name="gradient")
+
+
+def sigmoid_targets(context: RowContext, rows: int, width: int, first_column: int) -> Tensor:
+    """(rows, width) bool: each row's targets, from the definition (its column, or its label)."""
+    found = torch.zeros(rows, width, dtype=torch.bool)
+    labels = context.target_labels
+    if labels is not None:
+        for r in range(rows):
+            for c in range(width):
+                key = first_column + c - labels.key_start
+                if 0 <= key < len(labels.keys):
+                    found[r, c] = bool(labels.rows[r] == labels.keys[key])
+        return found
+    for r, column in enumerate(target_columns(context, rows, first_column)):
+        if column is not None and 0 <= column < width:
+            found[r, column] = True
+    return found
+
+
+def sigmoid_contexts(rows: int) -> dict[str, tuple[RowContext, int]]:
+    generator = torch.Generator().manual_seed(rows)
+    labels = TargetLabels(
+        rows=torch.randint(0, 3, (rows,), generator=generator),
+        keys=torch.randint(0, 3, (50,), generator=generator),
+        key_start=2,
+    )
+    return {
+        "none": (RowContext(3, logit_bias=-2.0), 0),
+        "diagonal": (RowContext(3, target_start=2, logit_bias=torch.tensor(-1.5)), 0),
+        "column-offset": (RowContext(5, target_start=6, target_step=0, logit_bias=0.5), 4),
+        "labels": (RowContext(0, target_labels=labels, logit_bias=-3.0), 0),
+        "labels-offset": (RowContext(0, target_labels=labels, logit_bias=-3.0), 30),
+    }
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("target", ["none", "diagonal", "column-offset", "labels", "labels-offset"])
+@pytest.mark.parametrize("row_weight", [False, True], ids=["one-weight", "row-weights"])
+def test_sigmoid_kernels_are_softplus_and_signed_sigmoid(
+    device: str, dtype: torch.dtype, shape: tuple[int, int], target: str, row_weight: bool
+) -> None:
+    rows, width = shape
+    context, first_column = sigmoid_contexts(rows)[target]
+    labels = context.target_labels
+    if labels is not None:
+        moved = TargetLabels(labels.rows.to(device), labels.keys.to(device), labels.key_start)
+        context = RowContext(0, target_labels=moved, logit_bias=context.logit_bias)
+    bias = context.logit_bias
+    block = random_block(rows, width, dtype, device, seed=rows + 2 * width)
+    # A target is never excluded (the walker excludes none for this loss).
+    targets = sigmoid_targets(context, rows, width, 0)
+    targets |= sigmoid_targets(context, rows, width, first_column)
+    block[targets.to(device) & torch.isneginf(block)] = 0.5
+    exact = block.double().cpu()
+    z = exact + (bias.double() if isinstance(bias, Tensor) else bias)
+    excluded = torch.isneginf(exact)
+
+    def expected(first: int) -> tuple[Tensor, Tensor]:
+        """Each entry's softplus(s z) and s sigmoid(s z) in a slice from column ``first``."""
+        signs = 1 - 2 * sigmoid_targets(context, rows, width, first).double()
+        terms = torch.nn.functional.softplus(signs * z).masked_fill(excluded, 0.0)
+        return terms, (signs * torch.sigmoid(signs * z)).masked_fill(excluded, 0.0)
+
+    rtol, atol = TOLERANCES[dtype]
+    terms, grad = expected(0)
+    objective = SigmoidObjective()
+
+    # The forward pass: the loss, d loss / d bias per row, the gradient left in the block.
+    forward = block.clone()
+    row_stat = block.new_empty(rows, 1, dtype=torch.promote_types(dtype, torch.float32))
+    loss = objective.forward_(forward, context, row_stat, None)
+    assert_close(loss.cpu().double(), terms.sum(1), rtol=rtol, atol=atol, name="loss")
+    assert_close(row_stat[:, 0].cpu().double(), grad.sum(1), rtol=rtol, atol=atol, name="bias")
+    assert_close(forward.cpu().double(), grad, rtol=rtol, atol=atol, name="forward's gradient")
+
+    # The gradient pass on a slice of columns, weighted.
+    weight: Tensor | float = 0.7
+    w = torch.tensor(0.7, dtype=torch.float64)
+    if row_weight:
+        weight = torch.rand(rows, 1, dtype=torch.float64).to(device, dtype)
+        w = weight.double().cpu()
+    objective.gradient_(block, context, first_column, row_stat, weight)
+    _, grad = expected(first_column)
+    assert_close(block.cpu().double(), grad * w, rtol=rtol, atol=atol, name="gradient")
 
 
 GRID_PATHS = ["engine", TILES_PATH]

@@ -8,5 +8,6 @@ in place.
 """
 
 from info_nce.kernels.infonce import infonce_forward_, infonce_gradient_
+from info_nce.kernels.sigmoid import sigmoid_rows_
 
-__all__ = ["infonce_forward_", "infonce_gradient_"]
+__all__ = ["infonce_forward_", "infonce_gradient_", "sigmoid_rows_"]

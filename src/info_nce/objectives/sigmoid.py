@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from info_nce._backend import kernels_for
 from info_nce.objectives.base import RowContext, column_slices, target_entries
 
 # softplus(z) is z itself, to the last bit of a float64, above this
@@ -52,6 +53,10 @@ class SigmoidObjective:
     def forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
     ) -> Tensor:
+        kernels = kernels_for(block)
+        if kernels is not None:
+            found: Tensor = kernels.sigmoid_rows_(block, context, 0, 1.0, row_stat[:, 0])
+            return found
         loss = block.new_zeros(len(block))  # (R,)
         bias_grad = row_stat[:, 0].zero_()  # (R,)
         slices = column_slices(block)
@@ -83,6 +88,10 @@ class SigmoidObjective:
         row_stat: Tensor,
         weight: Tensor | float,
     ) -> None:
+        kernels = kernels_for(logits)
+        if kernels is not None:
+            kernels.sigmoid_rows_(logits, context, first_column, weight, None)
+            return
         signs = _signed_(logits, context, first_column)
         logits.sigmoid_()
         _unsign_(logits, context, first_column, signs)
