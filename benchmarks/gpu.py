@@ -20,9 +20,18 @@
    each in bfloat16 under autocast (bfloat16 embeddings, as an autocast
    encoder returns them) and in float32 with TF32 products.
 
-It prints a markdown table and writes ``--json``. Run from the repository
-root on a machine with a GPU (after ``make setup``), about 3 minutes on one
-H200 (its budget is 8):
+3. Peers, where they are installed in the check's environment (never by the
+   project): Inf-CL's ``cal_inf_loss``, Liger-Kernel's fused linear
+   cross-entropy and Cut Cross-Entropy's ``linear_cross_entropy`` (each with
+   the keys as the classifier: the one-direction loss), and open_clip's
+   ``ClipLoss`` and ``SigLipLoss``, timed as ours; "-" where a peer is
+   missing or has no such loss.
+4. A ``torch.profiler`` split of our step: the share of its device time (CPU
+   time off CUDA) spent in matrix products.
+
+It prints markdown tables and writes ``--json``. Run from the repository
+root on a machine with a GPU (after ``make setup``), estimated at about 5
+minutes on one H100 or H200, not measured (its budget is 8):
 
     .venv/bin/python benchmarks/gpu.py --device cuda --json gpu.json
 
@@ -144,6 +153,112 @@ def floor(case: Case, a: Tensor, b: Tensor) -> Tensor:
     return (logits @ keys).sum() + (logits.T @ rows).sum()
 
 
+def _one_direction(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The in-batch loss as a classifier's: (B, D) inputs, the (B, D) keys as classes, targets."""
+    inputs = F.normalize(a, dim=1) / TEMPERATURE
+    return inputs, F.normalize(b, dim=1), torch.arange(len(a), device=a.device)
+
+
+def peers() -> dict[str, Callable[[Case, Tensor, Tensor], Tensor | None]]:
+    """Each installed peer's loss for a case (None: it has none for that case)."""
+    found: dict[str, Callable[[Case, Tensor, Tensor], Tensor | None]] = {}
+    try:
+        from inf_cl import cal_inf_loss
+    except ImportError:
+        pass
+    else:
+
+        def inf_cl(case: Case, a: Tensor, b: Tensor) -> Tensor | None:
+            scale = torch.tensor(1 / TEMPERATURE, device=a.device)
+            q, k = F.normalize(a, dim=1), F.normalize(b, dim=1)
+            if case.kind == "in-batch":
+                return cal_inf_loss(q, k, scale=scale)
+            if case.kind == "symmetric":
+                return (cal_inf_loss(q, k, scale=scale) + cal_inf_loss(k, q, scale=scale)) / 2
+            return None
+
+        found["inf_cl"] = inf_cl
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        pass
+    else:
+        liger_loss = LigerFusedLinearCrossEntropyLoss()
+
+        def liger(case: Case, a: Tensor, b: Tensor) -> Tensor | None:
+            if case.kind != "in-batch":
+                return None
+            inputs, classes, targets = _one_direction(a, b)
+            return liger_loss(classes, inputs, targets)
+
+        found["liger"] = liger
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        pass
+    else:
+
+        def cce(case: Case, a: Tensor, b: Tensor) -> Tensor | None:
+            if case.kind != "in-batch":
+                return None
+            return linear_cross_entropy(*_one_direction(a, b))
+
+        found["cce"] = cce
+    try:
+        from open_clip.loss import ClipLoss, SigLipLoss
+    except ImportError:
+        pass
+    else:
+
+        def open_clip(case: Case, a: Tensor, b: Tensor) -> Tensor | None:
+            q, k = F.normalize(a, dim=1), F.normalize(b, dim=1)
+            scale = torch.tensor(1 / TEMPERATURE, device=a.device)
+            if case.kind == "symmetric":
+                return ClipLoss()(q, k, scale)
+            if case.kind == "siglip":
+                return SigLipLoss()(q, k, scale, torch.tensor(BIAS, device=a.device))
+            return None
+
+        found["open_clip"] = open_clip
+    return found
+
+
+# Device kernels of matrix products, by name (cuBLAS, CUTLASS; aten's on the CPU).
+PRODUCT_NAMES = (
+    "gemm",
+    "cutlass",
+    "xmma",
+    "sm90_",
+    "sm80_",
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+)
+
+
+def product_share(step: Callable[[], None], device: torch.device) -> float | None:
+    """The share of one step's device time (CPU time off CUDA) spent in matrix products."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    try:
+        step()  # warm
+        with profile(activities=[activity]) as profiler:
+            step()
+            if cuda:
+                torch.cuda.synchronize(device)
+    except torch.OutOfMemoryError:
+        return None
+    products = total = 0.0
+    for event in profiler.key_averages():
+        spent = event.self_device_time_total if cuda else event.self_cpu_time_total
+        total += spent
+        if any(name in event.key.lower() for name in PRODUCT_NAMES):
+            products += spent
+    return products / total if total else None
+
+
 def timed(
     step: Callable[[], None], device: torch.device, repeats: int
 ) -> tuple[float, float] | None:
@@ -195,6 +310,14 @@ def run_case(case: Case, precision: str, device: torch.device, repeats: int) -> 
         result = timed(step_of(loss_fn), device, repeats)
         row[f"{label}_s"] = None if result is None else result[0]
         row[f"{label}_mib"] = None if result is None else result[1]
+    row["ours_product_share"] = product_share(step_of(ours), device)
+    for name, peer in peers().items():
+        with torch.no_grad():
+            applies = peer(case, a[:2].detach(), b[:2].detach()) is not None
+        result = timed(step_of(peer), device, repeats) if applies else None  # type: ignore[arg-type]
+        row[f"peer_{name}_s"] = None if result is None else result[0]
+        row[f"peer_{name}_mib"] = None if result is None else result[1]
+        row[f"peer_{name}_applies"] = applies
     return row
 
 
@@ -236,6 +359,30 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def peer_table(rows: list[dict[str, object]]) -> str:
+    """Our step's product share, and each installed peer's time and memory against ours."""
+    names = sorted(
+        {key[5:-2] for row in rows for key in row if key.startswith("peer_") and key.endswith("_s")}
+    )
+    header = "| case | precision | ours: products' share |"
+    header += "".join(f" {n} | {n} / ours | {n} MiB |" for n in names)
+    lines = [header, "|---|---|---|" + "---|---|---|" * len(names)]
+    for row in rows:
+        share = row.get("ours_product_share")
+        line = f"| {row['case']} | {row['precision']} | "
+        line += "-" if not isinstance(share, float) else f"{100 * share:.0f}%"
+        line += " |"
+        for n in names:
+            if not row.get(f"peer_{n}_applies"):
+                line += " - | - | - |"
+                continue
+            seconds = row.get(f"peer_{n}_s")
+            line += f" {number(seconds, 's')} | {ratio(seconds, row['ours_s'])} "
+            line += f"| {number(row.get(f'peer_{n}_mib'), 'MiB')} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="the device to check (default: cuda)")
@@ -257,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_case(case, precision, device, args.repeats))
             print(f"  {case.name} {precision}: done", flush=True)
     print(table(rows))
+    print()
+    print(peer_table(rows))
     if args.json:
         args.json.write_text(json.dumps({"device": str(device), "rows": rows}, indent=2))
     return status

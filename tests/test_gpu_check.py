@@ -21,6 +21,12 @@ def test_the_gpu_check_runs_its_cases_and_writes_its_table(
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up
     spec.loader.exec_module(module)
+    # A stand-in peer with a loss for the in-batch case only (no peer is installed here).
+    monkeypatch.setattr(
+        module,
+        "peers",
+        lambda: {"fake": lambda case, a, b: (a * b).sum() if case.kind == "in-batch" else None},
+    )
     out = tmp_path / "gpu.json"
     # The correctness part is the device tests, which the suite runs itself.
     argv = ["--device", "cpu", "--small", "--repeats", "1", "--skip-tests", "--json", str(out)]
@@ -35,4 +41,11 @@ def test_the_gpu_check_runs_its_cases_and_writes_its_table(
         for label in ("ours", "ours_torch", "dense", "floor"):
             assert isinstance(row[f"{label}_s"], float)
             assert row[f"{label}_s"] > 0
-    assert "| ours / floor |" in capsys.readouterr().out
+        assert row["peer_fake_applies"] == row["case"].startswith("in-batch")
+        assert isinstance(row["peer_fake_s"], float) == row["peer_fake_applies"]
+        share = row["ours_product_share"]
+        assert isinstance(share, float)
+        assert 0 < share < 1
+    out = capsys.readouterr().out
+    assert "| ours / floor |" in out
+    assert "| ours: products' share | fake | fake / ours | fake MiB |" in out
