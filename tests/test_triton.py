@@ -268,6 +268,47 @@ def test_sigmoid_kernels_are_softplus_and_signed_sigmoid(
     assert_close(block.cpu().double(), grad * w, rtol=rtol, atol=atol, name="gradient")
 
 
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
+def test_debiased_kernels_are_two_softmaxes(
+    device: str, dtype: torch.dtype, shape: tuple[int, int], beta: float
+) -> None:
+    from info_nce import kernels
+
+    rows, width = shape
+    block = random_block(rows, width, dtype, device, seed=3 * rows + width)
+    # The objective keeps one finite entry in a row without negatives.
+    block[torch.isneginf(block).all(dim=1), 0] = 0.0
+    exact = block.double().cpu().clone()
+    rtol, atol = TOLERANCES[dtype]
+    lse_p, lse_q = kernels.dual_lse(block, beta)
+    want_p = torch.logsumexp((1 + beta) * exact, dim=1)
+    assert_close(lse_p.cpu().double(), want_p, rtol=rtol, atol=atol, name="lse((1 + beta) s)")
+    assert (lse_q is None) == (beta == 0)
+    want_q = torch.logsumexp(beta * exact, dim=1)
+    if lse_q is not None:
+        assert_close(lse_q.cpu().double(), want_q, rtol=rtol, atol=atol, name="lse(beta s)")
+    generator = torch.Generator().manual_seed(rows)
+    coef_p, coef_q = torch.rand(2, rows, generator=generator, dtype=torch.float64)
+    kernels.dual_gradient_(
+        block,
+        beta,
+        want_p.to(device),
+        want_q.to(device) if beta else None,
+        coef_p.to(device),
+        coef_q.to(device) if beta else None,
+    )
+    excluded = torch.isneginf(exact)
+    want = coef_p[:, None] * torch.exp((1 + beta) * exact - want_p[:, None])
+    if beta:
+        want -= coef_q[:, None] * torch.exp(beta * exact - want_q[:, None])
+    want = want.masked_fill(excluded, 0.0)
+    assert_close(block.cpu().double(), want, rtol=rtol, atol=atol, name="gradient")
+
+
 GRID_PATHS = ["engine", TILES_PATH]
 
 

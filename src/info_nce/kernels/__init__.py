@@ -7,7 +7,8 @@ the objective's ops compute, in the block's precision (float32 at least),
 in place.
 """
 
+from info_nce.kernels.debiased import dual_gradient_, dual_lse
 from info_nce.kernels.infonce import infonce_forward_, infonce_gradient_
 from info_nce.kernels.sigmoid import sigmoid_rows_
 
-__all__ = ["infonce_forward_", "infonce_gradient_", "sigmoid_rows_"]
+__all__ = ["dual_gradient_", "dual_lse", "infonce_forward_", "infonce_gradient_", "sigmoid_rows_"]

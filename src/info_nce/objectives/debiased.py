@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from info_nce._backend import kernels_for
 from info_nce.objectives.base import RowContext, add_to_targets_, column_slices
 
 _LSE_P, _LSE_Q, _COEF_P, _COEF_Q, _POSITIVE, _CLAMP = range(6)
@@ -88,20 +89,13 @@ class DebiasedObjective:
         # A row without negatives holds only -inf; one finite entry keeps its
         # softmaxes finite (its coefficients below are 0).
         block[:, 0].masked_fill_(empty, 0.0)
-        shift = block.amax(dim=1)  # (R,) the largest negative logit
-        softmax_ = torch.ops.aten._softmax.out
-        # Each softmax's largest entry, at the largest logit, is 1 / sum_j
-        # exp(c (s_j - max)) >= 1 / W: its log gives the log-sum-exp.
+        kernels = kernels_for(block)
         q = None
-        if beta:
-            q = torch.mul(block, beta, out=self._buffer(block))
-            softmax_(q, 1, False, out=q)  # Q
-            log_q = beta * shift - q.amax(dim=1).log()  # lse(beta s)
-            block.mul_(1 + beta)
+        if kernels is not None:  # the log-sum-exps; the block keeps its logits
+            log_p, found_q = kernels.dual_lse(block, beta)
+            log_q = found_q if beta else count.log().masked_fill(empty, 0.0)
         else:
-            log_q = count.log().masked_fill(empty, 0.0)  # lse(0 s) = log N
-        softmax_(block, 1, False, out=block)  # P
-        log_p = (1 + beta) * shift - block.amax(dim=1).log()  # lse((1 + beta) s)
+            log_p, log_q, q = self._softmaxes_(block, beta, count, empty)
 
         log_mean = log_p - log_q
         tau = self.false_negative_rate
@@ -123,10 +117,36 @@ class DebiasedObjective:
         row_stat[:, _POSITIVE] = -torch.where(clamped, sigma, sigma * slope).masked_fill(empty, 0.0)
         row_stat[:, _CLAMP] = torch.where(clamped & ~empty, sigma, 0.0)
         # The block's leftover: d loss / d s_j of the negatives, unweighted.
+        if kernels is not None:
+            coef_q = row_stat[:, _COEF_Q] if beta else None
+            kernels.dual_gradient_(
+                block, beta, log_p, log_q if beta else None, row_stat[:, _COEF_P], coef_q
+            )
+            return loss.masked_fill(empty, 0.0)
         block.mul_(row_stat[:, _COEF_P : _COEF_P + 1])
         if q is not None:
             block.addcmul_(q, row_stat[:, _COEF_Q : _COEF_Q + 1], value=-1.0)
         return loss.masked_fill(empty, 0.0)
+
+    def _softmaxes_(
+        self, block: Tensor, beta: float, count: Tensor, empty: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``lse((1 + beta) s)``, ``lse(beta s)`` and Q; P overwrites the block."""
+        shift = block.amax(dim=1)  # (R,) the largest negative logit
+        softmax_ = torch.ops.aten._softmax.out
+        # Each softmax's largest entry, at the largest logit, is 1 / sum_j
+        # exp(c (s_j - max)) >= 1 / W: its log gives the log-sum-exp.
+        q = None
+        if beta:
+            q = torch.mul(block, beta, out=self._buffer(block))
+            softmax_(q, 1, False, out=q)  # Q
+            log_q = beta * shift - q.amax(dim=1).log()  # lse(beta s)
+            block.mul_(1 + beta)
+        else:
+            log_q = count.log().masked_fill(empty, 0.0)  # lse(0 s) = log N
+        softmax_(block, 1, False, out=block)  # P
+        log_p = (1 + beta) * shift - block.amax(dim=1).log()  # lse((1 + beta) s)
+        return log_p, log_q, q
 
     def _buffer(self, block: Tensor) -> Tensor:
         """A tensor of the block's shape, dtype and device, reused where possible."""
@@ -157,6 +177,19 @@ class DebiasedObjective:
         if 0 <= clamp < logits.shape[1]:
             logits[:, clamp] = float("-inf")
         beta = self.hard_negative_beta
+        kernels = kernels_for(logits)
+        if kernels is not None:
+            w = weight[:, 0] if isinstance(weight, Tensor) else weight
+            kernels.dual_gradient_(
+                logits,
+                beta,
+                row_stat[:, _LSE_P],
+                row_stat[:, _LSE_Q] if beta else None,
+                row_stat[:, _COEF_P] * w,
+                row_stat[:, _COEF_Q] * w if beta else None,
+            )
+            self._specials_(logits, context, first_column, row_stat, weight)
+            return
         log_p = row_stat[:, _LSE_P : _LSE_P + 1]  # (R, 1)
         log_q = row_stat[:, _LSE_Q : _LSE_Q + 1]
         coef_p = row_stat[:, _COEF_P : _COEF_P + 1] * weight
