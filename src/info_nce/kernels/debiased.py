@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from info_nce.kernels.infonce import MAX_COLUMNS
+from info_nce.kernels.infonce import columns_for
 
 
 @triton.jit
@@ -96,10 +96,6 @@ def _dual_gradient_kernel(
         tl.store(row + columns * column_stride, grad.to(block.dtype.element_ty), mask=inside)
 
 
-def _columns(width: int) -> int:
-    return min(MAX_COLUMNS, int(triton.next_power_of_2(max(1, width))))
-
-
 def dual_lse(block: Tensor, beta: float) -> tuple[Tensor, Tensor | None]:
     """Each row's ``lse((1 + beta) s)`` and, for ``beta > 0``, ``lse(beta s)`` (R,) each."""
     rows, width = block.shape
@@ -117,7 +113,7 @@ def dual_lse(block: Tensor, beta: float) -> tuple[Tensor, Tensor | None]:
             lse_q if lse_q is not None else lse_p,
             HAS_Q=bool(beta),
             F64=block.dtype == torch.float64,
-            COLUMNS=_columns(width),
+            COLUMNS=columns_for(width),
         )
     elif rows:
         lse_p.fill_(float("-inf"))
@@ -154,5 +150,5 @@ def dual_gradient_(
         coef_q.contiguous() if coef_q is not None else coef_p,
         HAS_Q=has_q,
         F64=block.dtype == torch.float64,
-        COLUMNS=_columns(width),
+        COLUMNS=columns_for(width),
     )

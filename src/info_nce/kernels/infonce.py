@@ -103,11 +103,12 @@ def _gradient_kernel(
         tl.store(row + columns * column_stride, grad.to(block.dtype.element_ty), mask=inside)
 
 
-def _columns(width: int) -> int:
+def columns_for(width: int) -> int:
+    """Columns per step of a row's loop: a power of two, at most `MAX_COLUMNS`."""
     return min(MAX_COLUMNS, int(triton.next_power_of_2(max(1, width))))
 
 
-def _target(context: RowContext, first_column: int) -> tuple[bool, int, int]:
+def row_targets(context: RowContext, first_column: int) -> tuple[bool, int, int]:
     """Whether the rows have targets, the first row's target column, and the step."""
     if context.target_start is None:
         return False, 0, 0
@@ -139,7 +140,7 @@ def infonce_forward_(block: Tensor, lse: Tensor, target_logit: Tensor | None) ->
         loss,
         HAS_TARGET=has_target,
         F64=block.dtype == torch.float64,
-        COLUMNS=_columns(width),
+        COLUMNS=columns_for(width),
     )
     return loss
 
@@ -159,7 +160,7 @@ def infonce_gradient_(
     rows, width = block.shape
     if rows == 0 or width == 0:
         return
-    has_target, target, step = _target(context, first_column)
+    has_target, target, step = row_targets(context, first_column)
     weights = weight[:, 0] if isinstance(weight, Tensor) else block.new_full((1,), weight)
     _gradient_kernel[(rows,)](
         block,
@@ -175,5 +176,5 @@ def infonce_gradient_(
         EXP=lse is not None,
         HAS_TARGET=has_target,
         F64=block.dtype == torch.float64,
-        COLUMNS=_columns(width),
+        COLUMNS=columns_for(width),
     )

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from info_nce.kernels.infonce import MAX_COLUMNS, _target
+from info_nce.kernels.infonce import columns_for, row_targets
 from info_nce.objectives.base import RowContext
 
 
@@ -98,7 +98,7 @@ def sigmoid_rows_(
         if bias_grad is not None:
             bias_grad.zero_()
         return loss
-    has_target, target, step = _target(context, first_column)
+    has_target, target, step = row_targets(context, first_column)
     labels = context.target_labels
     bias = context.logit_bias
     biases = bias.reshape(1) if isinstance(bias, Tensor) else block.new_full((1,), bias)
@@ -126,6 +126,6 @@ def sigmoid_rows_(
         HAS_TARGET=has_target and labels is None,
         BY_LABEL=labels is not None,
         F64=block.dtype == torch.float64,
-        COLUMNS=min(MAX_COLUMNS, int(triton.next_power_of_2(max(1, width)))),
+        COLUMNS=columns_for(width),
     )
     return loss
