@@ -9,8 +9,9 @@
   which is how the tests run them without a GPU;
 * ``torch``: PyTorch ops everywhere.
 
-Triton is imported on first use only: ``import info_nce`` imports torch
-alone. Where it is missing or too old, the ops run instead, with one warning.
+This package imports Triton on a kernel's first use only (torch itself
+may import it where it is installed). Where it is missing or too old, the
+ops run instead, with one warning.
 """
 
 from __future__ import annotations
