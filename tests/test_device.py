@@ -86,3 +86,20 @@ def test_accelerators_take_larger_blocks() -> None:
         walker.BlockLimits.of(cuda).target_elements
         == 8 * walker.BlockLimits.of(cpu).target_elements
     )
+
+
+def test_an_accelerator_with_little_free_memory_takes_smaller_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cuda = torch.device("cuda")
+    roomy = walker.BlockLimits.of(torch.device("cpu"))
+    monkeypatch.setattr(walker, "free_bytes", lambda device: 64 << 30)  # 64 GiB free
+    limits = walker.BlockLimits.of(cuda)
+    assert limits.max_elements == 8 * roomy.max_elements  # the scaled limit, well within
+    monkeypatch.setattr(walker, "free_bytes", lambda device: 256 << 20)  # 256 MiB free
+    limits = walker.BlockLimits.of(cuda)
+    assert limits.max_elements == (256 << 20) // 8 // 4  # an eighth of it, in float32 logits
+    assert limits.target_elements == limits.max_elements
+    assert walker.default_block_rows(32768, 32768, cuda) == (256 << 20) // 32 // 32768
+    monkeypatch.setattr(walker, "free_bytes", lambda device: 1 << 20)  # nearly full
+    assert walker.BlockLimits.of(cuda).max_elements == walker.TARGET_BLOCK_ELEMENTS

@@ -100,6 +100,11 @@ MIN_TILED_ROWS = 64
 # (`benchmarks/gpu.py` measures them where one is available).
 ACCELERATOR_BLOCK_SCALE = 8
 ACCELERATOR_ROW_SCALE = 4
+# A block's float32 logits take at most this share of the device's free
+# memory when the walk starts (the walk keeps about two block-sized buffers
+# and the gradient products' workspaces): a GPU shared with a large model
+# gets smaller blocks rather than an out-of-memory error.
+FREE_MEMORY_SHARE = 1 / 8
 
 
 @dataclass(frozen=True)
@@ -112,14 +117,28 @@ class BlockLimits:
 
     @staticmethod
     def of(device: torch.device) -> BlockLimits:
-        """The CPU's limits, or an accelerator's (scaled up)."""
+        """The CPU's limits, or an accelerator's: scaled up, within its free memory."""
         if device.type == "cpu":
             return BlockLimits(MIN_BLOCK_ROWS, TARGET_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS)
+        max_elements = MAX_BLOCK_ELEMENTS * ACCELERATOR_BLOCK_SCALE
+        free = free_bytes(device)
+        if free is not None:  # float32 logits: 4 bytes each
+            max_elements = max(
+                TARGET_BLOCK_ELEMENTS, min(max_elements, int(free * FREE_MEMORY_SHARE) // 4)
+            )
         return BlockLimits(
             MIN_BLOCK_ROWS * ACCELERATOR_ROW_SCALE,
-            TARGET_BLOCK_ELEMENTS * ACCELERATOR_BLOCK_SCALE,
-            MAX_BLOCK_ELEMENTS * ACCELERATOR_BLOCK_SCALE,
+            min(TARGET_BLOCK_ELEMENTS * ACCELERATOR_BLOCK_SCALE, max_elements),
+            max_elements,
         )
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """The free memory of a CUDA device (None elsewhere, or without CUDA)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
 
 
 _CPU = torch.device("cpu")
