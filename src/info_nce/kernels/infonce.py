@@ -13,8 +13,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from info_nce.objectives.base import RowContext
-
 # Columns per step of a row's loop: the block of one program.
 MAX_COLUMNS = 2048
 
@@ -108,15 +106,6 @@ def columns_for(width: int) -> int:
     return min(MAX_COLUMNS, int(triton.next_power_of_2(max(1, width))))
 
 
-def row_targets(context: RowContext, first_column: int) -> tuple[bool, int, int]:
-    """Whether the rows have targets, the first row's target column, and the step."""
-    if context.target_start is None:
-        return False, 0, 0
-    step = context.target_step
-    first = context.target_start + context.first_row * step - first_column
-    return True, first, step
-
-
 def infonce_forward_(block: Tensor, lse: Tensor, target_logit: Tensor | None) -> Tensor:
     """Each row's log-sum-exp into ``lse`` (R,), its softmax into ``block``; the rows' loss.
 
@@ -147,8 +136,7 @@ def infonce_forward_(block: Tensor, lse: Tensor, target_logit: Tensor | None) ->
 
 def infonce_gradient_(
     block: Tensor,
-    context: RowContext,
-    first_column: int,
+    targets: tuple[int, int] | None,
     weight: Tensor | float,
     lse: Tensor | None,
 ) -> None:
@@ -160,7 +148,7 @@ def infonce_gradient_(
     rows, width = block.shape
     if rows == 0 or width == 0:
         return
-    has_target, target, step = row_targets(context, first_column)
+    target, step = targets if targets is not None else (0, 0)
     weights = weight[:, 0] if isinstance(weight, Tensor) else block.new_full((1,), weight)
     _gradient_kernel[(rows,)](
         block,
@@ -174,7 +162,7 @@ def infonce_gradient_(
         target,
         step,
         EXP=lse is not None,
-        HAS_TARGET=has_target,
+        HAS_TARGET=targets is not None,
         F64=block.dtype == torch.float64,
         COLUMNS=columns_for(width),
     )

@@ -13,8 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from info_nce.kernels.infonce import columns_for, row_targets
-from info_nce.objectives.base import RowContext
+from info_nce.kernels.infonce import columns_for
 
 
 @triton.jit
@@ -81,15 +80,19 @@ def _sigmoid_kernel(
 
 def sigmoid_rows_(
     block: Tensor,
-    context: RowContext,
-    first_column: int,
+    targets: tuple[int, int] | None,
+    labels: tuple[Tensor, Tensor, int] | None,
+    bias: Tensor | float,
     weight: Tensor | float,
     bias_grad: Tensor | None,
 ) -> Tensor | None:
     """In place: ``weight * s sigmoid(s z)``; with ``bias_grad`` (R,) the forward pass.
 
-    The forward pass (``weight`` 1) also writes each row's ``d loss / d bias``
-    (its gradients' sum) into ``bias_grad`` and returns the rows' loss (R,).
+    A row's targets are its column ``first + r * step`` (``targets``), or
+    with ``labels`` = (its rows' (R,) labels, the keys' (N,) labels, the
+    block column of key 0) every key with its label. The forward pass
+    (``weight`` 1) also writes each row's ``d loss / d bias`` (its
+    gradients' sum) into ``bias_grad`` and returns the rows' loss (R,).
     """
     rows, width = block.shape
     forward = bias_grad is not None
@@ -98,13 +101,12 @@ def sigmoid_rows_(
         if bias_grad is not None:
             bias_grad.zero_()
         return loss
-    has_target, target, step = row_targets(context, first_column)
-    labels = context.target_labels
-    bias = context.logit_bias
+    target, step = targets if targets is not None else (0, 0)
     biases = bias.reshape(1) if isinstance(bias, Tensor) else block.new_full((1,), bias)
     weights = weight[:, 0] if isinstance(weight, Tensor) else block.new_full((1,), weight)
-    row_labels = labels.rows if labels is not None else block.new_zeros(1, dtype=torch.long)
-    key_labels = labels.keys if labels is not None else row_labels
+    row_labels, key_labels, key_start = (
+        labels if labels is not None else (block.new_zeros(1, dtype=torch.long),) * 2 + (0,)
+    )
     _sigmoid_kernel[(rows,)](
         block,
         block.stride(0),
@@ -120,10 +122,10 @@ def sigmoid_rows_(
         step,
         row_labels,
         key_labels,
-        (labels.key_start - first_column) if labels is not None else 0,
-        len(labels.keys) if labels is not None else 0,
+        key_start,
+        len(key_labels) if labels is not None else 0,
         FORWARD=forward,
-        HAS_TARGET=has_target and labels is None,
+        HAS_TARGET=targets is not None and labels is None,
         BY_LABEL=labels is not None,
         F64=block.dtype == torch.float64,
         COLUMNS=columns_for(width),

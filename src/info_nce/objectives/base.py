@@ -96,6 +96,16 @@ class RowContext:
     target_labels: TargetLabels | None = None
     logit_bias: Tensor | float = 0.0  # added to every logit by objectives with a bias
 
+    def target_columns(self, first_column: int) -> tuple[int, int] | None:
+        """``(first, step)``: row r's target is column ``first + r * step`` of a slice.
+
+        The slice's first column is ``first_column``; None without target columns.
+        """
+        if self.target_start is None:
+            return None
+        step = self.target_step
+        return self.target_start + self.first_row * step - first_column, step
+
     def target_diagonal(self, first_column: int) -> int | None:
         """Offset of the targets' diagonal in a slice whose first column is ``first_column``."""
         if self.target_start is None or self.target_step != 1:

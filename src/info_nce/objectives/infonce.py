@@ -51,7 +51,7 @@ class InfoNCEObjective:
     ) -> None:
         kernels = kernels_for(block)
         if kernels is not None:
-            kernels.infonce_gradient_(block, context, 0, weight, None)
+            kernels.infonce_gradient_(block, context.target_columns(0), weight, None)
             return
         if isinstance(weight, Tensor):
             block.mul_(weight)
@@ -67,7 +67,8 @@ class InfoNCEObjective:
     ) -> None:
         kernels = kernels_for(logits)
         if kernels is not None:
-            kernels.infonce_gradient_(logits, context, first_column, weight, row_stat[:, 0])
+            targets = context.target_columns(first_column)
+            kernels.infonce_gradient_(logits, targets, weight, row_stat[:, 0])
             return
         logits.sub_(row_stat).exp_()
         if isinstance(weight, Tensor):

@@ -55,7 +55,9 @@ class SigmoidObjective:
     ) -> Tensor:
         kernels = kernels_for(block)
         if kernels is not None:
-            found: Tensor = kernels.sigmoid_rows_(block, context, 0, 1.0, row_stat[:, 0])
+            found: Tensor = kernels.sigmoid_rows_(
+                block, *_kernel_targets(context, 0), 1.0, row_stat[:, 0]
+            )
             return found
         loss = block.new_zeros(len(block))  # (R,)
         bias_grad = row_stat[:, 0].zero_()  # (R,)
@@ -90,12 +92,23 @@ class SigmoidObjective:
     ) -> None:
         kernels = kernels_for(logits)
         if kernels is not None:
-            kernels.sigmoid_rows_(logits, context, first_column, weight, None)
+            kernels.sigmoid_rows_(logits, *_kernel_targets(context, first_column), weight, None)
             return
         signs = _signed_(logits, context, first_column)
         logits.sigmoid_()
         _unsign_(logits, context, first_column, signs)
         self.gradient_from_forward_(logits, context, row_stat, weight)
+
+
+def _kernel_targets(
+    context: RowContext, first_column: int
+) -> tuple[tuple[int, int] | None, tuple[Tensor, Tensor, int] | None, Tensor | float]:
+    """The kernel's targets, labels and bias for a slice from ``first_column``."""
+    labels = context.target_labels
+    by_label = None
+    if labels is not None:
+        by_label = (labels.rows, labels.keys, labels.key_start - first_column)
+    return context.target_columns(first_column), by_label, context.logit_bias
 
 
 def _signed_(logits: Tensor, context: RowContext, first_column: int) -> Tensor | None:
