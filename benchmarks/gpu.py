@@ -51,6 +51,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -103,19 +104,6 @@ def ours(case: Case, a: Tensor, b: Tensor) -> Tensor:
     if case.kind == "siglip":
         return siglip_loss(a, b, TEMPERATURE, BIAS)
     return info_nce(a, b, temperature=TEMPERATURE, symmetric=case.kind == "symmetric")
-
-
-def ours_torch(case: Case, a: Tensor, b: Tensor) -> Tensor:
-    """Ours on the PyTorch ops (``INFO_NCE_BACKEND=torch``)."""
-    previous = os.environ.get(ENVIRONMENT)
-    os.environ[ENVIRONMENT] = "torch"
-    try:
-        return ours(case, a, b)
-    finally:
-        if previous is None:
-            del os.environ[ENVIRONMENT]
-        else:
-            os.environ[ENVIRONMENT] = previous
 
 
 def dense(case: Case, a: Tensor, b: Tensor) -> Tensor:
@@ -295,19 +283,30 @@ def run_case(case: Case, precision: str, device: torch.device, repeats: int) -> 
     b.requires_grad_()
     autocast = precision == "bf16-autocast"
 
-    def step_of(loss_fn: Callable[[Case, Tensor, Tensor], Tensor]) -> Callable[[], None]:
+    def step_of(
+        loss_fn: Callable[[Case, Tensor, Tensor], Tensor], backend: str | None = None
+    ) -> Callable[[], None]:
+        """One forward+backward; with ``backend``, both under that ``INFO_NCE_BACKEND``."""
+        environment = {} if backend is None else {ENVIRONMENT: backend}
+
         def step() -> None:
             a.grad = b.grad = None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = loss_fn(case, a, b)
-            loss.backward()
+            with mock.patch.dict(os.environ, environment):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = loss_fn(case, a, b)
+                loss.backward()
 
         return step
 
     row: dict[str, object] = {"case": case.name, "precision": precision}
-    losses = (("ours", ours), ("ours_torch", ours_torch), ("dense", dense), ("floor", floor))
-    for label, loss_fn in losses:
-        result = timed(step_of(loss_fn), device, repeats)
+    losses = (
+        ("ours", ours, None),
+        ("ours_torch", ours, "torch"),  # the PyTorch ops, forward and backward
+        ("dense", dense, None),
+        ("floor", floor, None),
+    )
+    for label, loss_fn, backend in losses:
+        result = timed(step_of(loss_fn, backend), device, repeats)
         row[f"{label}_s"] = None if result is None else result[0]
         row[f"{label}_mib"] = None if result is None else result[1]
     row["ours_product_share"] = product_share(step_of(ours), device)
