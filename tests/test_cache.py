@@ -382,3 +382,16 @@ def test_cached_embeddings_refuse_a_tensor_in_two_columns() -> None:
     x = batch(1).requires_grad_()
     with pytest.raises(ValueError, match="must not share a tensor"):
         cached_embeddings(mlp(), [x, x], chunk_size=2)
+
+
+def test_a_frozen_encoder_leaves_no_graph_and_no_gradient_mode_keeps_nothing() -> None:
+    encoder = mlp(dropout=0.0).requires_grad_(False)
+    x = batch(1)
+    embeddings = grad_cache(encoder, x, chunk_size=4)
+    assert not embeddings.requires_grad  # nothing to replay
+    assert_same([embeddings], [encoder(x)])
+    assert grad_cache(encoder, x.clone().requires_grad_(), chunk_size=4).requires_grad
+    trainable = mlp(dropout=0.0)
+    with torch.no_grad():
+        assert not grad_cache(trainable, x, chunk_size=4).requires_grad
+    assert grad_cache(trainable, x, chunk_size=4).requires_grad

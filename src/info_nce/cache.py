@@ -222,8 +222,12 @@ def cached_embeddings(
     differentiable = [t for inputs in columns for t in _tensors(inputs).values() if t.requires_grad]
     if len({id(t) for t in differentiable}) < len(differentiable):
         raise ValueError("columns must not share a tensor that needs a gradient")
-    # Backward must run even when no input needs a gradient (the parameters do).
-    anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
+    # Backward must run even when no input needs a gradient (the parameters
+    # do); for a module whose parameters need none, nothing is to replay.
+    trainable = not isinstance(encoder, nn.Module) or any(
+        p.requires_grad for p in encoder.parameters()
+    )
+    anchor = torch.empty(0, requires_grad=torch.is_grad_enabled() and trainable)
     outputs = _GradCache.apply(encoder, list(columns), chunks, anchor, *differentiable)  # type: ignore[no-untyped-call]
     return list(cast(tuple[Tensor, ...], outputs))
 
@@ -261,7 +265,10 @@ def grad_cache(encoder: Callable[..., Any], inputs: Inputs, *, chunk_size: int) 
         or batch-dependent layers, those of the full-batch backward.
         BatchNorm in training mode sees each chunk's statistics, as in
         GradCache; its running statistics are updated once per chunk, by
-        the first run (the replay leaves them as they were). Under
+        the first run (the replay leaves them as they were). Without
+        gradient mode, or for a module none of whose parameters (and none
+        of the inputs) needs a gradient, the embeddings carry no graph and
+        nothing is replayed. Under
         ``DistributedDataParallel`` the gradients are all-reduced once per
         backward, with the last chunk.
 

@@ -299,37 +299,23 @@ class InfoNCELoss(nn.Module):
         if self.mini_batch_size is None:
             return embed_columns(model, features)
         matryoshka = getattr(model, "forward", None)
+        # One backward replays every column: under DDP, one all-reduce per
+        # step. Without gradients (a frozen guide, evaluation) nothing is kept.
+        chunk_size = self.mini_batch_size
         if not isinstance(matryoshka, ForwardDecorator):
-            return self._embed_in_mini_batches(_SentenceEmbedding(model), features)
+            return cached_embeddings(_SentenceEmbedding(model), features, chunk_size=chunk_size)
         # MatryoshkaLoss calls the loss once per width. The columns are
         # embedded once, at full width, by the model's own forward (so that
         # the replays in backward see full-width outputs too), and shrunk
         # for each width as its decorator shrinks them.
         if matryoshka.cache_dim is None or matryoshka.cache_dim == matryoshka.dim:
             encoder = _SentenceEmbedding(model, forward=matryoshka.fn)
-            matryoshka.cache.append(self._embed_in_mini_batches(encoder, features))
+            matryoshka.cache.append(cached_embeddings(encoder, features, chunk_size=chunk_size))
             matryoshka.cache_dim = matryoshka.dim
         full: list[Tensor] = matryoshka.cache[matryoshka.idx]
         matryoshka.idx += 1
         width: int = matryoshka.dim  # type: ignore[assignment]  # set before each call
         return [shrink(embeddings, width) for embeddings in full]
-
-    def _embed_in_mini_batches(
-        self, encoder: _SentenceEmbedding, features: list[dict[str, Tensor]]
-    ) -> list[Tensor]:
-        assert self.mini_batch_size is not None
-        if not torch.is_grad_enabled() or not any(p.requires_grad for p in encoder.parameters()):
-            return [
-                torch.cat(
-                    [
-                        encoder(**_rows(column, start, self.mini_batch_size))
-                        for start in range(0, _batch_size(column), self.mini_batch_size)
-                    ]
-                )
-                for column in features
-            ]
-        # One backward replays every column: under DDP, one all-reduce per step.
-        return cached_embeddings(encoder, features, chunk_size=self.mini_batch_size)
 
     def _guide_features(self, features: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """The columns as the guide takes them: the texts again, through its own tokenizer."""
@@ -376,14 +362,6 @@ def _tokenizers_differ(model: SentenceTransformer, guide: SentenceTransformer) -
     guide_vocab = getattr(guide.tokenizer, "vocab", None)
     shorter = (guide.max_seq_length or 0) < (model.max_seq_length or 0)
     return bool(model_vocab != guide_vocab or shorter)
-
-
-def _batch_size(column: dict[str, Tensor]) -> int:
-    return next(len(v) for v in column.values() if isinstance(v, Tensor))
-
-
-def _rows(column: dict[str, Tensor], start: int, size: int) -> dict[str, Any]:
-    return {k: v[start : start + size] if isinstance(v, Tensor) else v for k, v in column.items()}
 
 
 def _without_trailing_padding(features: dict[str, Any]) -> dict[str, Any]:
