@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from info_nce.kernels._online import finish, shifted
 from info_nce.kernels.infonce import columns_for
 
 
@@ -41,22 +42,14 @@ def _dual_lse_kernel(
         columns = start + tl.arange(0, COLUMNS)
         x = tl.load(row + columns * column_stride, mask=columns < width, other=float("-inf"))
         x = x.to(acc)
-        new_max = tl.maximum(running_max, x)
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        old = tl.where(running_max == float("-inf"), float("-inf"), running_max - shift)
-        new = tl.where(x == float("-inf"), float("-inf"), x - shift)
+        running_max, old, new = shifted(running_max, x)
         sum_p = sum_p * tl.exp((1.0 + beta) * old) + tl.exp((1.0 + beta) * new)
         if HAS_Q:
             sum_q = sum_q * tl.exp(beta * old) + tl.exp(beta * new)
-        running_max = new_max
-    row_max = tl.max(running_max, 0)
-    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-    scaled = tl.where(running_max == float("-inf"), float("-inf"), running_max - shift)
-    total_p = tl.sum(sum_p * tl.exp((1.0 + beta) * scaled), 0)
-    tl.store(lse_p + r, (tl.log(total_p) + (1.0 + beta) * shift).to(lse_p.dtype.element_ty))
+    lse = finish(running_max, sum_p, 1.0 + beta)
+    tl.store(lse_p + r, lse.to(lse_p.dtype.element_ty))
     if HAS_Q:
-        total_q = tl.sum(sum_q * tl.exp(beta * scaled), 0)
-        tl.store(lse_q + r, (tl.log(total_q) + beta * shift).to(lse_q.dtype.element_ty))
+        tl.store(lse_q + r, finish(running_max, sum_q, beta).to(lse_q.dtype.element_ty))
 
 
 @triton.jit

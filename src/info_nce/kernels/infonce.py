@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from info_nce.kernels._online import finish, shifted
+
 # Columns per step of a row's loop: the block of one program.
 MAX_COLUMNS = 2048
 
@@ -41,13 +43,9 @@ def _forward_kernel(
         columns = start + tl.arange(0, COLUMNS)
         inside = columns < width
         x = tl.load(row + columns * column_stride, mask=inside, other=float("-inf")).to(acc)
-        new_max = tl.maximum(running_max, x)
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.exp(x - shift)
-        running_max = new_max
-    row_max = tl.max(running_max, 0)
-    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-    lse = tl.log(tl.sum(running_sum * tl.exp(running_max - shift), 0)) + shift
+        running_max, old, new = shifted(running_max, x)
+        running_sum = running_sum * tl.exp(old) + tl.exp(new)
+    lse = finish(running_max, running_sum, 1.0)
     tl.store(lse_out + r * lse_stride, lse.to(lse_out.dtype.element_ty))
     # exp(x - lse); a row without candidates (lse -inf) gets 0, not 0 / 0.
     shift = tl.where(lse == float("-inf"), float("inf"), lse)
