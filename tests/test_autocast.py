@@ -19,6 +19,8 @@ from reference import assert_close
 from tiling import tiles_on_path  # noqa: F401  (autouse: the tiles path)
 from torch import Tensor
 
+from info_nce import engine
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # bfloat16 keeps 8 significant bits: each product operand is off by up to
@@ -67,3 +69,50 @@ def test_dense_and_engine_agree_under_autocast(device: torch.device, name: str) 
     assert_close(engine, dense, rtol=0, atol=LOSS_TOLERANCE, name=f"{name} loss")
     for got, want in zip(engine_grads, dense_grads, strict=True):
         assert_close(got, want, rtol=0, atol=GRAD_TOLERANCE, name=f"{name} gradient")
+
+
+def test_product_dtype_policy() -> None:
+    """16-bit inputs keep their dtype for the products off the CPU; autocast's rule otherwise."""
+    cpu = torch.empty(2, 2, dtype=torch.bfloat16)
+    # The meta device stands in for an accelerator: only the device type is read.
+    accelerator = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+    assert engine.product_dtype(cpu) is None  # float32 products on the CPU
+    assert engine.product_dtype(accelerator) == torch.bfloat16
+    assert engine.product_dtype(accelerator.half()) == torch.float16
+    assert engine.product_dtype(accelerator.float()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert engine.product_dtype(cpu) == torch.bfloat16
+        assert engine.product_dtype(cpu.float()) == torch.bfloat16
+        assert engine.product_dtype(cpu.double()) is None
+
+
+@pytest.mark.parametrize(("path", "name"), [(p, n) for p in PATHS[1:] for n in options(p)])
+def test_sixteen_bit_inputs_take_their_products_where_the_policy_says(
+    monkeypatch: pytest.MonkeyPatch, path: str, name: str
+) -> None:
+    """bfloat16 inputs with bfloat16 products (as on a GPU): float32 loss and statistics.
+
+    The policy is forced on the CPU; it agrees with the float32 loss of the
+    same (rounded) inputs to bfloat16 tolerance, and really took bfloat16
+    products.
+    """
+    loss = options(path)[name]
+    drawn = [x.to(torch.bfloat16) for x in inputs(0, torch.float32)]
+    exact = [x.float().requires_grad_() for x in drawn]
+    exact_value = loss(*exact)
+    exact_grads = torch.autograd.grad(exact_value, exact, allow_unused=True)
+    monkeypatch.setattr(
+        engine, "product_dtype", lambda like: like.dtype if like.dtype == torch.bfloat16 else None
+    )
+    leaves = [x.clone().requires_grad_() for x in drawn]
+    value = loss(*leaves)
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    assert value.dtype == torch.float32
+    assert_close(value, exact_value, rtol=0, atol=LOSS_TOLERANCE, name=f"{name} loss")
+    for got, want in zip(grads, exact_grads, strict=True):
+        if want is None:
+            continue
+        assert got is not None
+        assert got.dtype == torch.bfloat16
+        assert_close(got.float(), want, rtol=0, atol=GRAD_TOLERANCE, name=f"{name} gradient")
+    assert not torch.equal(value, exact_value)

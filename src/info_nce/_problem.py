@@ -60,7 +60,7 @@ from info_nce._validation import (
 )
 from info_nce.distributed import Gatherer
 from info_nce.engine import Diagonal, GuideRule, LabelRule, Positives, Problem, Walk
-from info_nce.engine.function import PairedOptions, autocast_product_dtype, paired_logits
+from info_nce.engine.function import PairedOptions, paired_logits
 from info_nce.objectives import (
     DebiasedObjective,
     DecoupledObjective,
@@ -219,6 +219,7 @@ def info_nce_problem(
     chunk_size: int | None,
     gather: bool,
     eps: float,
+    product_dtype: torch.dtype | None,
     variant: Variant,
     hardness: Hardness,
     directions: Directions,
@@ -332,7 +333,7 @@ def info_nce_problem(
         options = PairedOptions(
             normalize_negatives=normalize,
             eps=_normalize.normalization_eps(negative_keys.dtype),
-            product_dtype=autocast_product_dtype(query),
+            product_dtype=product_dtype,
         )
         negative_logits = paired_logits(
             scaled_query, negative_keys.to(query.dtype), options
@@ -434,7 +435,14 @@ def info_nce_problem(
             )
         )
     return Problem(
-        tuple(walks), tuple(positives), temperature, reduction, normalize, eps, chunk_size
+        tuple(walks),
+        tuple(positives),
+        temperature,
+        reduction,
+        normalize,
+        eps,
+        chunk_size,
+        product_dtype,
     )
 
 
@@ -451,6 +459,7 @@ def nt_xent_problem(
     chunk_size: int | None,
     gather: bool,
     eps: float,
+    product_dtype: torch.dtype | None,
     variant: Variant,
 ) -> Problem:
     """The problem of `info_nce.nt_xent` on (V, B, D) views in the compute dtype.
@@ -491,7 +500,9 @@ def nt_xent_problem(
             exclusions=(itself, *others[: 1 if first_view_only else 2]),
             objective=_objective(variant, 2),
         )
-        return Problem((walk,), (), temperature, reduction, normalize, eps, chunk_size)
+        return Problem(
+            (walk,), (), temperature, reduction, normalize, eps, chunk_size, product_dtype
+        )
 
     sample_labels = labels
     if sample_labels is None:  # sample i's index over all ranks (every rank has V views)
@@ -533,7 +544,9 @@ def nt_xent_problem(
         exclude_labels=exclude_labels,
         objective=_objective(variant, 0),
     )
-    return Problem((walk,), (positives,), temperature, reduction, normalize, eps, chunk_size)
+    return Problem(
+        (walk,), (positives,), temperature, reduction, normalize, eps, chunk_size, product_dtype
+    )
 
 
 def siglip_problem(
@@ -549,6 +562,7 @@ def siglip_problem(
     chunk_size: int | None,
     gather: bool,
     eps: float,
+    product_dtype: torch.dtype | None,
 ) -> Problem:
     """The problem of `info_nce.siglip_loss` on (B, D) queries and keys in the compute dtype.
 
@@ -571,4 +585,4 @@ def siglip_problem(
         logit_bias=bias,
         objective=SigmoidObjective(),
     )
-    return Problem((walk,), (), temperature, reduction, normalize, eps, chunk_size)
+    return Problem((walk,), (), temperature, reduction, normalize, eps, chunk_size, product_dtype)

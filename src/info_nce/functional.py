@@ -251,7 +251,8 @@ def info_nce(
         and bfloat16 inputs (softmax statistics are kept in float32). Under
         ``torch.autocast`` the similarity products run in autocast's dtype
         and the statistics, loss and gradient accumulation in float32, on
-        the dense path and the engine alike.
+        the dense path and the engine alike; so do float16/bfloat16 inputs'
+        products in their own dtype on a GPU.
 
     Raises:
         TypeError: an input is not a floating-point tensor, the inputs' dtypes
@@ -384,6 +385,7 @@ def info_nce(
         chunk_size=chunk_size,
         gather=gather,
         eps=_normalize.normalization_eps(query.dtype),
+        product_dtype=engine.product_dtype(query),
         variant=variant,
         hardness=hardness,
         directions=joint,
@@ -549,6 +551,7 @@ def nt_xent(
         chunk_size=chunk_size,
         gather=gather,
         eps=_normalize.normalization_eps(stacked.dtype),
+        product_dtype=engine.product_dtype(stacked),
         variant=variant,
     )
     loss = engine.run(problem)
@@ -698,6 +701,7 @@ def siglip_loss(
         chunk_size=chunk_size,
         gather=gather,
         eps=_normalize.normalization_eps(query.dtype),
+        product_dtype=engine.product_dtype(query),
     )
     return engine.run(problem)
 

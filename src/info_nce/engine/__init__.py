@@ -24,8 +24,8 @@ from info_nce._autograd import plain_values
 from info_nce._validation import Reduction, reduce_loss
 from info_nce.engine.function import (
     LogSumExpOptions,
-    autocast_product_dtype,
     input_grads_needed,
+    product_dtype,
 )
 from info_nce.engine.op import log_sum_exp
 from info_nce.engine.walker import Diagonal, GuideRule, LabelRule, default_block_shape
@@ -39,6 +39,7 @@ __all__ = [
     "Problem",
     "Walk",
     "overwritten_after",
+    "product_dtype",
     "run",
 ]
 
@@ -144,6 +145,9 @@ class Problem:
     normalize: bool
     eps: float
     chunk_size: int | None
+    # The similarity products' dtype (`product_dtype` of the caller's inputs,
+    # before their float32 upcast; None: the rows').
+    product_dtype: torch.dtype | None = None
 
 
 def run(problem: Problem) -> Tensor:
@@ -219,7 +223,7 @@ def _walk_loss(walk: Walk, problem: Problem) -> Tensor:
         normalize=problem.normalize and has_keys,
         eps=problem.eps,
         temperature=1.0 if isinstance(temperature, Tensor) or not has_keys else temperature,
-        product_dtype=autocast_product_dtype(walk.rows),
+        product_dtype=problem.product_dtype,
         grads_in_forward=(
             needs_grad
             and problem.reduction != "none"

@@ -585,18 +585,25 @@ def log_sum_exp(
     return cast(Tensor, outputs[0])
 
 
-def autocast_product_dtype(like: Tensor) -> torch.dtype | None:
-    """The products' dtype under autocast: autocast's dtype on ``like``'s device, for float32.
+def product_dtype(like: Tensor) -> torch.dtype | None:
+    """The similarity products' dtype for inputs like ``like`` (before any float32 upcast).
 
-    None outside autocast, or for other dtypes (float64 is never autocast).
-    The library's autocast policy: the similarity products (logits, and the
-    products of d loss / d logits with rows and keys) in this dtype; the
-    statistics, the loss and gradient accumulation in float32.
+    The library's precision policy: the similarity products (logits, and
+    the products of d loss / d logits with rows and keys) run in this dtype;
+    the statistics, the loss and gradient accumulation in float32 (None:
+    the products in the rows' dtype too).
+
+    * Under autocast: autocast's dtype on ``like``'s device, for float32,
+      float16 and bfloat16 inputs (float64 is never autocast).
+    * Outside it, float16 and bfloat16 inputs on an accelerator keep their
+      dtype for the products (tensor cores, float32 accumulation). On the
+      CPU, whose 16-bit products are no faster, they run in float32.
     """
     device = like.device.type
-    if like.dtype != torch.float32 or not torch.is_autocast_enabled(device):
-        return None
-    return torch.get_autocast_dtype(device)
+    half = like.dtype in (torch.float16, torch.bfloat16)
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device) if half or like.dtype == torch.float32 else None
+    return like.dtype if half and device != "cpu" else None
 
 
 def _autocast_off(like: Tensor) -> torch.autocast:
