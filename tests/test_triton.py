@@ -29,7 +29,7 @@ from torch import Tensor
 
 from info_nce import info_nce
 from info_nce._backend import ENVIRONMENT, backend, kernels_for
-from info_nce.objectives import InfoNCEObjective, SigmoidObjective
+from info_nce.objectives import DecoupledObjective, InfoNCEObjective, SigmoidObjective
 from info_nce.objectives.base import RowContext, TargetLabels
 
 pytestmark = [
@@ -179,6 +179,69 @@ def test_gradient_kernels_are_weighted_softmax_minus_target(
     want = expected_gradient(probabilities, weight, target_columns(context, rows, first_column))
     rtol, atol = TOLERANCES[dtype]
     assert_close(block.cpu().double(), want, rtol=rtol, atol=atol, name="gradient")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("target", ["none", "diagonal", "column"])
+@pytest.mark.parametrize("decoupled", [False, True], ids=["infonce", "decoupled"])
+@pytest.mark.parametrize("keys", [None, "same", "float16"], ids=lambda k: f"keys-{k}")
+@pytest.mark.parametrize("chosen", ["triton", "torch"])
+def test_one_pass_is_the_loss_and_softmax_minus_target(
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    dtype: torch.dtype,
+    shape: tuple[int, int],
+    target: str,
+    decoupled: bool,
+    keys: str | None,
+    chosen: str,
+) -> None:
+    """The one-pass walk's step (kernel and ops): statistics, loss and gradient.
+
+    With ``keys`` the key columns' gradient goes to a buffer of its own.
+    """
+    monkeypatch.setenv(ENVIRONMENT, chosen)
+    rows, width = shape
+    context, _ = CONTEXTS[target]
+    block = random_block(rows, width, dtype, device, seed=5 * rows + width)
+    lse, probabilities = expected_softmax(block)
+    target_logit = None
+    if context.target_start is not None:
+        target_logit = torch.randn(rows, dtype=torch.float64).to(device, dtype)
+    key_columns = width - width // 3  # the last columns: the keys'
+    keys_gradient = None
+    if keys is not None:
+        keys_dtype = dtype if keys == "same" else torch.float16
+        keys_gradient = torch.full((rows, key_columns), 7.0, dtype=keys_dtype, device=device)
+    stat_dtype = torch.promote_types(dtype, torch.float32)
+    row_stat = block.new_empty(rows, 1, dtype=stat_dtype)
+    objective = DecoupledObjective() if decoupled else InfoNCEObjective()
+    loss = objective.forward_with_gradient_(block, context, row_stat, target_logit, keys_gradient)
+
+    empty = torch.isneginf(lse)
+    want_loss = lse if target_logit is None else lse - target_logit.double().cpu()
+    want_stat = lse.clone()
+    want = expected_gradient(probabilities, 1.0, target_columns(context, rows, 0))
+    # InfoNCE's rows always have candidates (the target); the decoupled
+    # loss's may have none: they cost 0, have no gradient, and are marked.
+    checked = torch.ones_like(empty) if decoupled else ~empty
+    if decoupled:
+        want_loss[empty], want_stat[empty], want[empty] = 0.0, float("inf"), 0.0
+    rtol, atol = TOLERANCES[dtype]
+    got_loss, got_stat = loss.cpu().double()[checked], row_stat[:, 0].cpu().double()[checked]
+    assert_close(got_loss, want_loss[checked], rtol=rtol, atol=atol, name="loss")
+    assert_close(got_stat, want_stat[checked], rtol=rtol, atol=atol, name="statistic")
+    got = block.cpu().double()[checked]
+    want = want[checked]
+    if keys_gradient is not None:
+        split = width - key_columns
+        g_rtol, g_atol = TOLERANCES[keys_gradient.dtype]
+        got_keys = keys_gradient.cpu().double()[checked]
+        assert_close(got_keys, want[:, split:], rtol=g_rtol, atol=g_atol, name="keys")
+        got, want = got[:, :split], want[:, :split]
+    assert_close(got, want, rtol=rtol, atol=atol, name="gradient")
 
 
 def sigmoid_targets(context: RowContext, rows: int, width: int, first_column: int) -> Tensor:
@@ -340,6 +403,37 @@ def test_every_option_under_the_kernels_matches_the_ops(
         assert_close(value, exact, rtol=rtol, atol=atol, name=f"{name} loss, {dtype}")
         for got, want in zip(grads, exact_grads, strict=True):
             assert_close(got, want, rtol=rtol, atol=atol, name=f"{name} gradient, {dtype}")
+
+
+def autocast_loss_and_grads(path: str, name: str, reduction: str) -> tuple[Tensor, list[Tensor]]:
+    """`loss_and_grads` of float32 inputs under CPU autocast: bfloat16 products."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return loss_and_grads(path, name, reduction, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    ("path", "name"), [(path, name) for path in GRID_PATHS for name in options(path)]
+)
+def test_bfloat16_products_under_the_kernels_match_the_ops(
+    monkeypatch: pytest.MonkeyPatch, path: str, name: str, reduction: str
+) -> None:
+    """With a product dtype the one-pass kernel writes the keys' gradient in it directly.
+
+    The kernels and the ops round the same float32 values to bfloat16, so
+    they agree far within the bfloat16 products' own error (2e-2 against
+    float32, tests/test_autocast.py); and both took bfloat16 products.
+    """
+    monkeypatch.setenv(ENVIRONMENT, "torch")
+    exact, exact_grads = loss_and_grads(path, name, reduction, torch.float32, "cpu")
+    ops, ops_grads = autocast_loss_and_grads(path, name, reduction)
+    monkeypatch.setenv(ENVIRONMENT, "triton")
+    value, grads = autocast_loss_and_grads(path, name, reduction)
+    assert_close(value, ops, rtol=0, atol=1e-3, name=f"{name} loss")
+    for got, want in zip(grads, ops_grads, strict=True):
+        assert_close(got, want, rtol=5e-3, atol=1e-3, name=f"{name} gradient")
+    assert not torch.equal(value, exact)
+    assert not torch.equal(grads[0], exact_grads[0])
 
 
 def test_the_kernels_run_where_the_backend_says(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -654,11 +654,22 @@ class _Blocks:
         if self.layout.exclude_target and self.layout.target_extra:
             piece[:, 0] = float("-inf")
 
+    def staged_keys(self, num_rows: int) -> Tensor | None:
+        """Where an objective writes the key columns' d loss / d logits for the products.
+
+        The staging buffer's (R, key columns) view with a product dtype
+        (rounded to it once), None without one (the block itself).
+        """
+        if self.staging is None:
+            return None
+        return self.staging[:num_rows, self.key_start : self.buffer.shape[1]]
+
     def gradient_products(
-        self, block: Tensor, row_block: RowBlock, span: slice, tile: _Tile
+        self, block: Tensor, row_block: RowBlock, span: slice, tile: _Tile, *, staged: bool = False
     ) -> None:
         """The block holds d loss / d logits times the column scales: accumulate the gradients.
 
+        With ``staged`` the key columns' values are in `staged_keys` already.
         The rows' gradient of the span is written by its first tile and added
         to by the others (with partner rows, both are zeroed first and added to).
         """
@@ -667,7 +678,9 @@ class _Blocks:
         for n, piece in enumerate(tile.pieces):
             values = block[:, piece.columns]  # (R, n_k)
             if self.staging is not None:  # rounded to the product dtype once
-                values = self.staging[: len(block), piece.columns].copy_(values)
+                values = self.staging[: len(block), piece.columns]
+                if not staged:
+                    values.copy_(block[:, piece.columns])
             keys = self.product_keys[piece.segment][piece.keys]
             grad_keys = self.grad_segments[piece.segment]
             rows = row_block.of(piece.segment, self.layout)
@@ -764,8 +777,8 @@ def statistics_pass(
     """Row statistics and loss of every block (and column statistics), in one pass.
 
     With ``compute_grads`` it also returns the gradients of the summed row
-    loss (only without column statistics, which need all rows first, and
-    on complete rows).
+    loss (only without column statistics, which need all rows first; on
+    complete rows, with the keys' column scales applied beforehand: None).
 
     With column tiles, each row's log-sum-exp is accumulated tile by tile
     and handed to the objective (which must be ``tileable``) as a one-column
@@ -795,6 +808,7 @@ def statistics_pass(
     """
     tiled = layout.tile_columns is not None
     assert not (compute_grads and layout.column_keys), "columns need every row first"
+    assert not compute_grads or tiled or all(s is None for s in column_scales), "scaled keys"
     assert not (tiled and layout.column_keys), "tiles give row statistics only"
     assert not tiled or objective.tileable, "the objective needs complete rows"
     assert not (layout.column_keys and 0 in layout.raised_segments), "columns need plain logits"
@@ -850,17 +864,18 @@ def statistics_pass(
             whole_rows = RowContext(span.start, candidates=context.candidates)
             row_loss[span] = objective.forward_(lse, whole_rows, row_stat[span], targets)
             continue
+        if compute_grads:  # the keys' gradient straight into the products' dtype
+            staged = blocks.staged_keys(len(block))
+            row_loss[span] = objective.forward_with_gradient_(
+                block, context, row_stat[span], targets, staged
+            )
+            blocks.gradient_products(block, row_block, span, blocks.tiles[0], staged=True)
+            continue
         row_loss[span] = objective.forward_(block, context, row_stat[span], targets)
         if column_stats is not None:
             probabilities = block[:, blocks.bounds[0]][:, :column_keys]  # (R, C)
             block_lse = col.column_lse(probabilities, row_stat[span, 0], chunk)
             torch.logaddexp(column_stats, block_lse, out=column_stats)
-        if not compute_grads:
-            continue
-        tile = blocks.tiles[0]
-        objective.gradient_from_forward_(block, context, row_stat[span], 1.0)
-        blocks.scale_columns_(block, tile, column_scales)
-        blocks.gradient_products(block, row_block, span, tile)
 
     if column_stats is not None and col.needs_separate_pass(column_stats, row_stat[:, 0]):
         column_stats = col.column_lse_pass(

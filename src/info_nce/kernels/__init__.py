@@ -8,7 +8,18 @@ in place.
 """
 
 from info_nce.kernels.debiased import dual_gradient_, dual_lse
-from info_nce.kernels.infonce import infonce_forward_, infonce_gradient_
+from info_nce.kernels.infonce import (
+    infonce_forward_,
+    infonce_forward_gradient_,
+    infonce_gradient_,
+)
 from info_nce.kernels.sigmoid import sigmoid_rows_
 
-__all__ = ["dual_gradient_", "dual_lse", "infonce_forward_", "infonce_gradient_", "sigmoid_rows_"]
+__all__ = [
+    "dual_gradient_",
+    "dual_lse",
+    "infonce_forward_",
+    "infonce_forward_gradient_",
+    "infonce_gradient_",
+    "sigmoid_rows_",
+]

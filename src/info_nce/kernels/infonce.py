@@ -1,5 +1,9 @@
 """InfoNCE's row kernels: log-sum-exp and softmax in place; ``weight * (softmax - onehot)``.
 
+The one-pass walk (gradients built in forward) takes both in one kernel,
+which reads each row twice and writes its gradient once, in the dtype the
+gradient products take.
+
 A row's target is its column ``target + r * step`` of the block (``step`` 1:
 a diagonal, 0: one column for every row), absent where that column is
 outside the block. A row without candidates (every logit -inf) has
@@ -30,7 +34,17 @@ def _forward_kernel(
     target_logit,
     target_stride,
     loss_out,
+    gradient,
+    gradient_row_stride,
+    gradient_column_stride,
+    split,
+    target,
+    target_step,
     HAS_TARGET: tl.constexpr,
+    GRADIENT: tl.constexpr,
+    TARGET_COLUMN: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EMPTY_ROWS_FREE: tl.constexpr,
     F64: tl.constexpr,
     COLUMNS: tl.constexpr,
 ):
@@ -46,19 +60,37 @@ def _forward_kernel(
         running_max, old, new = shifted(running_max, x)
         running_sum = running_sum * tl.exp(old) + tl.exp(new)
     lse = finish(running_max, running_sum, 1.0)
-    tl.store(lse_out + r * lse_stride, lse.to(lse_out.dtype.element_ty))
+    empty = lse == float("-inf")  # no candidate
+    loss = lse
+    if HAS_TARGET:
+        loss = lse - tl.load(target_logit + r * target_stride).to(acc)
+    statistic = lse
+    if EMPTY_ROWS_FREE:  # the decoupled loss: such a row costs 0, its statistic marks it
+        loss = tl.where(empty, 0.0, loss)
+        statistic = tl.where(empty, float("inf"), lse)
+    tl.store(lse_out + r * lse_stride, statistic.to(lse_out.dtype.element_ty))
+    tl.store(loss_out + r, loss.to(loss_out.dtype.element_ty))
     # exp(x - lse); a row without candidates (lse -inf) gets 0, not 0 / 0.
-    shift = tl.where(lse == float("-inf"), float("inf"), lse)
+    shift = tl.where(empty, float("inf"), lse)
+    target_column = target + r * target_step
+    out = gradient + r.to(tl.int64) * gradient_row_stride
     for start in range(0, width, COLUMNS):
         columns = start + tl.arange(0, COLUMNS)
         inside = columns < width
         x = tl.load(row + columns * column_stride, mask=inside, other=float("-inf")).to(acc)
-        probability = tl.exp(x - shift)
-        tl.store(row + columns * column_stride, probability.to(block.dtype.element_ty), mask=inside)
-    loss = lse
-    if HAS_TARGET:
-        loss = lse - tl.load(target_logit + r * target_stride).to(acc)
-    tl.store(loss_out + r, loss.to(loss_out.dtype.element_ty))
+        value = tl.exp(x - shift)  # the softmax
+        if GRADIENT:  # softmax - onehot(target)
+            if TARGET_COLUMN:
+                value = tl.where(columns == target_column, value - 1.0, value)
+            if EMPTY_ROWS_FREE:
+                value = tl.where(empty, 0.0, value)
+        in_block = inside
+        if SPLIT:  # the last columns go to the gradient buffer, in its dtype
+            in_block = inside & (columns < split)
+            past = (columns - split) * gradient_column_stride
+            kept = value.to(gradient.dtype.element_ty)
+            tl.store(out + past, kept, mask=inside & (columns >= split))
+        tl.store(row + columns * column_stride, value.to(block.dtype.element_ty), mask=in_block)
 
 
 @triton.jit
@@ -109,12 +141,48 @@ def infonce_forward_(block: Tensor, lse: Tensor, target_logit: Tensor | None) ->
 
     The loss is ``lse - target_logit`` (the log-sum-exp alone without targets).
     """
+    return _forward(block, lse, target_logit)
+
+
+def infonce_forward_gradient_(
+    block: Tensor,
+    lse: Tensor,
+    target_logit: Tensor | None,
+    targets: tuple[int, int] | None,
+    keys_gradient: Tensor | None,
+    *,
+    empty_rows_free: bool,
+) -> Tensor:
+    """`infonce_forward_` and ``softmax - onehot(target)`` in one kernel; the rows' loss.
+
+    The gradient goes into ``block``, except the last K columns' into
+    ``keys_gradient`` (R, K) where given (in its dtype). With
+    ``empty_rows_free`` a row without candidates costs 0, has gradient 0 and
+    the statistic +inf (the decoupled loss).
+    """
+    return _forward(
+        block, lse, target_logit, targets, keys_gradient, gradient=True, empty=empty_rows_free
+    )
+
+
+def _forward(
+    block: Tensor,
+    lse: Tensor,
+    target_logit: Tensor | None,
+    targets: tuple[int, int] | None = None,
+    keys_gradient: Tensor | None = None,
+    *,
+    gradient: bool = False,
+    empty: bool = False,
+) -> Tensor:
     rows, width = block.shape
     loss = block.new_empty(rows, dtype=lse.dtype)
     if rows == 0:
         return loss
-    has_target = target_logit is not None
-    targets = target_logit if target_logit is not None else lse
+    logits = target_logit if target_logit is not None else lse
+    target, step = targets if targets is not None else (0, 0)
+    out = keys_gradient if keys_gradient is not None else block
+    split = width - (keys_gradient.shape[1] if keys_gradient is not None else 0)
     _forward_kernel[(rows,)](
         block,
         block.stride(0),
@@ -122,10 +190,20 @@ def infonce_forward_(block: Tensor, lse: Tensor, target_logit: Tensor | None) ->
         width,
         lse,
         lse.stride(0),
-        targets,
-        targets.stride(0),
+        logits,
+        logits.stride(0),
         loss,
-        HAS_TARGET=has_target,
+        out,
+        out.stride(0),
+        out.stride(1),
+        split,
+        target,
+        step,
+        HAS_TARGET=target_logit is not None,
+        GRADIENT=gradient,
+        TARGET_COLUMN=targets is not None,
+        SPLIT=keys_gradient is not None,
+        EMPTY_ROWS_FREE=empty,
         F64=block.dtype == torch.float64,
         COLUMNS=columns_for(width),
     )

@@ -10,13 +10,16 @@ entry at -inf is no candidate. The objective does everything that depends on the
 the per-row statistics and loss, and ``d loss / d logits`` written into the
 block. It never sees a key or an embedding.
 
-Two ways in, as the walker has two passes:
+Three ways in, as the walker has two passes and a one-pass walk:
 
 * ``forward_`` on a whole block (the statistics pass): record each row's
   ``num_stats`` statistics and its loss, and leave in the block whatever
   ``gradient_from_forward_`` needs (InfoNCE: the row's softmax). The walker
   may read those leftovers (the symmetric loss takes its column sums from
   InfoNCE's row probabilities).
+* ``forward_with_gradient_`` on a whole block where the walk builds the
+  gradients in forward: both of the above with weight 1, in one kernel
+  where the objective has one.
 * ``gradient_`` on a slice of a block's columns (the gradient pass), with the
   statistics saved by ``forward_``: the logits of those columns become
   ``weight * d loss / d logits``.
@@ -204,6 +207,43 @@ class RowObjective(Protocol):
         recorded; ``weight`` is (R, 1) or a number.
         """
         ...
+
+    def forward_with_gradient_(
+        self,
+        block: Tensor,
+        context: RowContext,
+        row_stat: Tensor,
+        target_logit: Tensor | None,
+        keys_gradient: Tensor | None,
+    ) -> Tensor:
+        """``forward_``, then ``gradient_from_forward_`` with weight 1: the one-pass walk.
+
+        ``d loss / d logits`` goes into the block, except that with
+        ``keys_gradient`` ((R, K), maybe of another dtype: the gradient
+        products') the block's last K columns' goes there instead. An
+        objective with a kernel does both in one (`forward_then_gradient_`
+        is the composition).
+
+        Returns:
+            (R,) the rows' loss.
+        """
+        ...
+
+
+def forward_then_gradient_(
+    objective: RowObjective,
+    block: Tensor,
+    context: RowContext,
+    row_stat: Tensor,
+    target_logit: Tensor | None,
+    keys_gradient: Tensor | None,
+) -> Tensor:
+    """``forward_with_gradient_`` as its two steps, for an objective's PyTorch ops. (R,)"""
+    loss = objective.forward_(block, context, row_stat, target_logit)
+    objective.gradient_from_forward_(block, context, row_stat, 1.0)
+    if keys_gradient is not None:
+        keys_gradient.copy_(block[:, block.shape[1] - keys_gradient.shape[1] :])
+    return loss
 
 
 def column_slices(block: Tensor) -> list[slice]:

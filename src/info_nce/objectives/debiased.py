@@ -45,7 +45,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from info_nce._backend import kernels_for
-from info_nce.objectives.base import RowContext, add_to_targets_, column_slices
+from info_nce.objectives.base import (
+    RowContext,
+    add_to_targets_,
+    column_slices,
+    forward_then_gradient_,
+)
 
 _LSE_P, _LSE_Q, _COEF_P, _COEF_Q, _POSITIVE, _CLAMP = range(6)
 
@@ -164,6 +169,16 @@ class DebiasedObjective:
         if isinstance(weight, Tensor) or weight != 1.0:
             block.mul_(weight)
         self._specials_(block, context, 0, row_stat, weight)
+
+    def forward_with_gradient_(
+        self,
+        block: Tensor,
+        context: RowContext,
+        row_stat: Tensor,
+        target_logit: Tensor | None,
+        keys_gradient: Tensor | None,
+    ) -> Tensor:
+        return forward_then_gradient_(self, block, context, row_stat, target_logit, keys_gradient)
 
     def gradient_(
         self,

@@ -24,6 +24,8 @@ from info_nce.objectives.infonce import InfoNCEObjective
 class DecoupledObjective(InfoNCEObjective):
     """InfoNCE over the negatives alone; a row without negatives costs 0."""
 
+    empty_rows_free = True
+
     def forward_(
         self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
     ) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from info_nce._backend import kernels_for
-from info_nce.objectives.base import RowContext, add_to_targets_
+from info_nce.objectives.base import RowContext, add_to_targets_, forward_then_gradient_
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class InfoNCEObjective:
     block_scale = 1
     bias_stat = None  # no bias: a row's softmax does not move when all its logits do
     tileable = True  # the loss is the log-sum-exp minus the target logit
+    # A row without candidates: its loss is -inf here (the log-sum-exp of
+    # nothing); the decoupled loss's subclass makes it 0, without gradient.
+    empty_rows_free = False
 
     def parts(self) -> tuple[float, ...]:
         return ()
@@ -56,6 +59,29 @@ class InfoNCEObjective:
         if isinstance(weight, Tensor):
             block.mul_(weight)
         add_to_targets_(block, context, 0, _negated(weight))
+
+    def forward_with_gradient_(
+        self,
+        block: Tensor,
+        context: RowContext,
+        row_stat: Tensor,
+        target_logit: Tensor | None,
+        keys_gradient: Tensor | None,
+    ) -> Tensor:
+        kernels = kernels_for(block)
+        if kernels is None:
+            return forward_then_gradient_(
+                self, block, context, row_stat, target_logit, keys_gradient
+            )
+        loss: Tensor = kernels.infonce_forward_gradient_(
+            block,
+            row_stat[:, 0],
+            target_logit,
+            context.target_columns(0),
+            keys_gradient,
+            empty_rows_free=self.empty_rows_free,
+        )
+        return loss
 
     def gradient_(
         self,

@@ -23,7 +23,12 @@ import torch
 from torch import Tensor
 
 from info_nce._backend import kernels_for
-from info_nce.objectives.base import RowContext, column_slices, target_entries
+from info_nce.objectives.base import (
+    RowContext,
+    column_slices,
+    forward_then_gradient_,
+    target_entries,
+)
 
 # softplus(z) is z itself, to the last bit of a float64, above this
 # (exp(-40) < 2^-53 * 40); below it log1p(exp(z)) never overflows in float32.
@@ -81,6 +86,16 @@ class SigmoidObjective:
     ) -> None:
         if isinstance(weight, Tensor) or weight != 1.0:
             block.mul_(weight)
+
+    def forward_with_gradient_(
+        self,
+        block: Tensor,
+        context: RowContext,
+        row_stat: Tensor,
+        target_logit: Tensor | None,
+        keys_gradient: Tensor | None,
+    ) -> Tensor:
+        return forward_then_gradient_(self, block, context, row_stat, target_logit, keys_gradient)
 
     def gradient_(
         self,
