@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
+import grid
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from torch import Tensor
 
 import info_nce.functional as functional
 from info_nce import info_nce
-from info_nce.engine import columns, walker
+from info_nce.engine import columns, function, walker
 from info_nce.engine.function import (
     LogSumExp,
     LogSumExpOptions,
@@ -1072,3 +1073,36 @@ def test_one_pass_tile_walk_gradcheck(tile_columns: int, reduction: str, decoupl
         assert_close(function(*inputs), explicit(*inputs), rtol=1e-12, atol=1e-12, name="value")
     assert one_pass.called
     assert torch.autograd.gradcheck(function, inputs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("name", list(grid.options("engine")))
+def test_scaled_keys_in_backward_as_on_an_accelerator(
+    monkeypatch: pytest.MonkeyPatch, name: str, reduction: str
+) -> None:
+    """The gradient pass over scaled copies of the keys (as off the CPU) gives the same result."""
+
+    def loss_and_grads() -> list[Tensor]:
+        leaves = [x.requires_grad_() for x in grid.inputs(0)]
+        value = grid.options("engine", reduction)[name](*leaves)
+        upstream = torch.rand(value.shape, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(value, leaves, upstream.double(), allow_unused=True)
+        return [
+            value,
+            *(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)),
+        ]
+
+    exact = loss_and_grads()
+    walked: list[list[Tensor | None]] = []
+    original = walker.gradient_pass
+
+    def spy(*args: Any, **kwargs: Any) -> walker.BlockPass:
+        walked.append(kwargs["column_scales"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(function, "keys_scaled_in_backward", lambda rows: True)
+    monkeypatch.setattr(walker, "gradient_pass", spy)
+    for got, want in zip(loss_and_grads(), exact, strict=True):
+        assert_close(got, want, rtol=1e-12, atol=1e-12, name=name)
+    # Every gradient pass walked scaled copies: no column scales left to apply.
+    assert all(s is None for scales in walked for s in scales)

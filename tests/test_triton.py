@@ -30,7 +30,7 @@ from torch import Tensor
 from info_nce import info_nce
 from info_nce._backend import ENVIRONMENT, backend, kernels_for
 from info_nce.objectives import DecoupledObjective, InfoNCEObjective, SigmoidObjective
-from info_nce.objectives.base import RowContext, TargetLabels
+from info_nce.objectives.base import ColumnSoftmax, RowContext, TargetLabels
 
 pytestmark = [
     pytest.mark.triton,
@@ -242,6 +242,58 @@ def test_one_pass_is_the_loss_and_softmax_minus_target(
         assert_close(got_keys, want[:, split:], rtol=g_rtol, atol=g_atol, name="keys")
         got, want = got[:, :split], want[:, :split]
     assert_close(got, want, rtol=rtol, atol=atol, name="gradient")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("target", ["none", "diagonal-offset"])
+@pytest.mark.parametrize("column_weights", [False, True], ids=["one-weight", "column-weights"])
+@pytest.mark.parametrize("chosen", ["triton", "torch"])
+def test_gradient_with_the_column_softmax(
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    dtype: torch.dtype,
+    shape: tuple[int, int],
+    target: str,
+    column_weights: bool,
+    chosen: str,
+) -> None:
+    """The symmetric loss's gradient pass: the columns' weighted softmax added (kernel, ops)."""
+    monkeypatch.setenv(ENVIRONMENT, chosen)
+    rows, width = shape
+    context, first_column = CONTEXTS[target]
+    block = random_block(rows, width, dtype, device, seed=7 * rows + width)
+    lse, probabilities = expected_softmax(block)
+    exact = block.double().cpu().clone()  # the block is overwritten
+    generator = torch.Generator().manual_seed(width)
+    # Each column's log-sum-exp over all rows: these rows' and more (a positive excess).
+    excess = torch.rand(width, generator=generator, dtype=torch.float64)
+    column_lse = torch.logaddexp(torch.logsumexp(exact, dim=0), excess)
+    column_weight: Tensor | float = 0.3
+    want_weight = torch.full((width,), 0.3, dtype=torch.float64)
+    if column_weights:
+        want_weight = torch.rand(width, generator=generator, dtype=torch.float64)
+        column_weight = want_weight.to(device, dtype)
+    weight = torch.rand(rows, 1, generator=generator, dtype=torch.float64)
+    stat_dtype = torch.promote_types(dtype, torch.float32)
+    columns = ColumnSoftmax(column_lse.to(device, stat_dtype), column_weight)
+    InfoNCEObjective().gradient_(
+        block,
+        context,
+        first_column,
+        lse.to(device, stat_dtype)[:, None],
+        weight.to(device, dtype),
+        columns,
+    )
+    want = expected_gradient(probabilities, weight, target_columns(context, rows, first_column))
+    want += want_weight * torch.exp(exact - column_lse)
+    # A row without candidates never reaches the ops (the symmetric loss's
+    # rows have their target); the kernel gives it the plain formula.
+    checked = torch.isfinite(lse) if chosen == "torch" else torch.ones_like(lse, dtype=torch.bool)
+    rtol, atol = TOLERANCES[dtype]
+    got = block.cpu().double()[checked]
+    assert_close(got, want[checked], rtol=rtol, atol=atol, name="gradient")
 
 
 def sigmoid_targets(context: RowContext, rows: int, width: int, first_column: int) -> Tensor:

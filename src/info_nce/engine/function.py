@@ -316,18 +316,11 @@ def forward_outputs(
     partner_grads = partner is not None and (walk.partner_grad or needs_grad[2])
     factors = _factors(rows, segments, temperature, options)
     partner_factors = None if partner is None else _factors(partner, (), temperature, options)
-    walked, column_scales = segments, factors.columns
+    # A scaled copy of the keys saves two passes over every logits block.
+    # It never sets the peak here: backward holds the saved gradients and
+    # their rescaled copies, (B + N) * D twice.
     scaled_copy = options.grads_in_forward and options.normalize and not options.tile_columns
-    if scaled_copy:
-        # A scaled copy of the keys saves two passes over every logits block.
-        # It never sets the peak here: backward holds the saved gradients
-        # and their rescaled copies, (B + N) * D twice. (Elsewhere the peak
-        # is the backward pass's, and the copy would only fragment the heap.)
-        walked = tuple(
-            keys if s is None else keys * s.unsqueeze(1)
-            for keys, s in zip(segments, factors.columns, strict=True)
-        )
-        column_scales = [None] * len(segments)
+    walked, column_scales = _walked_keys(segments, factors, scaled_copy)
     result = walker.statistics_pass(
         rows,
         walked,
@@ -354,10 +347,8 @@ def forward_outputs(
     loss = reduce_loss(output, options.reduction)
     if not options.grads_in_forward:
         return loss, result.row_stat, result.column_lse
-    if scaled_copy:  # the scaled copies' gradients, to the keys'
-        for grad, s in zip(result.grad_segments, factors.columns, strict=True):
-            if grad is not None and s is not None:
-                grad.mul_(s.unsqueeze(1))
+    if scaled_copy:
+        _unscaled_grads_(result, factors)
     grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
     grad_partner, grad_temperature = _partner_grads(
         walk, result, partner_factors, options, needs_grad[2], grad_temperature
@@ -402,15 +393,18 @@ def backward_grads(
         column_weight = options.column_scale / options.row_scale
     factors = _factors(rows, segments, temperature, options)
     partner_factors = None if partner is None else _factors(partner, (), temperature, options)
+    # On the CPU the gradient pass sets the peak, which the copy would raise.
+    scaled_copy = options.normalize and not options.tile_columns and keys_scaled_in_backward(rows)
+    walked, column_scales = _walked_keys(segments, factors, scaled_copy)
     result = walker.gradient_pass(
         rows,
-        segments,
+        walked,
         extra,
         options.objective,
         options.layout(bias),
         walker.BlockPass(row_stat=row_stat, column_lse=column_lse),
         row_scales=factors.rows,
-        column_scales=factors.columns,
+        column_scales=column_scales,
         row_weight=row_weight,
         column_weight=column_weight,
         segment_grads=walk.key_grads,
@@ -420,6 +414,8 @@ def backward_grads(
         partner_scales=None if partner_factors is None else partner_factors.rows,
         partner_grads=partner is not None and (walk.partner_grad or needs_grad[2]),
     )
+    if scaled_copy:
+        _unscaled_grads_(result, factors)
     grad_temperature = _input_grads(rows, segments, result, factors, options, needs_grad[2])
     grad_partner, grad_temperature = _partner_grads(
         walk, result, partner_factors, options, needs_grad[2], grad_temperature
@@ -508,6 +504,37 @@ def _partner_grads(
     if share is not None:
         grad_temperature = share if grad_temperature is None else grad_temperature + share
     return (result.grad_partner if walk.partner_grad else None), grad_temperature
+
+
+def keys_scaled_in_backward(rows: Tensor) -> bool:
+    """Whether the gradient pass walks scaled copies of normalised keys: off the CPU.
+
+    The copy, (N, D) per segment, saves two passes over every logits block
+    (the column scales before and after each block's gradient). On an
+    accelerator those passes cost more than the copy's memory; on the CPU
+    the gradient pass sets the step's peak memory, which the copy would raise.
+    """
+    return rows.device.type != "cpu"
+
+
+def _walked_keys(
+    segments: tuple[Tensor, ...], factors: sc.Scales, scaled: bool
+) -> tuple[tuple[Tensor, ...], list[Tensor | None]]:
+    """The keys a pass walks and their column scales: with ``scaled``, copies times the scales."""
+    if not scaled:
+        return segments, factors.columns
+    walked = tuple(
+        keys if s is None else keys * s.unsqueeze(1)
+        for keys, s in zip(segments, factors.columns, strict=True)
+    )
+    return walked, [None] * len(segments)
+
+
+def _unscaled_grads_(result: walker.BlockPass, factors: sc.Scales) -> None:
+    """In place: the scaled copies' gradients (`_walked_keys`), to the keys' at fixed scales."""
+    for grad, s in zip(result.grad_segments, factors.columns, strict=True):
+        if grad is not None and s is not None:
+            grad.mul_(s.unsqueeze(1))
 
 
 def _factors(

@@ -67,7 +67,13 @@ import torch
 from torch import Tensor
 
 from info_nce.engine import columns as col
-from info_nce.objectives.base import RowContext, RowObjective, TargetLabels, target_entries
+from info_nce.objectives.base import (
+    ColumnSoftmax,
+    RowContext,
+    RowObjective,
+    TargetLabels,
+    target_entries,
+)
 
 # Rows per logits block, chosen by measurement (docs/benchmarks.md): at least
 # 256 rows, and up to ~4M logits per block. Each block's product with the
@@ -1029,7 +1035,7 @@ def gradient_pass(
     column_keys = layout.column_keys
     column_lse = statistics.column_lse
     chunks = [blocks.chunks(tile) for tile in blocks.tiles]
-    chunk_buffer = rows.new_empty(len(blocks.buffer), min(blocks.chunk, column_keys))
+    scratch: list[Tensor] = []  # the column softmax's buffer, where the objective's ops need it
 
     for span in blocks.spans():
         row_block = blocks.row_block(span, row_scales, partner_scales)
@@ -1049,19 +1055,15 @@ def gradient_pass(
                     logits.mul_(scales[piece.keys])
                 blocks.raise_(logits, span, piece.segment, first_key, raise_factor)
                 blocks.exclude_(logits, span, piece.segment, first_key)
-                column_probs = None
+                columns = None
                 if piece.segment == 0 and first_key < column_keys:  # key-to-query probabilities
                     assert column_lse is not None
-                    out = chunk_buffer[: len(block), : logits.shape[1]]
-                    column_probs = torch.sub(logits, column_lse[piece.keys], out=out).exp_()
+                    key_weight = column_weight
                     if isinstance(column_weight, Tensor):
-                        column_probs.mul_(column_weight[piece.keys])
-                    elif column_weight != 1.0:
-                        column_probs.mul_(column_weight)
+                        key_weight = column_weight[piece.keys]
+                    columns = ColumnSoftmax(column_lse[piece.keys], key_weight, scratch)
                 first_column = tile.columns.start + piece.columns.start
-                objective.gradient_(logits, context, first_column, stats, weight)
-                if column_probs is not None:
-                    logits.add_(column_probs)
+                objective.gradient_(logits, context, first_column, stats, weight, columns)
                 if scales is not None:
                     logits.mul_(scales[piece.keys])
             if column_keys and layout.target_offset is not None:

@@ -105,8 +105,13 @@ def _gradient_kernel(
     weight_stride,
     target,
     target_step,
+    column_lse,
+    column_lse_stride,
+    column_weight,
+    column_weight_stride,
     EXP: tl.constexpr,
     HAS_TARGET: tl.constexpr,
+    COLUMN_TERM: tl.constexpr,
     F64: tl.constexpr,
     COLUMNS: tl.constexpr,
 ):
@@ -122,12 +127,21 @@ def _gradient_kernel(
     for start in range(0, width, COLUMNS):
         columns = start + tl.arange(0, COLUMNS)
         inside = columns < width
-        x = tl.load(row + columns * column_stride, mask=inside, other=0.0).to(acc)
+        logit = tl.load(row + columns * column_stride, mask=inside, other=0.0).to(acc)
+        x = logit
         if EXP:
-            x = tl.exp(x - shift)
+            x = tl.exp(logit - shift)
         grad = x * w
         if HAS_TARGET:
             grad = tl.where(columns == target_column, grad - w, grad)
+        if COLUMN_TERM:  # the columns' softmax over all rows, weighted per column
+            lse_j = tl.load(column_lse + columns * column_lse_stride, mask=inside, other=0.0).to(
+                acc
+            )
+            weight_j = tl.load(
+                column_weight + columns * column_weight_stride, mask=inside, other=0.0
+            ).to(acc)
+            grad += weight_j * tl.exp(logit - lse_j)
         tl.store(row + columns * column_stride, grad.to(block.dtype.element_ty), mask=inside)
 
 
@@ -215,17 +229,25 @@ def infonce_gradient_(
     targets: tuple[int, int] | None,
     weight: Tensor | float,
     lse: Tensor | None,
+    column_term: tuple[Tensor, Tensor | float] | None = None,
 ) -> None:
     """In place: ``weight * (exp(block - lse) - onehot(target))``; without ``lse``,
     ``weight * (block - onehot(target))`` (the block holds the softmax already).
 
-    ``weight`` is (R, 1) or a number; ``lse`` (R,).
+    ``weight`` is (R, 1) or a number; ``lse`` (R,). With ``column_term``,
+    ``(column_lse, column_weight)`` ((W,), and (W,) or a number; only with
+    ``lse``), ``column_weight_j * exp(block_ij - column_lse_j)`` is added:
+    the symmetric loss's key-to-query softmax.
     """
     rows, width = block.shape
     if rows == 0 or width == 0:
         return
+    assert column_term is None or lse is not None, "the column term needs the logits"
     target, step = targets if targets is not None else (0, 0)
     weights = weight[:, 0] if isinstance(weight, Tensor) else block.new_full((1,), weight)
+    column_lse, column_weight = column_term if column_term is not None else (weights, weights)
+    if not isinstance(column_weight, Tensor):
+        column_weight = block.new_full((1,), column_weight)
     _gradient_kernel[(rows,)](
         block,
         block.stride(0),
@@ -237,8 +259,13 @@ def infonce_gradient_(
         weights.stride(0) if len(weights) == rows else 0,
         target,
         step,
+        column_lse,
+        column_lse.stride(0),
+        column_weight,
+        column_weight.stride(0) if len(column_weight) == width else 0,
         EXP=lse is not None,
         HAS_TARGET=targets is not None,
+        COLUMN_TERM=column_term is not None,
         F64=block.dtype == torch.float64,
         COLUMNS=columns_for(width),
     )

@@ -43,7 +43,7 @@ setting it as a walk's ``objective`` where the user's flags ask for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -77,6 +77,34 @@ class TargetLabels:
             return equal
         found = equal.new_zeros(len(self.rows), width)
         found[:, start - first_column : stop - first_column] = equal
+        return found
+
+
+@dataclass(frozen=True)
+class ColumnSoftmax:
+    """The symmetric loss's key-to-query term on a slice of key columns, for ``gradient_``.
+
+    Column j's term is ``weight_j * (lse_j - its target logit)``, ``lse_j``
+    its log-sum-exp over all rows: its gradient is ``weight_j`` times the
+    column's softmax over the rows, added to the rows' own gradient (the
+    walker subtracts the targets' part). Only objectives whose ``forward_``
+    leaves the row softmax, from which the walker takes the column sums
+    (InfoNCE), get one.
+    """
+
+    lse: Tensor  # (k,) each column's log-sum-exp over all rows
+    weight: Tensor | float  # (k,) each column's weight, or one for all
+    # The PyTorch ops' buffer, allocated on first use and shared by a pass's slices.
+    scratch: list[Tensor] = field(default_factory=list)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """``weight_j * exp(logit_ij - lse_j)`` of (R, k) logits, in the scratch buffer."""
+        if not self.scratch or self.scratch[0].numel() < logits.numel():
+            self.scratch[:] = [logits.new_empty(logits.numel())]
+        out = self.scratch[0][: logits.numel()].view(logits.shape)
+        found = torch.sub(logits, self.lse, out=out).exp_()
+        if isinstance(self.weight, Tensor) or self.weight != 1.0:
+            found.mul_(self.weight)
         return found
 
 
@@ -199,12 +227,15 @@ class RowObjective(Protocol):
         first_column: int,
         row_stat: Tensor,
         weight: Tensor | float,
+        columns: ColumnSoftmax | None = None,
     ) -> None:
         """In place: (R, k) logits become ``weight * d loss / d logits``.
 
         The logits are the block's columns from ``first_column`` on, excluded
         entries at -inf. ``row_stat`` is (R, num_stats), what ``forward_``
-        recorded; ``weight`` is (R, 1) or a number.
+        recorded; ``weight`` is (R, 1) or a number. With ``columns`` (the
+        symmetric loss, objectives that leave the row softmax only) the
+        columns' softmax term is added.
         """
         ...
 

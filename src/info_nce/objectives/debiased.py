@@ -46,6 +46,7 @@ from torch import Tensor
 
 from info_nce._backend import kernels_for
 from info_nce.objectives.base import (
+    ColumnSoftmax,
     RowContext,
     add_to_targets_,
     column_slices,
@@ -187,7 +188,9 @@ class DebiasedObjective:
         first_column: int,
         row_stat: Tensor,
         weight: Tensor | float,
+        columns: ColumnSoftmax | None = None,
     ) -> None:
+        assert columns is None, "no column softmax: the walker takes none from this objective"
         clamp = self.clamp_column - first_column
         if 0 <= clamp < logits.shape[1]:
             logits[:, clamp] = float("-inf")
@@ -209,8 +212,8 @@ class DebiasedObjective:
         log_q = row_stat[:, _LSE_Q : _LSE_Q + 1]
         coef_p = row_stat[:, _COEF_P : _COEF_P + 1] * weight
         coef_q = row_stat[:, _COEF_Q : _COEF_Q + 1] * weight
-        for columns in column_slices(logits):
-            piece = logits[:, columns]
+        for part in column_slices(logits):
+            piece = logits[:, part]
             if beta:
                 q = torch.mul(piece, beta).sub_(log_q).exp_()  # Q
                 piece.mul_(1 + beta).sub_(log_p).exp_().mul_(coef_p)  # the P term

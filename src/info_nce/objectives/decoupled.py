@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from info_nce.objectives.base import RowContext
+from info_nce.objectives.base import ColumnSoftmax, RowContext
 from info_nce.objectives.infonce import InfoNCEObjective
 
 
@@ -53,8 +53,10 @@ class DecoupledObjective(InfoNCEObjective):
         first_column: int,
         row_stat: Tensor,
         weight: Tensor | float,
+        columns: ColumnSoftmax | None = None,
     ) -> None:
-        super().gradient_(logits, context, first_column, row_stat, _alive(row_stat, weight))
+        alive = _alive(row_stat, weight)
+        super().gradient_(logits, context, first_column, row_stat, alive, columns)
 
 
 def _alive(row_stat: Tensor, weight: Tensor | float) -> Tensor | float:

@@ -15,7 +15,12 @@ import torch
 from torch import Tensor
 
 from info_nce._backend import kernels_for
-from info_nce.objectives.base import RowContext, add_to_targets_, forward_then_gradient_
+from info_nce.objectives.base import (
+    ColumnSoftmax,
+    RowContext,
+    add_to_targets_,
+    forward_then_gradient_,
+)
 
 
 @dataclass(frozen=True)
@@ -90,16 +95,21 @@ class InfoNCEObjective:
         first_column: int,
         row_stat: Tensor,
         weight: Tensor | float,
+        columns: ColumnSoftmax | None = None,
     ) -> None:
         kernels = kernels_for(logits)
         if kernels is not None:
             targets = context.target_columns(first_column)
-            kernels.infonce_gradient_(logits, targets, weight, row_stat[:, 0])
+            column_term = None if columns is None else (columns.lse, columns.weight)
+            kernels.infonce_gradient_(logits, targets, weight, row_stat[:, 0], column_term)
             return
+        column_probabilities = None if columns is None else columns.probabilities(logits)
         logits.sub_(row_stat).exp_()
         if isinstance(weight, Tensor):
             logits.mul_(weight)
         add_to_targets_(logits, context, first_column, _negated(weight))
+        if column_probabilities is not None:
+            logits.add_(column_probabilities)
 
 
 def _negated(weight: Tensor | float) -> Tensor | float:

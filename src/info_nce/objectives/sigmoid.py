@@ -24,6 +24,7 @@ from torch import Tensor
 
 from info_nce._backend import kernels_for
 from info_nce.objectives.base import (
+    ColumnSoftmax,
     RowContext,
     column_slices,
     forward_then_gradient_,
@@ -104,7 +105,9 @@ class SigmoidObjective:
         first_column: int,
         row_stat: Tensor,
         weight: Tensor | float,
+        columns: ColumnSoftmax | None = None,
     ) -> None:
+        assert columns is None, "no column softmax: the walker takes none from this objective"
         kernels = kernels_for(logits)
         if kernels is not None:
             kernels.sigmoid_rows_(logits, *_kernel_targets(context, first_column), weight, None)
