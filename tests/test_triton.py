@@ -296,6 +296,30 @@ def test_gradient_with_the_column_softmax(
     assert_close(got, want[checked], rtol=rtol, atol=atol, name="gradient")
 
 
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", [*SHAPES, (77, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_column_sums_kernel_is_the_weighted_column_sum(
+    device: str, dtype: torch.dtype, shape: tuple[int, int]
+) -> None:
+    """The symmetric loss's column statistics: one read of a slice of a wider block."""
+    from info_nce import kernels
+
+    rows, width = shape
+    block = random_block(rows, width + 5, dtype, device, seed=rows + 3 * width)
+    _, probabilities = expected_softmax(block)
+    found = probabilities.to(device, dtype)[:, 3 : 3 + width]  # strided, as the walker's
+    generator = torch.Generator().manual_seed(width)
+    weight = torch.rand(rows, generator=generator, dtype=torch.float64)
+    stat_dtype = torch.promote_types(dtype, torch.float32)
+    sums = kernels.column_sums(found, weight.to(device, stat_dtype))
+    want = (found.double().cpu() * weight[:, None]).sum(0)
+    rtol, atol = TOLERANCES[dtype]
+    assert sums.dtype == stat_dtype
+    assert_close(sums.cpu().double(), want, rtol=rtol, atol=atol, name="column sums")
+
+
 def sigmoid_targets(context: RowContext, rows: int, width: int, first_column: int) -> Tensor:
     """(rows, width) bool: each row's targets, from the definition (its column, or its label)."""
     found = torch.zeros(rows, width, dtype=torch.bool)

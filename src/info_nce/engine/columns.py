@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from info_nce._backend import kernels_for
+
 # Column work on a block (column sums in the statistics pass, column
 # probabilities in the gradient pass) is done this many logits at a time, so
 # that it stays in cache and needs no second block-sized buffer.
@@ -49,9 +51,14 @@ def column_lse(probabilities: Tensor, row_lse: Tensor, chunk: int) -> Tensor:
     changes a column log-sum-exp within `COLUMN_LSE_MARGIN` of the largest
     row log-sum-exp by less than B * e^-37 relative, nothing at float32
     rounding, which `needs_separate_pass` checks once all blocks are in.
+    Under the Triton backend one kernel reads the block once instead.
     """
     shift = row_lse.amax()
     weights = (row_lse - shift).exp_().unsqueeze(1)  # (R, 1), in (0, 1]
+    kernels = kernels_for(probabilities)
+    if kernels is not None:  # one read of the block
+        found: Tensor = kernels.column_sums(probabilities, weights[:, 0])
+        return found.log_().add_(shift)
     sums = probabilities.new_empty(probabilities.shape[1])  # (C,)
     for columns in column_chunks(len(sums), len(sums), chunk):
         torch.sum(probabilities[:, columns].mul_(weights), dim=0, out=sums[columns])

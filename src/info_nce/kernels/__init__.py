@@ -9,6 +9,7 @@ in place.
 
 from info_nce.kernels.debiased import dual_gradient_, dual_lse
 from info_nce.kernels.infonce import (
+    column_sums,
     infonce_forward_,
     infonce_forward_gradient_,
     infonce_gradient_,
@@ -16,6 +17,7 @@ from info_nce.kernels.infonce import (
 from info_nce.kernels.sigmoid import sigmoid_rows_
 
 __all__ = [
+    "column_sums",
     "dual_gradient_",
     "dual_lse",
     "infonce_forward_",

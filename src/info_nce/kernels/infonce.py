@@ -145,6 +145,65 @@ def _gradient_kernel(
         tl.store(row + columns * column_stride, grad.to(block.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _column_sums_kernel(
+    probabilities,
+    row_stride,
+    column_stride,
+    num_rows,
+    width,
+    weight,
+    weight_stride,
+    sums,
+    F64: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLUMNS: tl.constexpr,
+):
+    acc: tl.constexpr = tl.float64 if F64 else tl.float32
+    columns = tl.program_id(0) * COLUMNS + tl.arange(0, COLUMNS)
+    inside = columns < width
+    total = tl.zeros([COLUMNS], acc)
+    for start in range(0, num_rows, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        below = rows < num_rows
+        w = tl.load(weight + rows * weight_stride, mask=below, other=0.0).to(acc)  # (ROWS,)
+        offsets = rows[:, None].to(tl.int64) * row_stride + columns[None, :] * column_stride
+        p = tl.load(probabilities + offsets, mask=below[:, None] & inside[None, :], other=0.0)
+        total += tl.sum(p.to(acc) * w[:, None], 0)  # a tile's rows summed as a tree
+    tl.store(sums + columns, total.to(sums.dtype.element_ty), mask=inside)
+
+
+# Rows and columns per tile of the column sums: one program per column range.
+COLUMN_SUM_ROWS = 32
+COLUMN_SUM_COLUMNS = 128
+
+
+def column_sums(probabilities: Tensor, weight: Tensor) -> Tensor:
+    """``sum_i weight_i * probabilities_ij`` of an (R, C) block, reading it once. (C,)
+
+    The symmetric loss's column statistics from the rows' softmax (in the
+    block's precision, float32 at least; each tile of rows summed as a tree).
+    """
+    num_rows, width = probabilities.shape
+    sums = probabilities.new_zeros(width, dtype=weight.dtype)
+    if num_rows == 0 or width == 0:
+        return sums
+    _column_sums_kernel[(triton.cdiv(width, COLUMN_SUM_COLUMNS),)](
+        probabilities,
+        probabilities.stride(0),
+        probabilities.stride(1),
+        num_rows,
+        width,
+        weight,
+        weight.stride(0),
+        sums,
+        F64=probabilities.dtype == torch.float64,
+        ROWS=COLUMN_SUM_ROWS,
+        COLUMNS=COLUMN_SUM_COLUMNS,
+    )
+    return sums
+
+
 def columns_for(width: int) -> int:
     """Columns per step of a row's loop: a power of two, at most `MAX_COLUMNS`."""
     return min(MAX_COLUMNS, int(triton.next_power_of_2(max(1, width))))
