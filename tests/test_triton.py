@@ -200,25 +200,30 @@ def test_one_pass_is_the_loss_and_softmax_minus_target(
 ) -> None:
     """The one-pass walk's step (kernel and ops): statistics, loss and gradient.
 
-    With ``keys`` the key columns' gradient goes to a buffer of its own.
+    With ``keys`` the key columns live in a buffer of their own (as the
+    products' dtype keeps them): logits read from it, gradient written to it.
     """
     monkeypatch.setenv(ENVIRONMENT, chosen)
     rows, width = shape
     context, _ = CONTEXTS[target]
     block = random_block(rows, width, dtype, device, seed=5 * rows + width)
-    lse, probabilities = expected_softmax(block)
     target_logit = None
     if context.target_start is not None:
         target_logit = torch.randn(rows, dtype=torch.float64).to(device, dtype)
     key_columns = width - width // 3  # the last columns: the keys'
-    keys_gradient = None
+    split = width - key_columns
+    keys_buffer = None
     if keys is not None:
         keys_dtype = dtype if keys == "same" else torch.float16
-        keys_gradient = torch.full((rows, key_columns), 7.0, dtype=keys_dtype, device=device)
+        keys_buffer = block[:, split:].to(keys_dtype, copy=True)
+        block[:, split:] = block[:, split:].to(keys_dtype)  # the logits as the buffer holds them
+    lse, probabilities = expected_softmax(block)
+    if keys_buffer is not None:
+        block[:, split:] = 7.0  # scratch: never read
     stat_dtype = torch.promote_types(dtype, torch.float32)
     row_stat = block.new_empty(rows, 1, dtype=stat_dtype)
     objective = DecoupledObjective() if decoupled else InfoNCEObjective()
-    loss = objective.forward_with_gradient_(block, context, row_stat, target_logit, keys_gradient)
+    loss = objective.forward_with_gradient_(block, context, row_stat, target_logit, keys_buffer)
 
     empty = torch.isneginf(lse)
     want_loss = lse if target_logit is None else lse - target_logit.double().cpu()
@@ -235,10 +240,9 @@ def test_one_pass_is_the_loss_and_softmax_minus_target(
     assert_close(got_stat, want_stat[checked], rtol=rtol, atol=atol, name="statistic")
     got = block.cpu().double()[checked]
     want = want[checked]
-    if keys_gradient is not None:
-        split = width - key_columns
-        g_rtol, g_atol = TOLERANCES[keys_gradient.dtype]
-        got_keys = keys_gradient.cpu().double()[checked]
+    if keys_buffer is not None:
+        g_rtol, g_atol = TOLERANCES[keys_buffer.dtype]
+        got_keys = keys_buffer.cpu().double()[checked]
         assert_close(got_keys, want[:, split:], rtol=g_rtol, atol=g_atol, name="keys")
         got, want = got[:, :split], want[:, :split]
     assert_close(got, want, rtol=rtol, atol=atol, name="gradient")

@@ -38,8 +38,8 @@ Two passes:
 * `statistics_pass`: the objective's row statistics, and for the symmetric
   loss the first ``column_keys`` keys' log-sum-exp over all rows. With
   ``compute_grads`` (scalar reduction, no columns) it also builds the
-  gradients then, from the objective's leftovers, so forward+backward costs
-  the three matrix products only.
+  gradients then (the objective's ``forward_with_gradient_``), so
+  forward+backward costs the three matrix products only.
 * `gradient_pass`: recomputes each block's logits and, from the saved
   statistics, the objective's gradient plus (symmetric) the key-to-query
   probabilities, a cache-sized chunk of columns at a time.
@@ -545,8 +545,14 @@ class _Blocks:
         else:
             out.copy_(product)
 
-    def logits(self, span: slice, row_block: RowBlock, tile: _Tile) -> Tensor:
-        """The block's (R, tile width) products, before column scales."""
+    def logits(
+        self, span: slice, row_block: RowBlock, tile: _Tile, *, widen: bool = True
+    ) -> Tensor:
+        """The block's (R, tile width) products, before column scales.
+
+        With a product dtype and not ``widen``, the keys' products stay in
+        the products' buffer (`key_columns`); the block gets the extra columns.
+        """
         columns = tile.columns
         block = self.buffer[: len(row_block.rows), : columns.stop - columns.start]
         if tile.has_extra and self.extra is not None:
@@ -562,7 +568,8 @@ class _Blocks:
             else:  # the product in its dtype, widened into the block
                 product = staging[:, piece.columns]
                 torch.mm(rows, keys.T, out=product)
-                block[:, piece.columns] = product
+                if widen:
+                    block[:, piece.columns] = product
         return block
 
     def scale_columns_(
@@ -648,34 +655,41 @@ class _Blocks:
         for piece in tile.pieces:
             self.raise_(block[:, piece.columns], span, piece.segment, piece.keys.start, factor)
 
-    def exclude_tile_(self, block: Tensor, span: slice, tile: _Tile) -> None:
-        """Set the excluded entries of a block (extra columns, key segments) to -inf."""
+    def exclude_tile_(
+        self, block: Tensor, span: slice, tile: _Tile, keys: Tensor | None = None
+    ) -> None:
+        """Set the excluded entries of a block (extra columns, key segments) to -inf.
+
+        The key columns are ``keys``' (`key_columns`; default the block's).
+        """
+        keys = block if keys is None else keys
         if tile.has_extra:
             self.exclude_extra_(block[:, : self.width])
         for piece in tile.pieces:
-            self.exclude_(block[:, piece.columns], span, piece.segment, piece.keys.start)
+            self.exclude_(keys[:, piece.columns], span, piece.segment, piece.keys.start)
 
     def exclude_extra_(self, piece: Tensor) -> None:
         """Set the excluded entries of the extra columns to -inf: the target, if excluded."""
         if self.layout.exclude_target and self.layout.target_extra:
             piece[:, 0] = float("-inf")
 
-    def staged_keys(self, num_rows: int) -> Tensor | None:
-        """Where an objective writes the key columns' d loss / d logits for the products.
+    def key_columns(self, block: Tensor, staged: bool) -> Tensor:
+        """The tensor holding a block's key columns, in the block's column coordinates.
 
-        The staging buffer's (R, key columns) view with a product dtype
-        (rounded to it once), None without one (the block itself).
+        ``staged``: the products' buffer, where `logits` left them unwidened;
+        otherwise the block itself.
         """
-        if self.staging is None:
-            return None
-        return self.staging[:num_rows, self.key_start : self.buffer.shape[1]]
+        if not staged:
+            return block
+        assert self.staging is not None
+        return self.staging[: len(block), : block.shape[1]]
 
     def gradient_products(
         self, block: Tensor, row_block: RowBlock, span: slice, tile: _Tile, *, staged: bool = False
     ) -> None:
         """The block holds d loss / d logits times the column scales: accumulate the gradients.
 
-        With ``staged`` the key columns' values are in `staged_keys` already.
+        With ``staged`` the key columns' values are in the products' buffer already.
         The rows' gradient of the span is written by its first tile and added
         to by the others (with partner rows, both are zeroed first and added to).
         """
@@ -851,31 +865,40 @@ def statistics_pass(
     column_stats = rows.new_full((column_keys,), float("-inf")) if column_keys else None  # (C,)
     chunk = blocks.chunk
 
+    # The one-pass walk with a product dtype leaves the keys' logits in the
+    # products' buffer, unwidened: the objective reads them there and writes
+    # their gradient back, rounded once (raised logits are widened first).
+    staged = compute_grads and blocks.staging is not None and not layout.raised_segments
     for span in blocks.spans():
         row_block = blocks.row_block(span, row_scales, partner_scales)
         context = blocks.context(span)
         targets = None if target_logit is None else target_logit[span]
         lse = rows.new_full((span.stop - span.start, 1), float("-inf")) if tiled else None
         for tile in blocks.tiles:
-            block = blocks.logits(span, row_block, tile)
+            block = blocks.logits(span, row_block, tile, widen=not staged)
+            keys = blocks.key_columns(block, staged)  # the block's coordinates
             blocks.scale_columns_(block, tile, column_scales)
             if targets is not None:
-                found, which = target_entries(block, context, tile.columns.start)
+                source = keys if layout.target_offset is not None else block
+                found, which = target_entries(source, context, tile.columns.start)
                 targets[which] = found
             blocks.raise_tile_(block, span, tile, raise_factor)
-            blocks.exclude_tile_(block, span, tile)
+            blocks.exclude_tile_(block, span, tile, keys)
             if lse is not None:
                 torch.logaddexp(lse[:, 0], _row_lse_(block), out=lse[:, 0])
         if lse is not None:  # (R, 1) each row's log-sum-exp, as a block of one column
             whole_rows = RowContext(span.start, candidates=context.candidates)
             row_loss[span] = objective.forward_(lse, whole_rows, row_stat[span], targets)
             continue
-        if compute_grads:  # the keys' gradient straight into the products' dtype
-            staged = blocks.staged_keys(len(block))
+        if compute_grads:
             row_loss[span] = objective.forward_with_gradient_(
-                block, context, row_stat[span], targets, staged
+                block,
+                context,
+                row_stat[span],
+                targets,
+                keys[:, blocks.key_start :] if staged else None,
             )
-            blocks.gradient_products(block, row_block, span, blocks.tiles[0], staged=True)
+            blocks.gradient_products(block, row_block, span, blocks.tiles[0], staged=staged)
             continue
         row_loss[span] = objective.forward_(block, context, row_stat[span], targets)
         if column_stats is not None:

@@ -1,8 +1,8 @@
 """InfoNCE's row kernels: log-sum-exp and softmax in place; ``weight * (softmax - onehot)``.
 
 The one-pass walk (gradients built in forward) takes both in one kernel,
-which reads each row twice and writes its gradient once, in the dtype the
-gradient products take.
+which reads each row twice and writes its gradient once; the key columns
+may live in a buffer of the products' dtype, read and written there.
 
 A row's target is its column ``target + r * step`` of the block (``step`` 1:
 a diagonal, 0: one column for every row), absent where that column is
@@ -24,6 +24,31 @@ MAX_COLUMNS = 2048
 
 
 @triton.jit
+def _load_row(
+    row,
+    column_stride,
+    keys_row,
+    keys_stride,
+    columns,
+    width,
+    split,
+    acc: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """A step of a row's logits: columns before ``split`` from the block, the rest from the keys'
+    buffer (with ``SPLIT``), in ``acc``; -inf past the row's end."""
+    inside = columns < width
+    if SPLIT:
+        x = tl.load(row + columns * column_stride, mask=inside & (columns < split), other=0.0)
+        past = (columns - split) * keys_stride
+        y = tl.load(keys_row + past, mask=inside & (columns >= split), other=0.0)
+        found = tl.where(columns < split, x.to(acc), y.to(acc))
+    else:
+        found = tl.load(row + columns * column_stride, mask=inside, other=0.0).to(acc)
+    return tl.where(inside, found, float("-inf"))
+
+
+@triton.jit
 def _forward_kernel(
     block,
     row_stride,
@@ -34,9 +59,9 @@ def _forward_kernel(
     target_logit,
     target_stride,
     loss_out,
-    gradient,
-    gradient_row_stride,
-    gradient_column_stride,
+    keys,
+    keys_row_stride,
+    keys_column_stride,
     split,
     target,
     target_step,
@@ -51,12 +76,14 @@ def _forward_kernel(
     r = tl.program_id(0)
     acc: tl.constexpr = tl.float64 if F64 else tl.float32
     row = block + r.to(tl.int64) * row_stride
+    keys_row = keys + r.to(tl.int64) * keys_row_stride
     running_max = tl.full([COLUMNS], float("-inf"), acc)
     running_sum = tl.zeros([COLUMNS], acc)
     for start in range(0, width, COLUMNS):
         columns = start + tl.arange(0, COLUMNS)
-        inside = columns < width
-        x = tl.load(row + columns * column_stride, mask=inside, other=float("-inf")).to(acc)
+        x = _load_row(
+            row, column_stride, keys_row, keys_column_stride, columns, width, split, acc, SPLIT
+        )
         running_max, old, new = shifted(running_max, x)
         running_sum = running_sum * tl.exp(old) + tl.exp(new)
     lse = finish(running_max, running_sum, 1.0)
@@ -73,11 +100,12 @@ def _forward_kernel(
     # exp(x - lse); a row without candidates (lse -inf) gets 0, not 0 / 0.
     shift = tl.where(empty, float("inf"), lse)
     target_column = target + r * target_step
-    out = gradient + r.to(tl.int64) * gradient_row_stride
     for start in range(0, width, COLUMNS):
         columns = start + tl.arange(0, COLUMNS)
         inside = columns < width
-        x = tl.load(row + columns * column_stride, mask=inside, other=float("-inf")).to(acc)
+        x = _load_row(
+            row, column_stride, keys_row, keys_column_stride, columns, width, split, acc, SPLIT
+        )
         value = tl.exp(x - shift)  # the softmax
         if GRADIENT:  # softmax - onehot(target)
             if TARGET_COLUMN:
@@ -85,11 +113,11 @@ def _forward_kernel(
             if EMPTY_ROWS_FREE:
                 value = tl.where(empty, 0.0, value)
         in_block = inside
-        if SPLIT:  # the last columns go to the gradient buffer, in its dtype
+        if SPLIT:  # the key columns go back to their buffer, in its dtype
             in_block = inside & (columns < split)
-            past = (columns - split) * gradient_column_stride
-            kept = value.to(gradient.dtype.element_ty)
-            tl.store(out + past, kept, mask=inside & (columns >= split))
+            past = (columns - split) * keys_column_stride
+            kept = value.to(keys.dtype.element_ty)
+            tl.store(keys_row + past, kept, mask=inside & (columns >= split))
         tl.store(row + columns * column_stride, value.to(block.dtype.element_ty), mask=in_block)
 
 
@@ -222,20 +250,18 @@ def infonce_forward_gradient_(
     lse: Tensor,
     target_logit: Tensor | None,
     targets: tuple[int, int] | None,
-    keys_gradient: Tensor | None,
+    keys: Tensor | None,
     *,
     empty_rows_free: bool,
 ) -> Tensor:
     """`infonce_forward_` and ``softmax - onehot(target)`` in one kernel; the rows' loss.
 
-    The gradient goes into ``block``, except the last K columns' into
-    ``keys_gradient`` (R, K) where given (in its dtype). With
-    ``empty_rows_free`` a row without candidates costs 0, has gradient 0 and
-    the statistic +inf (the decoupled loss).
+    The gradient goes into ``block``; with ``keys`` (R, K), the block's last
+    K columns are there instead (in its dtype: the products'), logits in
+    and gradient out. With ``empty_rows_free`` a row without candidates
+    costs 0, has gradient 0 and the statistic +inf (the decoupled loss).
     """
-    return _forward(
-        block, lse, target_logit, targets, keys_gradient, gradient=True, empty=empty_rows_free
-    )
+    return _forward(block, lse, target_logit, targets, keys, gradient=True, empty=empty_rows_free)
 
 
 def _forward(
@@ -243,7 +269,7 @@ def _forward(
     lse: Tensor,
     target_logit: Tensor | None,
     targets: tuple[int, int] | None = None,
-    keys_gradient: Tensor | None = None,
+    keys: Tensor | None = None,
     *,
     gradient: bool = False,
     empty: bool = False,
@@ -254,8 +280,8 @@ def _forward(
         return loss
     logits = target_logit if target_logit is not None else lse
     target, step = targets if targets is not None else (0, 0)
-    out = keys_gradient if keys_gradient is not None else block
-    split = width - (keys_gradient.shape[1] if keys_gradient is not None else 0)
+    out = keys if keys is not None else block
+    split = width - (keys.shape[1] if keys is not None else 0)
     _forward_kernel[(rows,)](
         block,
         block.stride(0),
@@ -275,7 +301,7 @@ def _forward(
         HAS_TARGET=target_logit is not None,
         GRADIENT=gradient,
         TARGET_COLUMN=targets is not None,
-        SPLIT=keys_gradient is not None,
+        SPLIT=keys is not None,
         EMPTY_ROWS_FREE=empty,
         F64=block.dtype == torch.float64,
         COLUMNS=columns_for(width),

@@ -245,15 +245,16 @@ class RowObjective(Protocol):
         context: RowContext,
         row_stat: Tensor,
         target_logit: Tensor | None,
-        keys_gradient: Tensor | None,
+        keys: Tensor | None,
     ) -> Tensor:
         """``forward_``, then ``gradient_from_forward_`` with weight 1: the one-pass walk.
 
-        ``d loss / d logits`` goes into the block, except that with
-        ``keys_gradient`` ((R, K), maybe of another dtype: the gradient
-        products') the block's last K columns' goes there instead. An
-        objective with a kernel does both in one (`forward_then_gradient_`
-        is the composition).
+        ``d loss / d logits`` goes into the block. With ``keys`` ((R, K),
+        maybe of another dtype: the products') the block's last K columns
+        live there instead: their logits are read from it and their
+        gradient written back to it (the block's own last K columns are
+        scratch). An objective with a kernel does it all in one
+        (`forward_then_gradient_` is the composition).
 
         Returns:
             (R,) the rows' loss.
@@ -267,13 +268,16 @@ def forward_then_gradient_(
     context: RowContext,
     row_stat: Tensor,
     target_logit: Tensor | None,
-    keys_gradient: Tensor | None,
+    keys: Tensor | None,
 ) -> Tensor:
-    """``forward_with_gradient_`` as its two steps, for an objective's PyTorch ops. (R,)"""
+    """``forward_with_gradient_`` as its steps, for an objective's PyTorch ops. (R,)"""
+    key_columns = block[:, block.shape[1] - (0 if keys is None else keys.shape[1]) :]
+    if keys is not None:
+        key_columns.copy_(keys)  # widened to the block's dtype
     loss = objective.forward_(block, context, row_stat, target_logit)
     objective.gradient_from_forward_(block, context, row_stat, 1.0)
-    if keys_gradient is not None:
-        keys_gradient.copy_(block[:, block.shape[1] - keys_gradient.shape[1] :])
+    if keys is not None:
+        keys.copy_(key_columns)  # rounded to the products' dtype once
     return loss
 
 

@@ -177,9 +177,9 @@ class DebiasedObjective:
         context: RowContext,
         row_stat: Tensor,
         target_logit: Tensor | None,
-        keys_gradient: Tensor | None,
+        keys: Tensor | None,
     ) -> Tensor:
-        return forward_then_gradient_(self, block, context, row_stat, target_logit, keys_gradient)
+        return forward_then_gradient_(self, block, context, row_stat, target_logit, keys)
 
     def gradient_(
         self,

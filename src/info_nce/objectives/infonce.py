@@ -71,19 +71,17 @@ class InfoNCEObjective:
         context: RowContext,
         row_stat: Tensor,
         target_logit: Tensor | None,
-        keys_gradient: Tensor | None,
+        keys: Tensor | None,
     ) -> Tensor:
         kernels = kernels_for(block)
         if kernels is None:
-            return forward_then_gradient_(
-                self, block, context, row_stat, target_logit, keys_gradient
-            )
+            return forward_then_gradient_(self, block, context, row_stat, target_logit, keys)
         loss: Tensor = kernels.infonce_forward_gradient_(
             block,
             row_stat[:, 0],
             target_logit,
             context.target_columns(0),
-            keys_gradient,
+            keys,
             empty_rows_free=self.empty_rows_free,
         )
         return loss
