@@ -411,6 +411,61 @@ def test_sigmoid_kernels_are_softplus_and_signed_sigmoid(
     assert_close(block.cpu().double(), grad * w, rtol=rtol, atol=atol, name="gradient")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("target", ["none", "diagonal", "labels"])
+@pytest.mark.parametrize("keys", [None, "same", "float16"], ids=lambda k: f"keys-{k}")
+@pytest.mark.parametrize("chosen", ["triton", "torch"])
+def test_sigmoid_one_pass_with_the_keys_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    dtype: torch.dtype,
+    shape: tuple[int, int],
+    target: str,
+    keys: str | None,
+    chosen: str,
+) -> None:
+    """The sigmoid loss's one-pass step, the key columns read from and written to their buffer."""
+    monkeypatch.setenv(ENVIRONMENT, chosen)
+    rows, width = shape
+    context, _ = sigmoid_contexts(rows)[target]
+    labels = context.target_labels
+    if labels is not None:
+        moved = TargetLabels(labels.rows.to(device), labels.keys.to(device), labels.key_start)
+        context = RowContext(0, target_labels=moved, logit_bias=context.logit_bias)
+    block = random_block(rows, width, dtype, device, seed=rows + 5 * width)
+    targets = sigmoid_targets(context, rows, width, 0)
+    block[targets.to(device) & torch.isneginf(block)] = 0.5
+    split = width // 3
+    keys_buffer = None
+    if keys is not None:
+        keys_dtype = dtype if keys == "same" else torch.float16
+        keys_buffer = block[:, split:].to(keys_dtype, copy=True)
+        block[:, split:] = keys_buffer.to(dtype)  # the logits as the buffer holds them
+    bias = context.logit_bias
+    exact = block.double().cpu().clone()
+    if keys_buffer is not None:
+        block[:, split:] = 7.0  # scratch: never read
+    z = exact + (bias.double() if isinstance(bias, Tensor) else bias)
+    signs = 1 - 2 * targets.double()
+    excluded = torch.isneginf(exact)
+    terms = torch.nn.functional.softplus(signs * z).masked_fill(excluded, 0.0)
+    grad = (signs * torch.sigmoid(signs * z)).masked_fill(excluded, 0.0)
+    row_stat = block.new_empty(rows, 1, dtype=torch.promote_types(dtype, torch.float32))
+    loss = SigmoidObjective().forward_with_gradient_(block, context, row_stat, None, keys_buffer)
+    rtol, atol = TOLERANCES[dtype]
+    assert_close(loss.cpu().double(), terms.sum(1), rtol=rtol, atol=atol, name="loss")
+    assert_close(row_stat[:, 0].cpu().double(), grad.sum(1), rtol=rtol, atol=atol, name="bias")
+    got = block.cpu().double()
+    if keys_buffer is not None:
+        k_rtol, k_atol = TOLERANCES[keys_buffer.dtype]
+        got_keys = keys_buffer.cpu().double()
+        assert_close(got_keys, grad[:, split:], rtol=k_rtol, atol=k_atol, name="keys")
+        got, grad = got[:, :split], grad[:, :split]
+    assert_close(got, grad, rtol=rtol, atol=atol, name="gradient")
+
+
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)

@@ -1,4 +1,9 @@
-"""The online log-sum-exp the kernels share: a running maximum and rescaled sums of a row.
+"""What the kernels share: a row's logits, and its online log-sum-exp.
+
+`load_row` reads a step of a row whose last columns may live in a buffer
+of their own (the keys' logits in the products' dtype).
+
+The online log-sum-exp is a running maximum and rescaled sums of a row.
 
 For ``c > 0`` the largest ``c x`` is at the largest ``x``, so one running
 maximum ``m`` serves any number of scales: each step returns the new
@@ -29,3 +34,28 @@ def finish(running_max, running_sum, scale):
     shift = tl.where(row_max == float("-inf"), 0.0, row_max)
     lanes = tl.where(running_max == float("-inf"), float("-inf"), running_max - shift)
     return tl.log(tl.sum(running_sum * tl.exp(scale * lanes), 0)) + scale * shift
+
+
+@triton.jit
+def load_row(
+    row,
+    column_stride,
+    keys_row,
+    keys_stride,
+    columns,
+    width,
+    split,
+    acc: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """A step of a row's logits: columns before ``split`` from the block, the rest from the keys'
+    buffer (with ``SPLIT``), in ``acc``; -inf past the row's end."""
+    inside = columns < width
+    if SPLIT:
+        x = tl.load(row + columns * column_stride, mask=inside & (columns < split), other=0.0)
+        past = (columns - split) * keys_stride
+        y = tl.load(keys_row + past, mask=inside & (columns >= split), other=0.0)
+        found = tl.where(columns < split, x.to(acc), y.to(acc))
+    else:
+        found = tl.load(row + columns * column_stride, mask=inside, other=0.0).to(acc)
+    return tl.where(inside, found, float("-inf"))

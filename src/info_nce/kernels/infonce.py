@@ -17,35 +17,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from info_nce.kernels._online import finish, shifted
+from info_nce.kernels._online import finish, load_row, shifted
 
 # Columns per step of a row's loop: the block of one program.
 MAX_COLUMNS = 2048
-
-
-@triton.jit
-def _load_row(
-    row,
-    column_stride,
-    keys_row,
-    keys_stride,
-    columns,
-    width,
-    split,
-    acc: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    """A step of a row's logits: columns before ``split`` from the block, the rest from the keys'
-    buffer (with ``SPLIT``), in ``acc``; -inf past the row's end."""
-    inside = columns < width
-    if SPLIT:
-        x = tl.load(row + columns * column_stride, mask=inside & (columns < split), other=0.0)
-        past = (columns - split) * keys_stride
-        y = tl.load(keys_row + past, mask=inside & (columns >= split), other=0.0)
-        found = tl.where(columns < split, x.to(acc), y.to(acc))
-    else:
-        found = tl.load(row + columns * column_stride, mask=inside, other=0.0).to(acc)
-    return tl.where(inside, found, float("-inf"))
 
 
 @triton.jit
@@ -81,7 +56,7 @@ def _forward_kernel(
     running_sum = tl.zeros([COLUMNS], acc)
     for start in range(0, width, COLUMNS):
         columns = start + tl.arange(0, COLUMNS)
-        x = _load_row(
+        x = load_row(
             row, column_stride, keys_row, keys_column_stride, columns, width, split, acc, SPLIT
         )
         running_max, old, new = shifted(running_max, x)
@@ -103,7 +78,7 @@ def _forward_kernel(
     for start in range(0, width, COLUMNS):
         columns = start + tl.arange(0, COLUMNS)
         inside = columns < width
-        x = _load_row(
+        x = load_row(
             row, column_stride, keys_row, keys_column_stride, columns, width, split, acc, SPLIT
         )
         value = tl.exp(x - shift)  # the softmax

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from info_nce.kernels._online import load_row
 from info_nce.kernels.infonce import columns_for
 
 
@@ -34,15 +35,21 @@ def _sigmoid_kernel(
     key_labels,
     key_start,
     num_keys,
+    keys,
+    keys_row_stride,
+    keys_column_stride,
+    split,
     FORWARD: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     BY_LABEL: tl.constexpr,
+    SPLIT: tl.constexpr,
     F64: tl.constexpr,
     COLUMNS: tl.constexpr,
 ):
     r = tl.program_id(0)
     acc: tl.constexpr = tl.float64 if F64 else tl.float32
     row = block + r.to(tl.int64) * row_stride
+    keys_row = keys + r.to(tl.int64) * keys_row_stride
     b = tl.load(bias).to(acc)
     w = tl.load(weight + r * weight_stride).to(acc)  # stride 0: one weight for all rows
     loss = tl.zeros([COLUMNS], acc)
@@ -52,7 +59,10 @@ def _sigmoid_kernel(
     for start in range(0, width, COLUMNS):
         columns = start + tl.arange(0, COLUMNS)
         inside = columns < width
-        z = tl.load(row + columns * column_stride, mask=inside, other=float("-inf")).to(acc) + b
+        logit = load_row(
+            row, column_stride, keys_row, keys_column_stride, columns, width, split, acc, SPLIT
+        )
+        z = logit + b
         is_target = columns < 0  # all False
         if HAS_TARGET:
             is_target = inside & (columns == target_column)
@@ -72,7 +82,15 @@ def _sigmoid_kernel(
             term = tl.maximum(signed, 0.0) + log1p  # softplus(s z)
             loss += tl.where(signed == float("-inf"), 0.0, term)
             bias_grad += grad
-        tl.store(row + columns * column_stride, (grad * w).to(block.dtype.element_ty), mask=inside)
+        in_block = inside
+        if SPLIT:  # the key columns go back to their buffer, in its dtype
+            in_block = inside & (columns < split)
+            past = (columns - split) * keys_column_stride
+            kept = (grad * w).to(keys.dtype.element_ty)
+            tl.store(keys_row + past, kept, mask=inside & (columns >= split))
+        tl.store(
+            row + columns * column_stride, (grad * w).to(block.dtype.element_ty), mask=in_block
+        )
     if FORWARD:
         tl.store(loss_out + r, tl.sum(loss, 0).to(loss_out.dtype.element_ty))
         tl.store(stat_out + r * stat_stride, tl.sum(bias_grad, 0).to(stat_out.dtype.element_ty))
@@ -85,6 +103,7 @@ def sigmoid_rows_(
     bias: Tensor | float,
     weight: Tensor | float,
     bias_grad: Tensor | None,
+    keys: Tensor | None = None,
 ) -> Tensor | None:
     """In place: ``weight * s sigmoid(s z)``; with ``bias_grad`` (R,) the forward pass.
 
@@ -93,6 +112,8 @@ def sigmoid_rows_(
     block column of key 0) every key with its label. The forward pass
     (``weight`` 1) also writes each row's ``d loss / d bias`` (its
     gradients' sum) into ``bias_grad`` and returns the rows' loss (R,).
+    With ``keys`` (R, K) the block's last K columns are there instead (in
+    its dtype: the products'), logits in and gradient out.
     """
     rows, width = block.shape
     forward = bias_grad is not None
@@ -107,6 +128,7 @@ def sigmoid_rows_(
     row_labels, key_labels, key_start = (
         labels if labels is not None else (block.new_zeros(1, dtype=torch.long),) * 2 + (0,)
     )
+    out = keys if keys is not None else block
     _sigmoid_kernel[(rows,)](
         block,
         block.stride(0),
@@ -124,9 +146,14 @@ def sigmoid_rows_(
         key_labels,
         key_start,
         len(key_labels) if labels is not None else 0,
+        out,
+        out.stride(0),
+        out.stride(1),
+        width - (keys.shape[1] if keys is not None else 0),
         FORWARD=forward,
         HAS_TARGET=targets is not None and labels is None,
         BY_LABEL=labels is not None,
+        SPLIT=keys is not None,
         F64=block.dtype == torch.float64,
         COLUMNS=columns_for(width),
     )
