@@ -29,6 +29,7 @@ from torch import Tensor
 
 from info_nce import info_nce
 from info_nce._backend import ENVIRONMENT, backend, kernels_for
+from info_nce.engine import function
 from info_nce.objectives import DecoupledObjective, InfoNCEObjective, SigmoidObjective
 from info_nce.objectives.base import ColumnSoftmax, RowContext, TargetLabels
 
@@ -253,6 +254,7 @@ def test_one_pass_is_the_loss_and_softmax_minus_target(
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("target", ["none", "diagonal-offset"])
 @pytest.mark.parametrize("column_weights", [False, True], ids=["one-weight", "column-weights"])
+@pytest.mark.parametrize("column_targets", [False, True], ids=["", "column-targets"])
 @pytest.mark.parametrize("chosen", ["triton", "torch"])
 def test_gradient_with_the_column_softmax(
     monkeypatch: pytest.MonkeyPatch,
@@ -261,9 +263,14 @@ def test_gradient_with_the_column_softmax(
     shape: tuple[int, int],
     target: str,
     column_weights: bool,
+    column_targets: bool,
     chosen: str,
 ) -> None:
-    """The symmetric loss's gradient pass: the columns' weighted softmax added (kernel, ops)."""
+    """The symmetric loss's gradient pass: the columns' weighted softmax added (kernel, ops).
+
+    With column targets, each column's weight comes off its target, the
+    entry that is its row's target.
+    """
     monkeypatch.setenv(ENVIRONMENT, chosen)
     rows, width = shape
     context, first_column = CONTEXTS[target]
@@ -281,7 +288,7 @@ def test_gradient_with_the_column_softmax(
         column_weight = want_weight.to(device, dtype)
     weight = torch.rand(rows, 1, generator=generator, dtype=torch.float64)
     stat_dtype = torch.promote_types(dtype, torch.float32)
-    columns = ColumnSoftmax(column_lse.to(device, stat_dtype), column_weight)
+    columns = ColumnSoftmax(column_lse.to(device, stat_dtype), column_weight, column_targets)
     InfoNCEObjective().gradient_(
         block,
         context,
@@ -290,8 +297,12 @@ def test_gradient_with_the_column_softmax(
         weight.to(device, dtype),
         columns,
     )
-    want = expected_gradient(probabilities, weight, target_columns(context, rows, first_column))
+    found = target_columns(context, rows, first_column)
+    want = expected_gradient(probabilities, weight, found)
     want += want_weight * torch.exp(exact - column_lse)
+    for r, column in enumerate(found):
+        if column_targets and column is not None and 0 <= column < width:
+            want[r, column] -= want_weight[column]
     # A row without candidates never reaches the ops (the symmetric loss's
     # rows have their target); the kernel gives it the plain formula.
     checked = torch.isfinite(lse) if chosen == "torch" else torch.ones_like(lse, dtype=torch.bool)
@@ -546,19 +557,28 @@ def autocast_loss_and_grads(path: str, name: str, reduction: str) -> tuple[Tenso
         return loss_and_grads(path, name, reduction, torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("scaled_keys", [False, True], ids=["", "scaled-keys"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize(
     ("path", "name"), [(path, name) for path in GRID_PATHS for name in options(path)]
 )
 def test_bfloat16_products_under_the_kernels_match_the_ops(
-    monkeypatch: pytest.MonkeyPatch, path: str, name: str, reduction: str
+    monkeypatch: pytest.MonkeyPatch, path: str, name: str, reduction: str, scaled_keys: bool
 ) -> None:
-    """With a product dtype the one-pass kernel writes the keys' gradient in it directly.
+    """With a product dtype the kernels read the keys' logits and write their gradient in it.
 
-    The kernels and the ops round the same float32 values to bfloat16, so
-    they agree far within the bfloat16 products' own error (2e-2 against
-    float32, tests/test_autocast.py); and both took bfloat16 products.
+    The loss comes from the same float32 statistics in both: equal to 1e-3.
+    The gradients are rounded to bfloat16 by the kernels themselves, and
+    Triton's interpreter truncates there where CUDA and torch round to
+    nearest (about half of all float32 values come out one bfloat16 step
+    apart), so under the interpreter the gradients are held to the bfloat16
+    products' own error (2e-2, as against float32 in tests/test_autocast.py).
+    Both took bfloat16 products. With ``scaled_keys`` the gradient pass
+    walks scaled keys, as off the CPU, and so keeps the keys' logits
+    unwidened too.
     """
+    if scaled_keys:
+        monkeypatch.setattr(function, "keys_scaled_in_backward", lambda rows: True)
     monkeypatch.setenv(ENVIRONMENT, "torch")
     exact, exact_grads = loss_and_grads(path, name, reduction, torch.float32, "cpu")
     ops, ops_grads = autocast_loss_and_grads(path, name, reduction)
@@ -566,7 +586,7 @@ def test_bfloat16_products_under_the_kernels_match_the_ops(
     value, grads = autocast_loss_and_grads(path, name, reduction)
     assert_close(value, ops, rtol=0, atol=1e-3, name=f"{name} loss")
     for got, want in zip(grads, ops_grads, strict=True):
-        assert_close(got, want, rtol=5e-3, atol=1e-3, name=f"{name} gradient")
+        assert_close(got, want, rtol=0, atol=2e-2, name=f"{name} gradient")
     assert not torch.equal(value, exact)
     assert not torch.equal(grads[0], exact_grads[0])
 

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from info_nce._backend import kernels_for
 from info_nce.engine import columns as col
 from info_nce.objectives.base import (
     ColumnSoftmax,
@@ -1057,8 +1058,19 @@ def gradient_pass(
     )
     column_keys = layout.column_keys
     column_lse = statistics.column_lse
+    # Column j pairs with row j, its target (if any) the row's own: key j.
+    assert not column_keys or layout.target_offset in (None, 0), "columns pair with rows"
     chunks = [blocks.chunks(tile) for tile in blocks.tiles]
     scratch: list[Tensor] = []  # the column softmax's buffer, where the objective's ops need it
+    # Under the kernels (which compute at the statistics' precision whatever
+    # they read), the keys' logits stay in the products' buffer, unwidened,
+    # and their gradient is written back there; the ops take widened logits.
+    staged = (
+        blocks.staging is not None
+        and not layout.raised_segments
+        and all(s is None for s in column_scales)
+        and kernels_for(rows) is not None
+    )
 
     for span in blocks.spans():
         row_block = blocks.row_block(span, row_scales, partner_scales)
@@ -1066,13 +1078,14 @@ def gradient_pass(
         stats = statistics.row_stat[span]  # (R, K)
         weight: Tensor | float = 1.0 if row_weight is None else row_weight[span].unsqueeze(1)
         for tile, tile_chunks in zip(blocks.tiles, chunks, strict=True):
-            block = blocks.logits(span, row_block, tile)
+            block = blocks.logits(span, row_block, tile, widen=not staged)
+            keys = blocks.key_columns(block, staged)  # the block's coordinates
             if tile.has_extra and extra is not None:
                 extra_block = block[:, : blocks.width]
                 blocks.exclude_extra_(extra_block)
                 objective.gradient_(extra_block, context, 0, stats, weight)
             for piece, first_key in tile_chunks:
-                logits = block[:, piece.columns]  # (R, chunk) view
+                logits = keys[:, piece.columns]  # (R, chunk) view
                 scales = column_scales[piece.segment]
                 if scales is not None:
                     logits.mul_(scales[piece.keys])
@@ -1084,36 +1097,16 @@ def gradient_pass(
                     key_weight = column_weight
                     if isinstance(column_weight, Tensor):
                         key_weight = column_weight[piece.keys]
-                    columns = ColumnSoftmax(column_lse[piece.keys], key_weight, scratch)
+                    has_targets = layout.target_offset is not None
+                    columns = ColumnSoftmax(
+                        column_lse[piece.keys], key_weight, has_targets, scratch
+                    )
                 first_column = tile.columns.start + piece.columns.start
                 objective.gradient_(logits, context, first_column, stats, weight, columns)
                 if scales is not None:
                     logits.mul_(scales[piece.keys])
-            if column_keys and layout.target_offset is not None:
-                # Key j's target is row j: the rows' own target diagonal.
-                _subtract_column_targets_(block, blocks, span, column_weight, column_scales[0])
-            blocks.gradient_products(block, row_block, span, tile)
+            blocks.gradient_products(block, row_block, span, tile, staged=staged)
     return blocks.result(statistics.row_stat)
-
-
-def _subtract_column_targets_(
-    block: Tensor,
-    blocks: _Blocks,
-    span: slice,
-    column_weight: Tensor | float,
-    scales: Tensor | None,
-) -> None:
-    """In place: ``-column_weight[j] * scale_j`` at each column's target (row j, key offset + j)."""
-    offset = blocks.layout.target_offset
-    assert offset is not None
-    keys = slice(offset + span.start, offset + span.stop)
-    weight: Tensor | float = (
-        column_weight[span] if isinstance(column_weight, Tensor) else column_weight
-    )
-    if scales is not None:
-        weight = weight * scales[keys]
-    segment = block[:, blocks.bounds[0]]
-    torch.diagonal(segment, offset=offset + span.start).sub_(weight)
 
 
 def _gradient_buffers(

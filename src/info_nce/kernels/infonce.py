@@ -115,6 +115,7 @@ def _gradient_kernel(
     EXP: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     COLUMN_TERM: tl.constexpr,
+    COLUMN_TARGETS: tl.constexpr,
     F64: tl.constexpr,
     COLUMNS: tl.constexpr,
 ):
@@ -145,6 +146,8 @@ def _gradient_kernel(
                 column_weight + columns * column_weight_stride, mask=inside, other=0.0
             ).to(acc)
             grad += weight_j * tl.exp(logit - lse_j)
+            if COLUMN_TARGETS:  # a column's target is its row's: minus its weight there
+                grad = tl.where(columns == target_column, grad - weight_j, grad)
         tl.store(row + columns * column_stride, grad.to(block.dtype.element_ty), mask=inside)
 
 
@@ -289,15 +292,17 @@ def infonce_gradient_(
     targets: tuple[int, int] | None,
     weight: Tensor | float,
     lse: Tensor | None,
-    column_term: tuple[Tensor, Tensor | float] | None = None,
+    column_term: tuple[Tensor, Tensor | float, bool] | None = None,
 ) -> None:
     """In place: ``weight * (exp(block - lse) - onehot(target))``; without ``lse``,
     ``weight * (block - onehot(target))`` (the block holds the softmax already).
 
     ``weight`` is (R, 1) or a number; ``lse`` (R,). With ``column_term``,
-    ``(column_lse, column_weight)`` ((W,), and (W,) or a number; only with
-    ``lse``), ``column_weight_j * exp(block_ij - column_lse_j)`` is added:
-    the symmetric loss's key-to-query softmax.
+    ``(column_lse, column_weight, column_targets)`` ((W,), (W,) or a number,
+    a flag; only with ``lse``), ``column_weight_j * exp(block_ij -
+    column_lse_j)`` is added, the symmetric loss's key-to-query softmax, and
+    with ``column_targets`` ``column_weight_j`` subtracted at each row's
+    target (a column's target is its row's).
     """
     rows, width = block.shape
     if rows == 0 or width == 0:
@@ -305,7 +310,9 @@ def infonce_gradient_(
     assert column_term is None or lse is not None, "the column term needs the logits"
     target, step = targets if targets is not None else (0, 0)
     weights = weight[:, 0] if isinstance(weight, Tensor) else block.new_full((1,), weight)
-    column_lse, column_weight = column_term if column_term is not None else (weights, weights)
+    column_lse, column_weight, column_targets = (
+        column_term if column_term is not None else (weights, weights, False)
+    )
     if not isinstance(column_weight, Tensor):
         column_weight = block.new_full((1,), column_weight)
     _gradient_kernel[(rows,)](
@@ -326,6 +333,7 @@ def infonce_gradient_(
         EXP=lse is not None,
         HAS_TARGET=targets is not None,
         COLUMN_TERM=column_term is not None,
+        COLUMN_TARGETS=column_targets and targets is not None,
         F64=block.dtype == torch.float64,
         COLUMNS=columns_for(width),
     )

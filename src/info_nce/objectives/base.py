@@ -86,14 +86,17 @@ class ColumnSoftmax:
 
     Column j's term is ``weight_j * (lse_j - its target logit)``, ``lse_j``
     its log-sum-exp over all rows: its gradient is ``weight_j`` times the
-    column's softmax over the rows, added to the rows' own gradient (the
-    walker subtracts the targets' part). Only objectives whose ``forward_``
-    leaves the row softmax, from which the walker takes the column sums
-    (InfoNCE), get one.
+    column's softmax over the rows, added to the rows' own gradient, minus
+    ``weight_j`` at the column's target. With ``targets`` a column's target
+    is the entry that is its row's target (in-batch: the diagonal, column j
+    pairing with row j); without, the columns have none. Only objectives
+    whose ``forward_`` leaves the row softmax, from which the walker takes
+    the column sums (InfoNCE), get one.
     """
 
     lse: Tensor  # (k,) each column's log-sum-exp over all rows
     weight: Tensor | float  # (k,) each column's weight, or one for all
+    targets: bool = False  # each column's target is a row's target entry
     # The PyTorch ops' buffer, allocated on first use and shared by a pass's slices.
     scratch: list[Tensor] = field(default_factory=list)
 
@@ -106,6 +109,20 @@ class ColumnSoftmax:
         if isinstance(self.weight, Tensor) or self.weight != 1.0:
             found.mul_(self.weight)
         return found
+
+    def subtract_at_targets_(self, logits: Tensor, context: RowContext, first_column: int) -> None:
+        """In place: ``weight_j`` off each column's target entry in the slice (with ``targets``)."""
+        if not self.targets:
+            return
+        entries, rows = target_entries(logits, context, first_column)
+        if not entries.numel():
+            return
+        offset = context.target_diagonal(first_column)
+        assert offset is not None, "column targets lie on the rows' target diagonal"
+        weight = self.weight
+        if isinstance(weight, Tensor):
+            weight = weight[rows.start + offset : rows.stop + offset]
+        entries.sub_(weight)
 
 
 @dataclass(frozen=True)

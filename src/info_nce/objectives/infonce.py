@@ -98,7 +98,9 @@ class InfoNCEObjective:
         kernels = kernels_for(logits)
         if kernels is not None:
             targets = context.target_columns(first_column)
-            column_term = None if columns is None else (columns.lse, columns.weight)
+            column_term = None
+            if columns is not None:
+                column_term = (columns.lse, columns.weight, columns.targets)
             kernels.infonce_gradient_(logits, targets, weight, row_stat[:, 0], column_term)
             return
         column_probabilities = None if columns is None else columns.probabilities(logits)
@@ -106,8 +108,9 @@ class InfoNCEObjective:
         if isinstance(weight, Tensor):
             logits.mul_(weight)
         add_to_targets_(logits, context, first_column, _negated(weight))
-        if column_probabilities is not None:
+        if columns is not None and column_probabilities is not None:
             logits.add_(column_probabilities)
+            columns.subtract_at_targets_(logits, context, first_column)
 
 
 def _negated(weight: Tensor | float) -> Tensor | float:
