@@ -88,22 +88,25 @@ def test_product_dtype_policy() -> None:
 
 @pytest.mark.parametrize(("path", "name"), [(p, n) for p in PATHS[1:] for n in options(p)])
 def test_sixteen_bit_inputs_take_their_products_where_the_policy_says(
-    monkeypatch: pytest.MonkeyPatch, path: str, name: str
+    monkeypatch: pytest.MonkeyPatch, device: torch.device, path: str, name: str
 ) -> None:
     """bfloat16 inputs with bfloat16 products (as on a GPU): float32 loss and statistics.
 
-    The policy is forced on the CPU; it agrees with the float32 loss of the
-    same (rounded) inputs to bfloat16 tolerance, and really took bfloat16
-    products.
+    On CUDA the policy itself; on the CPU, where it takes float32 products,
+    it is forced. Either agrees with the float32 loss of the same (rounded)
+    inputs to bfloat16 tolerance, and really took bfloat16 products.
     """
     loss = options(path)[name]
-    drawn = [x.to(torch.bfloat16) for x in inputs(0, torch.float32)]
+    drawn = [x.to(torch.bfloat16) for x in inputs(0, torch.float32, device)]
     exact = [x.float().requires_grad_() for x in drawn]
     exact_value = loss(*exact)
     exact_grads = torch.autograd.grad(exact_value, exact, allow_unused=True)
-    monkeypatch.setattr(
-        engine, "product_dtype", lambda like: like.dtype if like.dtype == torch.bfloat16 else None
-    )
+    if device.type == "cpu":
+        monkeypatch.setattr(
+            engine,
+            "product_dtype",
+            lambda like: like.dtype if like.dtype == torch.bfloat16 else None,
+        )
     leaves = [x.clone().requires_grad_() for x in drawn]
     value = loss(*leaves)
     grads = torch.autograd.grad(value, leaves, allow_unused=True)
