@@ -1077,10 +1077,10 @@ def test_one_pass_tile_walk_gradcheck(tile_columns: int, reduction: str, decoupl
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("name", list(grid.options("engine")))
-def test_scaled_keys_in_backward_as_on_an_accelerator(
+def test_scaled_key_copies_as_on_an_accelerator(
     monkeypatch: pytest.MonkeyPatch, name: str, reduction: str
 ) -> None:
-    """The gradient pass over scaled copies of the keys (as off the CPU) gives the same result."""
+    """Every pass over scaled copies of the keys (as off the CPU) gives the same result."""
 
     def loss_and_grads() -> list[Tensor]:
         leaves = [x.requires_grad_() for x in grid.inputs(0)]
@@ -1094,15 +1094,19 @@ def test_scaled_keys_in_backward_as_on_an_accelerator(
 
     exact = loss_and_grads()
     walked: list[list[Tensor | None]] = []
-    original = walker.gradient_pass
 
-    def spy(*args: Any, **kwargs: Any) -> walker.BlockPass:
-        walked.append(kwargs["column_scales"])
-        return original(*args, **kwargs)
+    def spy(original: Callable[..., walker.BlockPass]) -> Callable[..., walker.BlockPass]:
+        def recorded(*args: Any, **kwargs: Any) -> walker.BlockPass:
+            walked.append(kwargs["column_scales"])
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(function, "keys_scaled_in_backward", lambda rows: True)
-    monkeypatch.setattr(walker, "gradient_pass", spy)
+        return recorded
+
+    monkeypatch.setattr(function, "scaled_key_copies", lambda rows: True)
+    monkeypatch.setattr(walker, "gradient_pass", spy(walker.gradient_pass))
+    monkeypatch.setattr(walker, "statistics_pass", spy(walker.statistics_pass))
     for got, want in zip(loss_and_grads(), exact, strict=True):
         assert_close(got, want, rtol=1e-12, atol=1e-12, name=name)
-    # Every gradient pass walked scaled copies: no column scales left to apply.
+    # Every pass walked scaled copies: no column scales left to apply.
+    assert walked
     assert all(s is None for scales in walked for s in scales)

@@ -335,6 +335,70 @@ def test_column_sums_kernel_is_the_weighted_column_sum(
     assert_close(sums.cpu().double(), want, rtol=rtol, atol=atol, name="column sums")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("keys", ["same", "float16"], ids=lambda k: f"keys-{k}")
+@pytest.mark.parametrize("chosen", ["triton", "torch"])
+def test_statistics_with_the_keys_elsewhere_leave_the_logits(
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    dtype: torch.dtype,
+    shape: tuple[int, int],
+    keys: str,
+    chosen: str,
+) -> None:
+    """``forward_`` with the key columns in their own buffer: the statistics and the loss.
+
+    Under the kernels the logits stay where they are (the walker takes the
+    column statistics from them); the ops widen them into the block.
+    """
+    monkeypatch.setenv(ENVIRONMENT, chosen)
+    rows, width = shape
+    context, _ = CONTEXTS["diagonal"]
+    block = random_block(rows, width, dtype, device, seed=11 * rows + width)
+    split = width // 3
+    keys_dtype = dtype if keys == "same" else torch.float16
+    keys_buffer = block[:, split:].to(keys_dtype, copy=True)
+    block[:, split:] = keys_buffer.to(dtype)  # the logits as the buffer holds them
+    lse, _ = expected_softmax(block)
+    kept = keys_buffer.clone()
+    target_logit = torch.randn(rows, dtype=torch.float64).to(device, dtype)
+    row_stat = block.new_empty(rows, 1, dtype=torch.promote_types(dtype, torch.float32))
+    loss = InfoNCEObjective().forward_(block, context, row_stat, target_logit, keys_buffer)
+    finite = torch.isfinite(lse)
+    rtol, atol = TOLERANCES[dtype]
+    want = lse - target_logit.double().cpu()
+    got_lse = row_stat[:, 0].cpu().double()[finite]
+    assert_close(got_lse, lse[finite], rtol=rtol, atol=atol, name="lse")
+    assert_close(loss.cpu().double()[finite], want[finite], rtol=rtol, atol=atol, name="loss")
+    assert torch.equal(keys_buffer, kept)  # the keys' logits are left as they were
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [*TOLERANCES, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [*SHAPES, (77, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_column_exp_sums_kernel_is_the_shifted_column_sum(
+    device: str, dtype: torch.dtype, shape: tuple[int, int]
+) -> None:
+    """The column statistics from the logits: ``sum_i exp(logit_ij - shift)``, read once."""
+    from info_nce import kernels
+
+    rows, width = shape
+    block = random_block(rows, width + 5, dtype, device, seed=rows + 7 * width)
+    logits = block[:, 3 : 3 + width]  # strided, as the walker's
+    exact = logits.double().cpu()
+    lse = torch.logsumexp(exact, dim=1)
+    stat_dtype = torch.promote_types(dtype, torch.float32)
+    shift = lse[torch.isfinite(lse)].max()  # the largest row log-sum-exp
+    sums = kernels.column_exp_sums(logits, shift.to(device, stat_dtype))
+    want = torch.exp(exact - shift).sum(0)
+    rtol, atol = TOLERANCES[stat_dtype]
+    assert sums.dtype == stat_dtype
+    assert_close(sums.cpu().double(), want, rtol=rtol, atol=atol, name="column sums")
+
+
 def sigmoid_targets(context: RowContext, rows: int, width: int, first_column: int) -> Tensor:
     """(rows, width) bool: each row's targets, from the definition (its column, or its label)."""
     found = torch.zeros(rows, width, dtype=torch.bool)
@@ -578,7 +642,7 @@ def test_bfloat16_products_under_the_kernels_match_the_ops(
     unwidened too.
     """
     if scaled_keys:
-        monkeypatch.setattr(function, "keys_scaled_in_backward", lambda rows: True)
+        monkeypatch.setattr(function, "scaled_key_copies", lambda rows: True)
     monkeypatch.setenv(ENVIRONMENT, "torch")
     exact, exact_grads = loss_and_grads(path, name, reduction, torch.float32, "cpu")
     ops, ops_grads = autocast_loss_and_grads(path, name, reduction)

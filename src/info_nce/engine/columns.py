@@ -65,6 +65,22 @@ def column_lse(probabilities: Tensor, row_lse: Tensor, chunk: int) -> Tensor:
     return sums.log_().add_(shift)
 
 
+def column_lse_of_logits(logits: Tensor, row_lse: Tensor) -> Tensor:
+    """Each column's log-sum-exp over a block's rows, from the logits themselves. (C,)
+
+    For a walk under the kernels whose logits stay in the products' buffer
+    (the objective leaves no softmax there): ``sum_i exp(logit_ij -
+    shift)`` by one kernel that reads the block once, shifted by the
+    block's largest ``row_lse``, which no logit exceeds; the same underflow
+    bound as `column_lse`.
+    """
+    kernels = kernels_for(logits)
+    assert kernels is not None, "the logits stay unwidened only under the kernels"
+    shift = row_lse.amax()
+    found: Tensor = kernels.column_exp_sums(logits, shift)
+    return found.log_().add_(shift)
+
+
 def needs_separate_pass(column_stats: Tensor, row_lse: Tensor) -> bool:
     """Whether a column log-sum-exp fell so far below the rows' that `column_lse` may be off.
 

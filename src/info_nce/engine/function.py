@@ -317,9 +317,13 @@ def forward_outputs(
     factors = _factors(rows, segments, temperature, options)
     partner_factors = None if partner is None else _factors(partner, (), temperature, options)
     # A scaled copy of the keys saves two passes over every logits block.
-    # It never sets the peak here: backward holds the saved gradients and
-    # their rescaled copies, (B + N) * D twice.
-    scaled_copy = options.grads_in_forward and options.normalize and not options.tile_columns
+    # It never sets the peak in the one-pass walk: backward holds the saved
+    # gradients and their rescaled copies, (B + N) * D twice.
+    scaled_copy = (
+        options.normalize
+        and not options.tile_columns
+        and (options.grads_in_forward or scaled_key_copies(rows))
+    )
     walked, column_scales = _walked_keys(segments, factors, scaled_copy)
     result = walker.statistics_pass(
         rows,
@@ -393,8 +397,7 @@ def backward_grads(
         column_weight = options.column_scale / options.row_scale
     factors = _factors(rows, segments, temperature, options)
     partner_factors = None if partner is None else _factors(partner, (), temperature, options)
-    # On the CPU the gradient pass sets the peak, which the copy would raise.
-    scaled_copy = options.normalize and not options.tile_columns and keys_scaled_in_backward(rows)
+    scaled_copy = options.normalize and not options.tile_columns and scaled_key_copies(rows)
     walked, column_scales = _walked_keys(segments, factors, scaled_copy)
     result = walker.gradient_pass(
         rows,
@@ -506,13 +509,14 @@ def _partner_grads(
     return (result.grad_partner if walk.partner_grad else None), grad_temperature
 
 
-def keys_scaled_in_backward(rows: Tensor) -> bool:
-    """Whether the gradient pass walks scaled copies of normalised keys: off the CPU.
+def scaled_key_copies(rows: Tensor) -> bool:
+    """Whether every pass walks scaled copies of normalised keys: off the CPU.
 
-    The copy, (N, D) per segment, saves two passes over every logits block
-    (the column scales before and after each block's gradient). On an
-    accelerator those passes cost more than the copy's memory; on the CPU
-    the gradient pass sets the step's peak memory, which the copy would raise.
+    The one-pass walk always does. The copy, (N, D) per segment, saves the
+    passes of the column scales over every logits block (before and after
+    each block's gradient). On an accelerator those passes cost more than
+    the copy's memory; on the CPU the gradient pass sets the step's peak
+    memory, which the copy would raise.
     """
     return rows.device.type != "cpu"
 

@@ -869,7 +869,17 @@ def statistics_pass(
     # The one-pass walk with a product dtype leaves the keys' logits in the
     # products' buffer, unwidened: the objective reads them there and writes
     # their gradient back, rounded once (raised logits are widened first).
-    staged = compute_grads and blocks.staging is not None and not layout.raised_segments
+    # So does a walk with column statistics under the kernels, which take
+    # them from the logits (the ops widen, and read the row softmax).
+    staged = blocks.staging is not None and not layout.raised_segments
+    staged = staged and (
+        compute_grads
+        or (
+            column_stats is not None
+            and all(s is None for s in column_scales)
+            and kernels_for(rows) is not None
+        )
+    )
     for span in blocks.spans():
         row_block = blocks.row_block(span, row_scales, partner_scales)
         context = blocks.context(span)
@@ -900,6 +910,14 @@ def statistics_pass(
                 keys[:, blocks.key_start :] if staged else None,
             )
             blocks.gradient_products(block, row_block, span, blocks.tiles[0], staged=staged)
+            continue
+        if staged:  # column statistics from the unwidened logits
+            assert column_stats is not None
+            key_logits = keys[:, blocks.key_start :]
+            row_loss[span] = objective.forward_(block, context, row_stat[span], targets, key_logits)
+            logits = keys[:, blocks.bounds[0]][:, :column_keys]  # (R, C)
+            block_lse = col.column_lse_of_logits(logits, row_stat[span, 0])
+            torch.logaddexp(column_stats, block_lse, out=column_stats)
             continue
         row_loss[span] = objective.forward_(block, context, row_stat[span], targets)
         if column_stats is not None:

@@ -9,6 +9,7 @@ in place.
 
 from info_nce.kernels.debiased import dual_gradient_, dual_lse
 from info_nce.kernels.infonce import (
+    column_exp_sums,
     column_sums,
     infonce_forward_,
     infonce_forward_gradient_,
@@ -17,6 +18,7 @@ from info_nce.kernels.infonce import (
 from info_nce.kernels.sigmoid import sigmoid_rows_
 
 __all__ = [
+    "column_exp_sums",
     "column_sums",
     "dual_gradient_",
     "dual_lse",

@@ -45,6 +45,7 @@ def _forward_kernel(
     TARGET_COLUMN: tl.constexpr,
     SPLIT: tl.constexpr,
     EMPTY_ROWS_FREE: tl.constexpr,
+    WRITE: tl.constexpr,
     F64: tl.constexpr,
     COLUMNS: tl.constexpr,
 ):
@@ -72,28 +73,29 @@ def _forward_kernel(
         statistic = tl.where(empty, float("inf"), lse)
     tl.store(lse_out + r * lse_stride, statistic.to(lse_out.dtype.element_ty))
     tl.store(loss_out + r, loss.to(loss_out.dtype.element_ty))
-    # exp(x - lse); a row without candidates (lse -inf) gets 0, not 0 / 0.
-    shift = tl.where(empty, float("inf"), lse)
-    target_column = target + r * target_step
-    for start in range(0, width, COLUMNS):
-        columns = start + tl.arange(0, COLUMNS)
-        inside = columns < width
-        x = load_row(
-            row, column_stride, keys_row, keys_column_stride, columns, width, split, acc, SPLIT
-        )
-        value = tl.exp(x - shift)  # the softmax
-        if GRADIENT:  # softmax - onehot(target)
-            if TARGET_COLUMN:
-                value = tl.where(columns == target_column, value - 1.0, value)
-            if EMPTY_ROWS_FREE:
-                value = tl.where(empty, 0.0, value)
-        in_block = inside
-        if SPLIT:  # the key columns go back to their buffer, in its dtype
-            in_block = inside & (columns < split)
-            past = (columns - split) * keys_column_stride
-            kept = value.to(keys.dtype.element_ty)
-            tl.store(keys_row + past, kept, mask=inside & (columns >= split))
-        tl.store(row + columns * column_stride, value.to(block.dtype.element_ty), mask=in_block)
+    if WRITE:  # (without: the statistics only, the logits stay where they are)
+        # exp(x - lse); a row without candidates (lse -inf) gets 0, not 0 / 0.
+        shift = tl.where(empty, float("inf"), lse)
+        target_column = target + r * target_step
+        for start in range(0, width, COLUMNS):
+            columns = start + tl.arange(0, COLUMNS)
+            inside = columns < width
+            x = load_row(
+                row, column_stride, keys_row, keys_column_stride, columns, width, split, acc, SPLIT
+            )
+            value = tl.exp(x - shift)  # the softmax
+            if GRADIENT:  # softmax - onehot(target)
+                if TARGET_COLUMN:
+                    value = tl.where(columns == target_column, value - 1.0, value)
+                if EMPTY_ROWS_FREE:
+                    value = tl.where(empty, 0.0, value)
+            in_block = inside
+            if SPLIT:  # the key columns go back to their buffer, in its dtype
+                in_block = inside & (columns < split)
+                past = (columns - split) * keys_column_stride
+                kept = value.to(keys.dtype.element_ty)
+                tl.store(keys_row + past, kept, mask=inside & (columns >= split))
+            tl.store(row + columns * column_stride, value.to(block.dtype.element_ty), mask=in_block)
 
 
 @triton.jit
@@ -160,7 +162,9 @@ def _column_sums_kernel(
     width,
     weight,
     weight_stride,
+    shift,
     sums,
+    FROM_LOGITS: tl.constexpr,
     F64: tl.constexpr,
     ROWS: tl.constexpr,
     COLUMNS: tl.constexpr,
@@ -169,13 +173,19 @@ def _column_sums_kernel(
     columns = tl.program_id(0) * COLUMNS + tl.arange(0, COLUMNS)
     inside = columns < width
     total = tl.zeros([COLUMNS], acc)
+    m = tl.load(shift).to(acc)
     for start in range(0, num_rows, ROWS):
         rows = start + tl.arange(0, ROWS)
         below = rows < num_rows
-        w = tl.load(weight + rows * weight_stride, mask=below, other=0.0).to(acc)  # (ROWS,)
         offsets = rows[:, None].to(tl.int64) * row_stride + columns[None, :] * column_stride
-        p = tl.load(probabilities + offsets, mask=below[:, None] & inside[None, :], other=0.0)
-        total += tl.sum(p.to(acc) * w[:, None], 0)  # a tile's rows summed as a tree
+        found = below[:, None] & inside[None, :]
+        if FROM_LOGITS:  # exp(logit - shift), every logit at most the shift
+            x = tl.load(probabilities + offsets, mask=found, other=float("-inf")).to(acc)
+            total += tl.sum(tl.exp(x - m), 0)
+        else:
+            w = tl.load(weight + rows * weight_stride, mask=below, other=0.0).to(acc)  # (ROWS,)
+            p = tl.load(probabilities + offsets, mask=found, other=0.0)
+            total += tl.sum(p.to(acc) * w[:, None], 0)  # a tile's rows summed as a tree
     tl.store(sums + columns, total.to(sums.dtype.element_ty), mask=inside)
 
 
@@ -190,6 +200,21 @@ def column_sums(probabilities: Tensor, weight: Tensor) -> Tensor:
     The symmetric loss's column statistics from the rows' softmax (in the
     block's precision, float32 at least; each tile of rows summed as a tree).
     """
+    return _column_sums(probabilities, weight, weight[:1], from_logits=False)
+
+
+def column_exp_sums(logits: Tensor, shift: Tensor) -> Tensor:
+    """``sum_i exp(logits_ij - shift)`` of an (R, C) block, reading it once. (C,)
+
+    The symmetric loss's column statistics from the logits themselves (any
+    dtype; summed in ``shift``'s, float32 at least), for a ``shift`` (a
+    0-dim tensor) no logit exceeds: the largest row log-sum-exp.
+    """
+    return _column_sums(logits, shift.reshape(1), shift.reshape(1), from_logits=True)
+
+
+def _column_sums(values: Tensor, weight: Tensor, shift: Tensor, *, from_logits: bool) -> Tensor:
+    probabilities = values
     num_rows, width = probabilities.shape
     sums = probabilities.new_zeros(width, dtype=weight.dtype)
     if num_rows == 0 or width == 0:
@@ -202,8 +227,10 @@ def column_sums(probabilities: Tensor, weight: Tensor) -> Tensor:
         width,
         weight,
         weight.stride(0),
+        shift,
         sums,
-        F64=probabilities.dtype == torch.float64,
+        FROM_LOGITS=from_logits,
+        F64=sums.dtype == torch.float64,
         ROWS=COLUMN_SUM_ROWS,
         COLUMNS=COLUMN_SUM_COLUMNS,
     )
@@ -215,12 +242,17 @@ def columns_for(width: int) -> int:
     return min(MAX_COLUMNS, int(triton.next_power_of_2(max(1, width))))
 
 
-def infonce_forward_(block: Tensor, lse: Tensor, target_logit: Tensor | None) -> Tensor:
+def infonce_forward_(
+    block: Tensor, lse: Tensor, target_logit: Tensor | None, keys: Tensor | None = None
+) -> Tensor:
     """Each row's log-sum-exp into ``lse`` (R,), its softmax into ``block``; the rows' loss.
 
     The loss is ``lse - target_logit`` (the log-sum-exp alone without targets).
+    With ``keys`` (R, K), the block's last K columns are there instead (the
+    products' dtype), and only the statistics and the loss are computed:
+    the logits stay as they are.
     """
-    return _forward(block, lse, target_logit)
+    return _forward(block, lse, target_logit, None, keys, write=keys is None)
 
 
 def infonce_forward_gradient_(
@@ -251,6 +283,7 @@ def _forward(
     *,
     gradient: bool = False,
     empty: bool = False,
+    write: bool = True,
 ) -> Tensor:
     rows, width = block.shape
     loss = block.new_empty(rows, dtype=lse.dtype)
@@ -281,6 +314,7 @@ def _forward(
         TARGET_COLUMN=targets is not None,
         SPLIT=keys is not None,
         EMPTY_ROWS_FREE=empty,
+        WRITE=write,
         F64=block.dtype == torch.float64,
         COLUMNS=columns_for(width),
     )

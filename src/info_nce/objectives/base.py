@@ -16,7 +16,8 @@ Three ways in, as the walker has two passes and a one-pass walk:
   ``num_stats`` statistics and its loss, and leave in the block whatever
   ``gradient_from_forward_`` needs (InfoNCE: the row's softmax). The walker
   may read those leftovers (the symmetric loss takes its column sums from
-  InfoNCE's row probabilities).
+  InfoNCE's row probabilities; under the kernels, with the key columns in
+  ``keys``, from the logits, which stay as they are).
 * ``forward_with_gradient_`` on a whole block where the walk builds the
   gradients in forward: both of the above with weight 1, in one kernel
   where the objective has one.
@@ -214,7 +215,12 @@ class RowObjective(Protocol):
         ...
 
     def forward_(
-        self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
+        self,
+        block: Tensor,
+        context: RowContext,
+        row_stat: Tensor,
+        target_logit: Tensor | None,
+        keys: Tensor | None = None,
     ) -> Tensor:
         """Statistics and loss of an (R, W) logits block; the block is overwritten.
 
@@ -225,6 +231,11 @@ class RowObjective(Protocol):
                 (InfoNCE: the row log-sum-exp).
             target_logit: (R,) each row's target logit (read before any
                 exclusion), or None without targets.
+            keys: (R, K), the block's last K columns instead of the block's
+                own (in the products' dtype): then only the statistics and
+                the loss, no leftovers (the walker takes the symmetric
+                loss's column statistics from the logits). Only objectives
+                that leave the row softmax (InfoNCE) get one.
 
         Returns:
             (R,) the rows' loss.

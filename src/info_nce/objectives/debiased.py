@@ -83,8 +83,14 @@ class DebiasedObjective:
         return (self.false_negative_rate, self.hard_negative_beta, self.clamp_column)
 
     def forward_(
-        self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
+        self,
+        block: Tensor,
+        context: RowContext,
+        row_stat: Tensor,
+        target_logit: Tensor | None,
+        keys: Tensor | None = None,
     ) -> Tensor:
+        assert keys is None, "the walker takes no column statistics from this objective"
         assert target_logit is not None
         assert context.candidates is not None
         beta = self.hard_negative_beta

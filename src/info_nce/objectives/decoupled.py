@@ -27,8 +27,14 @@ class DecoupledObjective(InfoNCEObjective):
     empty_rows_free = True
 
     def forward_(
-        self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
+        self,
+        block: Tensor,
+        context: RowContext,
+        row_stat: Tensor,
+        target_logit: Tensor | None,
+        keys: Tensor | None = None,
     ) -> Tensor:
+        assert keys is None, "the walker takes no column statistics from this objective"
         empty = torch.isneginf(block.amax(dim=1, keepdim=True))  # (R, 1) rows without a negative
         # On the CPU one (free) host sync per block skips the masking where
         # no row is empty; on an accelerator: always masked, no sync.

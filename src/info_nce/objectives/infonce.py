@@ -40,13 +40,20 @@ class InfoNCEObjective:
         return ()
 
     def forward_(
-        self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
+        self,
+        block: Tensor,
+        context: RowContext,
+        row_stat: Tensor,
+        target_logit: Tensor | None,
+        keys: Tensor | None = None,
     ) -> Tensor:
         lse = row_stat[:, 0]
         kernels = kernels_for(block)
         if kernels is not None:
-            loss: Tensor = kernels.infonce_forward_(block, lse, target_logit)
+            loss: Tensor = kernels.infonce_forward_(block, lse, target_logit, keys)
             return loss
+        if keys is not None:  # widened into the block, whose own columns are scratch
+            block[:, block.shape[1] - keys.shape[1] :].copy_(keys)
         row_max = block.amax(dim=1)  # (R,)
         torch.ops.aten._softmax.out(block, 1, False, out=block)  # probabilities, in place
         # The row's largest probability, at its largest logit, is

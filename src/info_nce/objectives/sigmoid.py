@@ -57,8 +57,14 @@ class SigmoidObjective:
         return ()
 
     def forward_(
-        self, block: Tensor, context: RowContext, row_stat: Tensor, target_logit: Tensor | None
+        self,
+        block: Tensor,
+        context: RowContext,
+        row_stat: Tensor,
+        target_logit: Tensor | None,
+        keys: Tensor | None = None,
     ) -> Tensor:
+        assert keys is None, "the walker takes no column statistics from this objective"
         kernels = kernels_for(block)
         if kernels is not None:
             found: Tensor = kernels.sigmoid_rows_(
