@@ -213,8 +213,10 @@ def column_exp_sums(logits: Tensor, shift: Tensor) -> Tensor:
     return _column_sums(logits, shift.reshape(1), shift.reshape(1), from_logits=True)
 
 
-def _column_sums(values: Tensor, weight: Tensor, shift: Tensor, *, from_logits: bool) -> Tensor:
-    probabilities = values
+def _column_sums(
+    probabilities: Tensor, weight: Tensor, shift: Tensor, *, from_logits: bool
+) -> Tensor:
+    """The column sums' launch: of weighted probabilities, or (``from_logits``) shifted logits."""
     num_rows, width = probabilities.shape
     sums = probabilities.new_zeros(width, dtype=weight.dtype)
     if num_rows == 0 or width == 0:
