@@ -260,10 +260,13 @@ class RowObjective(Protocol):
         """In place: (R, k) logits become ``weight * d loss / d logits``.
 
         The logits are the block's columns from ``first_column`` on, excluded
-        entries at -inf. ``row_stat`` is (R, num_stats), what ``forward_``
-        recorded; ``weight`` is (R, 1) or a number. With ``columns`` (the
-        symmetric loss, objectives that leave the row softmax only) the
-        columns' softmax term is added.
+        entries at -inf; under the kernels they may be in the products'
+        dtype (the walker leaves them unwidened only then), computed at the
+        statistics' precision all the same. ``row_stat`` is (R, num_stats),
+        what ``forward_`` recorded; ``weight`` is (R, 1) or a number. With
+        ``columns`` (the symmetric loss, objectives that leave the row
+        softmax only) the columns' softmax term and its targets' part are
+        added.
         """
         ...
 
