@@ -1,7 +1,8 @@
 """What the kernels share: a row's logits, and its online log-sum-exp.
 
 `load_row` reads a step of a row whose last columns may live in a buffer
-of their own (the keys' logits in the products' dtype).
+of their own (the keys' logits in the products' dtype); `store_row` writes
+it back the same way.
 
 The online log-sum-exp is a running maximum and rescaled sums of a row.
 
@@ -59,3 +60,19 @@ def load_row(
     else:
         found = tl.load(row + columns * column_stride, mask=inside, other=0.0).to(acc)
     return tl.where(inside, found, float("-inf"))
+
+
+@triton.jit
+def store_row(
+    row, column_stride, keys_row, keys_stride, columns, width, split, value, SPLIT: tl.constexpr
+):
+    """Stores a step of a row where `load_row` reads it: columns before ``split`` into the
+    block, the rest into the keys' buffer (with ``SPLIT``), each in its own dtype."""
+    inside = columns < width
+    in_block = inside
+    if SPLIT:
+        in_block = inside & (columns < split)
+        past = (columns - split) * keys_stride
+        kept = value.to(keys_row.dtype.element_ty)
+        tl.store(keys_row + past, kept, mask=inside & (columns >= split))
+    tl.store(row + columns * column_stride, value.to(row.dtype.element_ty), mask=in_block)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from info_nce.kernels._online import finish, load_row, shifted
+from info_nce.kernels._online import finish, load_row, shifted, store_row
 
 # Columns per step of a row's loop: the block of one program.
 MAX_COLUMNS = 2048
@@ -79,7 +79,6 @@ def _forward_kernel(
         target_column = target + r * target_step
         for start in range(0, width, COLUMNS):
             columns = start + tl.arange(0, COLUMNS)
-            inside = columns < width
             x = load_row(
                 row, column_stride, keys_row, keys_column_stride, columns, width, split, acc, SPLIT
             )
@@ -89,13 +88,17 @@ def _forward_kernel(
                     value = tl.where(columns == target_column, value - 1.0, value)
                 if EMPTY_ROWS_FREE:
                     value = tl.where(empty, 0.0, value)
-            in_block = inside
-            if SPLIT:  # the key columns go back to their buffer, in its dtype
-                in_block = inside & (columns < split)
-                past = (columns - split) * keys_column_stride
-                kept = value.to(keys.dtype.element_ty)
-                tl.store(keys_row + past, kept, mask=inside & (columns >= split))
-            tl.store(row + columns * column_stride, value.to(block.dtype.element_ty), mask=in_block)
+            store_row(
+                row,
+                column_stride,
+                keys_row,
+                keys_column_stride,
+                columns,
+                width,
+                split,
+                value,
+                SPLIT,
+            )
 
 
 @triton.jit

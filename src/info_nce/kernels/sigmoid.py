@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from info_nce.kernels._online import load_row
+from info_nce.kernels._online import load_row, store_row
 from info_nce.kernels.infonce import columns_for
 
 
@@ -82,14 +82,9 @@ def _sigmoid_kernel(
             term = tl.maximum(signed, 0.0) + log1p  # softplus(s z)
             loss += tl.where(signed == float("-inf"), 0.0, term)
             bias_grad += grad
-        in_block = inside
-        if SPLIT:  # the key columns go back to their buffer, in its dtype
-            in_block = inside & (columns < split)
-            past = (columns - split) * keys_column_stride
-            kept = (grad * w).to(keys.dtype.element_ty)
-            tl.store(keys_row + past, kept, mask=inside & (columns >= split))
-        tl.store(
-            row + columns * column_stride, (grad * w).to(block.dtype.element_ty), mask=in_block
+        grad = grad * w
+        store_row(
+            row, column_stride, keys_row, keys_column_stride, columns, width, split, grad, SPLIT
         )
     if FORWARD:
         tl.store(loss_out + r, tl.sum(loss, 0).to(loss_out.dtype.element_ty))
